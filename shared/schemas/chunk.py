@@ -1,0 +1,51 @@
+"""What streams back to a request's reply inbox: Chunk (with Usage and, on failure, ErrorInfo)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.schemas.errors import ErrorInfo
+from shared.schemas.names import REQUEST_ID_PATTERN
+from shared.schemas.wire import Message, SchemaError, Struct, spec
+
+FINISH_REASONS = ("stop", "length", "error", "cancelled")
+
+
+@dataclass
+class Usage(Struct):
+    """Token counts of a finished request (OpenAI ``usage``)."""
+
+    prompt_tokens: int = spec(ge=0)
+    completion_tokens: int = spec(ge=0)
+    total_tokens: int = spec(ge=0)
+
+    def check(self, path: str = "") -> None:
+        if self.total_tokens != self.prompt_tokens + self.completion_tokens:
+            raise SchemaError("total_tokens must equal prompt_tokens + completion_tokens", path)
+
+@dataclass
+class Chunk(Message):
+    """One streamed piece of a request's output.
+
+    ``index`` counts this request's chunks from 0. ``token_ids`` are the tokens generated
+    since the previous chunk and ``text`` their detokenized text. The final chunk, and only
+    it, has ``finish_reason``; a final chunk with ``finish_reason == "error"`` carries
+    ``error``. ``usage`` accompanies the final chunk.
+    """
+
+    KIND = "chunk"
+    request_id: str = spec(pattern=REQUEST_ID_PATTERN)
+    index: int = spec(ge=0)
+    token_ids: list[int] = spec(default_factory=list, ge=0)
+    text: str = ""
+    finish_reason: str | None = spec(None, choices=FINISH_REASONS)
+    usage: Usage | None = None
+    error: ErrorInfo | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.finish_reason is not None
+
+    def check(self, path: str = "") -> None:
+        if (self.finish_reason == "error") != (self.error is not None):
+            raise SchemaError("error must be present exactly when finish_reason is 'error'", path)

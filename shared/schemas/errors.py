@@ -1,0 +1,83 @@
+"""Typed errors on the wire: ErrorInfo (OpenAI-style type, code, message) and ErrorReply."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from shared.schemas.wire import Message, SchemaError, Struct, kind_of, spec, unpack
+
+ERROR_TYPES = ("invalid_request_error", "authentication_error", "not_found_error",
+               "rate_limit_error", "server_error", "service_unavailable")
+
+# code -> (OpenAI error type, HTTP status). The one table both the NATS and HTTP edges use.
+ERROR_CODES: dict[str, tuple[str, int]] = {
+    "bad_payload": ("invalid_request_error", 400),
+    "unsupported_version": ("invalid_request_error", 400),
+    "invalid_request": ("invalid_request_error", 400),
+    "context_length_exceeded": ("invalid_request_error", 400),
+    "duplicate_request_id": ("invalid_request_error", 400),
+    "invalid_api_key": ("authentication_error", 401),
+    "model_not_found": ("not_found_error", 404),
+    "request_not_found": ("not_found_error", 404),
+    "overloaded": ("rate_limit_error", 429),
+    "no_capacity": ("service_unavailable", 503),
+    "worker_lost": ("service_unavailable", 503),
+    "timeout": ("service_unavailable", 503),
+    "worker_error": ("server_error", 500),
+    "internal_error": ("server_error", 500),
+}
+
+
+@dataclass
+class ErrorInfo(Struct):
+    """What went wrong: an OpenAI error ``type``, a stable machine ``code`` and a message."""
+
+    type: str = spec(choices=ERROR_TYPES)
+    code: str = spec(min_len=1, max_len=64)
+    message: str = spec(max_len=8192)
+
+
+@dataclass
+class ErrorReply(Message):
+    """The reply to a request that failed (bad payload, no capacity, unknown adapter...)."""
+
+    KIND = "error"
+    error: ErrorInfo
+
+
+class RemoteError(Exception):
+    """A peer answered a request with an ErrorReply."""
+
+    def __init__(self, info: ErrorInfo) -> None:
+        super().__init__(f"{info.code}: {info.message}")
+        self.info = info
+
+
+def error_info(code: str, message: str) -> ErrorInfo:
+    """ErrorInfo for a known ``code`` (its type comes from ERROR_CODES)."""
+    if code not in ERROR_CODES:
+        raise KeyError(f"unknown error code {code!r}")
+    return ErrorInfo(type=ERROR_CODES[code][0], code=code, message=message)
+
+
+def http_status(info: ErrorInfo) -> int:
+    """The HTTP status for an error (500 for codes this table does not know)."""
+    return ERROR_CODES.get(info.code, ("server_error", 500))[1]
+
+
+def schema_error_info(exc: SchemaError) -> ErrorInfo:
+    """ErrorInfo describing a payload that failed validation."""
+    return error_info(exc.code, str(exc))
+
+
+def decode_reply(data: bytes, cls: type[Any]) -> Any:
+    """Decode a reply that is either a ``cls`` message or an ErrorReply.
+
+    Returns the ``cls`` message; raises RemoteError for an ErrorReply and SchemaError when
+    the payload is neither.
+    """
+    body = unpack(data)
+    if kind_of(body) == ErrorReply.KIND:
+        raise RemoteError(ErrorReply.from_envelope(body).error)
+    return cls.from_envelope(body)

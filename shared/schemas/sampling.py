@@ -1,0 +1,35 @@
+"""Sampling parameters as they travel from the gateway to the scheduler and the worker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.schemas.wire import SchemaError, Struct, spec
+
+MAX_STOP_SEQUENCES = 16
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def check_stop(stop: list[str], path: str) -> None:
+    """Stop sequences: at most MAX_STOP_SEQUENCES non-empty strings."""
+    if len(stop) > MAX_STOP_SEQUENCES:
+        raise SchemaError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stop)}", path)
+    if any(not s for s in stop):
+        raise SchemaError("stop sequences must be non-empty", path)
+
+
+@dataclass
+class Sampling(Struct):
+    """How to sample (OpenAI/vLLM semantics; temperature 0 is greedy, top_k 0 or -1 is off)."""
+
+    max_tokens: int = spec(ge=1)
+    temperature: float = spec(1.0, ge=0.0, le=2.0)
+    top_p: float = spec(1.0, gt=0.0, le=1.0)
+    top_k: int = spec(0, ge=-1)
+    seed: int | None = spec(None, ge=INT64_MIN, le=INT64_MAX)
+    stop: list[str] = spec(default_factory=list)
+    stop_token_ids: list[int] = spec(default_factory=list, ge=0)
+    ignore_eos: bool = False
+
+    def check(self, path: str = "") -> None:
+        check_stop(self.stop, f"{path}.stop" if path else "stop")

@@ -1,0 +1,44 @@
+"""What the scheduler sends a worker on ``worker.<id>.submit``: WorkerSubmit -> SubmitAck.
+
+The worker streams the request's Chunks straight to ``reply_inbox`` and answers the submit
+with a SubmitAck once the request is queued (or with an ErrorReply when it refuses it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.schemas.names import REQUEST_ID_PATTERN, WORKER_ID_PATTERN
+from shared.schemas.route import RequestBody, RouteRequest
+from shared.schemas.wire import Message, spec
+
+
+@dataclass(kw_only=True)
+class WorkerSubmit(Message, RequestBody):
+    """A routed request, addressed to worker ``worker_id``."""
+
+    KIND = "worker_submit"
+    worker_id: str = spec(pattern=WORKER_ID_PATTERN)
+
+    @classmethod
+    def from_route(cls, route: RouteRequest, worker_id: str) -> WorkerSubmit:
+        """The submit that forwards ``route`` to ``worker_id``."""
+        return cls(request_id=route.request_id, model=route.model, adapter=route.adapter,
+                   prompt_token_ids=route.prompt_token_ids,
+                   generated_token_ids=route.generated_token_ids, sampling=route.sampling,
+                   reply_inbox=route.reply_inbox, tenant=route.tenant, attempt=route.attempt,
+                   worker_id=worker_id)
+
+
+@dataclass
+class SubmitAck(Message):
+    """A worker accepted a request.
+
+    ``state_seq`` is the sequence number of the worker's last published WorkerState: every
+    state with a larger ``seq`` already accounts for this request.
+    """
+
+    KIND = "submit_ack"
+    request_id: str = spec(pattern=REQUEST_ID_PATTERN)
+    worker_id: str = spec(pattern=WORKER_ID_PATTERN)
+    state_seq: int = spec(ge=0)
