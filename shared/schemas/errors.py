@@ -81,3 +81,11 @@ def decode_reply(data: bytes, cls: type[Any]) -> Any:
     if kind_of(body) == ErrorReply.KIND:
         raise RemoteError(ErrorReply.from_envelope(body).error)
     return cls.from_envelope(body)
+
+
+class ServiceError(Exception):
+    """A service refuses a request; the bus turns it into an ErrorReply (or an error Chunk)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.info = error_info(code, message)

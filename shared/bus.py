@@ -1,0 +1,248 @@
+"""The NATS bus every service uses: connection, typed publish/request/serve, and the service runner.
+
+- :func:`connect` opens a connection that reconnects forever (and retries the first connect
+  until a deadline, so services may start before nats-server does).
+- :class:`Bus` wraps it with typed messages from :mod:`shared.schemas`. Outgoing messages carry
+  the current W3C trace context in their headers. Handlers registered with :meth:`Bus.serve`
+  run as tasks; a payload that fails validation, or a handler that raises ServiceError, gets a
+  typed ErrorReply instead of an exception, and an unexpected handler error is logged and
+  answered with ``internal_error``. Nothing a peer sends can stop a service.
+- :func:`run_service` runs a service on uvloop until SIGTERM/SIGINT sets an Event; cleanup goes
+  through an AsyncExitStack (the Bus registers its own graceful :meth:`Bus.close`, which stops
+  the subscriptions, lets handlers finish, then drains the connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any, TypeVar
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import NoServersError
+
+from shared.schemas import ErrorReply, Message, SchemaError, ServiceError, decode_reply, error_info, schema_error_info
+from shared.schemas.errors import ErrorInfo
+from shared.telemetry import inject_headers
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+M = TypeVar("M", bound=Message)
+Handler = Callable[[Any, Msg], Awaitable[Message | None]]
+ErrorReplyFactory = Callable[[ErrorInfo, bytes], Message]
+
+
+async def connect(url: str, name: str, *, connect_deadline_s: float = 30.0,
+                  reconnect_wait_s: float = 0.5) -> NATS:
+    """Connect to ``url`` as client ``name``; keep reconnecting forever once connected.
+
+    The first connect is retried with backoff until ``connect_deadline_s`` passes.
+    """
+    deadline = time.monotonic() + connect_deadline_s
+    delay = 0.05
+    while True:
+        try:
+            return await nats.connect(
+                url, name=name, allow_reconnect=True, max_reconnect_attempts=-1,
+                reconnect_time_wait=reconnect_wait_s, connect_timeout=2,
+                error_cb=_log_error(name), disconnected_cb=_log_event(name, "disconnected"),
+                reconnected_cb=_log_event(name, "reconnected"))
+        except (NoServersError, OSError, asyncio.TimeoutError) as exc:
+            if time.monotonic() + delay > deadline:
+                raise ConnectionError(f"{name}: cannot reach NATS at {url}: {exc}") from exc
+            logger.info("%s: NATS at %s not reachable yet (%s); retrying", name, url, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+def _log_error(name: str) -> Callable[[Exception], Awaitable[None]]:
+    async def on_error(exc: Exception) -> None:
+        logger.warning("%s: NATS error: %s", name, exc)
+    return on_error
+
+
+def _log_event(name: str, event: str) -> Callable[[], Awaitable[None]]:
+    async def on_event() -> None:
+        logger.info("%s: NATS %s", name, event)
+    return on_event
+
+
+class TaskSet:
+    """Background tasks a service owns: spawned, tracked, and awaited or cancelled on close."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def close(self, grace_s: float) -> None:
+        """Wait up to ``grace_s`` for the tasks to finish, then cancel the rest."""
+        if self._tasks and grace_s > 0:
+            await asyncio.wait(set(self._tasks), timeout=grace_s)
+        pending = set(self._tasks)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+class Bus:
+    """A NATS connection that speaks typed messages (see the module docstring)."""
+
+    def __init__(self, nc: NATS, name: str) -> None:
+        self.nc = nc
+        self.name = name
+        self.tasks = TaskSet()
+        self._subs: list[Subscription] = []
+
+    @classmethod
+    async def open(cls, url: str, name: str, stack: contextlib.AsyncExitStack | None = None,
+                   grace_s: float = 5.0) -> Bus:
+        """Connect; when ``stack`` is given, a graceful :meth:`close` is registered on it."""
+        bus = cls(await connect(url, name), name)
+        if stack is not None:
+            stack.push_async_callback(bus.close, grace_s)
+        return bus
+
+    @property
+    def connected(self) -> bool:
+        return self.nc.is_connected
+
+    async def publish(self, subject: str, message: Message,
+                      headers: Mapping[str, str] | None = None, reply: str = "") -> None:
+        """Publish ``message`` with the current trace context in its headers."""
+        await self.nc.publish(subject, message.encode(), reply=reply,
+                              headers=inject_headers(dict(headers) if headers else None))
+
+    async def request(self, subject: str, message: Message, reply_cls: type[M], timeout: float,
+                      headers: Mapping[str, str] | None = None) -> M:
+        """Send a request and decode its reply as ``reply_cls``.
+
+        Raises RemoteError when the peer answers with an ErrorReply, SchemaError when the reply
+        is malformed, and nats' NoRespondersError / TimeoutError when nobody answers.
+        """
+        msg = await self.nc.request(subject, message.encode(), timeout=timeout,
+                                    headers=inject_headers(dict(headers) if headers else None))
+        return decode_reply(msg.data, reply_cls)
+
+    async def serve(self, subject: str, request_cls: type[M], handler: Handler, *, queue: str = "",
+                    error_reply: ErrorReplyFactory | None = None) -> Subscription:
+        """Answer requests on ``subject``: decode as ``request_cls``, run ``handler`` in a task.
+
+        ``handler(request, msg)`` returns the reply message (or None to send nothing, e.g. when
+        it streams to an inbox itself). Errors become ``error_reply(info, payload)`` (default: an
+        ErrorReply) sent to ``msg.reply``.
+        """
+        make_error = error_reply or _default_error_reply
+
+        async def on_msg(msg: Msg) -> None:
+            self.tasks.spawn(self._handle(msg, request_cls, handler, make_error), name=f"serve {subject}")
+
+        return await self._subscribe(subject, queue, on_msg)
+
+    async def listen(self, subject: str, message_cls: type[M], handler: Callable[[M, Msg], None],
+                     *, queue: str = "") -> Subscription:
+        """Feed every valid ``message_cls`` on ``subject`` to the synchronous ``handler``.
+
+        Invalid payloads are logged and dropped (there is nobody to answer).
+        """
+        async def on_msg(msg: Msg) -> None:
+            try:
+                message = message_cls.decode(msg.data)
+            except SchemaError as exc:
+                logger.warning("%s: dropped a bad %s on %s: %s", self.name, message_cls.KIND, msg.subject, exc)
+                return
+            handler(message, msg)
+
+        return await self._subscribe(subject, queue, on_msg)
+
+    async def _subscribe(self, subject: str, queue: str, cb: Callable[[Msg], Awaitable[None]]) -> Subscription:
+        """Subscribe and wait until the server has registered the interest (a PING round trip)."""
+        sub = await self.nc.subscribe(subject, queue=queue, cb=cb)
+        self._subs.append(sub)
+        await self.nc.flush()
+        return sub
+
+    async def _handle(self, msg: Msg, request_cls: type[M], handler: Handler,
+                      make_error: ErrorReplyFactory) -> None:
+        try:
+            request = request_cls.decode(msg.data)
+            reply = await handler(request, msg)
+        except SchemaError as exc:
+            reply = make_error(schema_error_info(exc), msg.data)
+        except ServiceError as exc:
+            reply = make_error(exc.info, msg.data)
+        except Exception:  # a handler bug must not take the service down
+            logger.exception("%s: handler for %s failed", self.name, msg.subject)
+            reply = make_error(error_info("internal_error", "internal error"), msg.data)
+        if reply is not None and msg.reply:
+            await self._respond(msg.reply, reply)
+
+    async def _respond(self, inbox: str, reply: Message) -> None:
+        try:
+            await self.nc.publish(inbox, reply.encode())
+        except nats.errors.Error as exc:
+            logger.warning("%s: cannot reply to %s: %s", self.name, inbox, exc)
+
+    async def close(self, grace_s: float = 5.0) -> None:
+        """Stop receiving, give running handlers ``grace_s`` to finish, then drain the connection."""
+        for sub in self._subs:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        self._subs.clear()
+        await self.tasks.close(grace_s)
+        if not self.nc.is_closed:
+            with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
+                await self.nc.drain()
+
+
+def _default_error_reply(info: ErrorInfo, payload: bytes) -> Message:
+    return ErrorReply(error=info)
+
+
+def stop_on_signals(stop: asyncio.Event,
+                    signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+    """Make ``signals`` set ``stop`` (on the running loop; main thread only)."""
+    loop = asyncio.get_running_loop()
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def serve_until_stopped(start: Callable[[contextlib.AsyncExitStack], Awaitable[None]],
+                              stop: asyncio.Event) -> None:
+    """Run ``start(stack)``, wait for ``stop``, then unwind the stack (cleanup in reverse order)."""
+    async with contextlib.AsyncExitStack() as stack:
+        await start(stack)
+        await stop.wait()
+
+
+def run_service(start: Callable[[contextlib.AsyncExitStack], Awaitable[None]]) -> None:
+    """Run one service on uvloop until SIGTERM or SIGINT, then shut it down gracefully."""
+    import uvloop
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        stop_on_signals(stop)
+        await serve_until_stopped(start, stop)
+
+    uvloop.run(main())
