@@ -18,7 +18,7 @@ class AdapterInfo(Struct):
     """An adapter a worker holds: its rank and the tier it lives in (device, host or disk)."""
 
     name: str = spec(pattern=NAME_PATTERN)
-    rank: int = spec(ge=1, le=4096)
+    rank: int = spec(ge=1, le=1024)
     level: str = spec(choices=LEVELS)
     pinned: bool = False
 

@@ -89,3 +89,11 @@ class ServiceError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.info = error_info(code, message)
+
+    @classmethod
+    def from_info(cls, info: ErrorInfo) -> ServiceError:
+        """Re-raise an error a peer reported (its code may be one this table does not know)."""
+        error = cls.__new__(cls)
+        Exception.__init__(error, f"{info.code}: {info.message}")
+        error.info = info
+        return error

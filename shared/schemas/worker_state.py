@@ -11,18 +11,31 @@ from shared.schemas.wire import Message, SchemaError, Struct, spec
 
 @dataclass
 class RequestLoad(Struct):
-    """A request a worker holds: its adapter (None for the base model) and token counts."""
+    """A request a worker holds: its adapter (None for the base model) and token counts.
+
+    The request's current context is ``prompt_tokens + generated_tokens``; it will generate at
+    most ``remaining_tokens`` more.
+    """
 
     request_id: str = spec(pattern=REQUEST_ID_PATTERN)
     adapter: str | None = spec(None, pattern=NAME_PATTERN)
-    rank: int = spec(0, ge=0, le=4096)
+    rank: int = spec(0, ge=0, le=1024)
     prompt_tokens: int = spec(0, ge=0)
+    generated_tokens: int = spec(0, ge=0)
     remaining_tokens: int = spec(0, ge=0)
+
+    @property
+    def context_tokens(self) -> int:
+        return self.prompt_tokens + self.generated_tokens
 
 
 @dataclass
 class WorkerState(Message):
-    """A worker's load and residency, numbered by ``seq`` (increasing per worker)."""
+    """A worker's load and residency, numbered by ``seq`` (increasing per worker).
+
+    ``adapters`` lists every adapter the worker can serve, with the tier it is in now: the
+    scheduler only routes an adapter's requests to workers that list it.
+    """
 
     KIND = "worker_state"
     worker_id: str = spec(pattern=WORKER_ID_PATTERN)
