@@ -71,3 +71,4 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     first_token: bool = False  # True for the output carrying the first generated token
+    logits: object | None = None  # float32 [vocab] tensor when the engine records logits

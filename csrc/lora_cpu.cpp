@@ -1,0 +1,246 @@
+// Segmented multi-LoRA kernel for the CPU.
+//
+// y[t, :] += (x[t, :] @ A_u) @ B_u   for every token t of segment (start, end, u)
+//
+//   y:      [T, out]  float32 or bfloat16, rows may be strided (a column slice of a fused output)
+//   x:      [T, in]   same dtype as y, contiguous rows
+//   segs:   [G, 3]    int64 rows (start, end, adapter index into A/B)
+//   A[u]:   [in, r_u] contiguous, same dtype (r_u == 0: adapter has no weights here, skipped)
+//   B[u]:   [r_u, out] contiguous, scaling already folded in
+//   pad_rank: 0 computes each adapter at its own rank (MBGMV: cost follows the sum of ranks);
+//             R > 0 zero-pads every adapter to rank R and computes the padded product
+//             (BGMV: cost follows tokens x max rank).
+//
+// Short segments (decode tokens) run in a fused fp32 loop, parallel over segments, reading each
+// adapter's weights once per segment. Long segments (prefill) go to BLAS through at::mm.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <type_traits>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlasThreshold = 32;  // segments at least this long use at::mm
+
+struct Item {
+  int64_t start;
+  int64_t end;
+  int64_t adapter;
+};
+
+// ---- element access: bf16 and fp32 loaded as fp32 ----------------------------------------
+inline float load1(const float* p) { return *p; }
+inline float load1(const at::BFloat16* p) { return static_cast<float>(*p); }
+inline void store_add1(float* p, float v) { *p += v; }
+inline void store_add1(at::BFloat16* p, float v) { *p = static_cast<at::BFloat16>(static_cast<float>(*p) + v); }
+
+#ifdef __AVX512F__
+constexpr int64_t kLanes = 16;
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline void add_store16(float* p, __m512 v) { _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), v)); }
+inline void add_store16(at::BFloat16* p, __m512 v) {
+  __m512 sum = _mm512_add_ps(load16(p), v);
+  // round to nearest even, as c10::BFloat16 does
+  __m512i bits = _mm512_castps_si512(sum);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+}
+#endif
+
+#ifdef __AVX512F__
+// Lanes [k0, k0 + 16) of a row, zero at and beyond `valid` (rank padding reads no memory).
+inline __m512 load16_masked(const float* row, int64_t k0, int64_t valid) {
+  const int64_t n = std::clamp<int64_t>(valid - k0, 0, kLanes);
+  return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), row + k0);
+}
+inline __m512 load16_masked(const at::BFloat16* row, int64_t k0, int64_t valid) {
+  const int64_t n = std::clamp<int64_t>(valid - k0, 0, kLanes);
+  __m256i raw = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1u), row + k0);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+#endif
+
+#ifdef __AVX512F__
+// v[t, k0:k0+16] for NB tokens at once: every A load feeds NB tokens, and even/odd input
+// rows accumulate separately so 2*NB FMA chains run in parallel.
+template <int NB, typename scalar_t>
+void shrink_block(const float* xf, int64_t in, const scalar_t* A, int64_t r, int64_t k0, float* v, int64_t R) {
+  __m512 even[NB], odd[NB];
+  for (int b = 0; b < NB; ++b) even[b] = odd[b] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 1 < in; i += 2) {
+    const __m512 a0 = load16_masked(A + i * r, k0, r);
+    const __m512 a1 = load16_masked(A + (i + 1) * r, k0, r);
+    for (int b = 0; b < NB; ++b) {
+      even[b] = _mm512_fmadd_ps(_mm512_set1_ps(xf[b * in + i]), a0, even[b]);
+      odd[b] = _mm512_fmadd_ps(_mm512_set1_ps(xf[b * in + i + 1]), a1, odd[b]);
+    }
+  }
+  if (i < in) {
+    const __m512 a0 = load16_masked(A + i * r, k0, r);
+    for (int b = 0; b < NB; ++b) even[b] = _mm512_fmadd_ps(_mm512_set1_ps(xf[b * in + i]), a0, even[b]);
+  }
+  const int64_t lanes = std::min<int64_t>(kLanes, R - k0);
+  for (int b = 0; b < NB; ++b) {
+    alignas(64) float buf[kLanes];
+    _mm512_store_ps(buf, _mm512_add_ps(even[b], odd[b]));
+    std::copy(buf, buf + lanes, v + b * R + k0);
+  }
+}
+
+// y[t, o0:o0+64] += v[t] @ B[:, o0:o0+64] for NB tokens; padded rows [r, R) multiply zero lanes.
+template <int NB, typename scalar_t>
+void expand_block(const float* v, int64_t R, const scalar_t* B, int64_t r, int64_t out, int64_t o0, scalar_t* y,
+                  int64_t y_stride) {
+  __m512 c[NB][4];
+  for (int b = 0; b < NB; ++b)
+    for (int j = 0; j < 4; ++j) c[b][j] = _mm512_setzero_ps();
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t k = 0; k < R; ++k) {
+    __m512 w[4];
+    for (int j = 0; j < 4; ++j) w[j] = k < r ? load16(B + k * out + o0 + j * kLanes) : zero;
+    for (int b = 0; b < NB; ++b) {
+      const __m512 vk = _mm512_set1_ps(v[b * R + k]);
+      for (int j = 0; j < 4; ++j) c[b][j] = _mm512_fmadd_ps(vk, w[j], c[b][j]);
+    }
+  }
+  for (int b = 0; b < NB; ++b)
+    for (int j = 0; j < 4; ++j) add_store16(y + b * y_stride + o0 + j * kLanes, c[b][j]);
+}
+
+template <typename F>
+void for_token_blocks(int64_t n, F&& f) {
+  int64_t t = 0;
+  for (; t + 4 <= n; t += 4) f(t, std::integral_constant<int, 4>{});
+  if (n - t == 3) f(t, std::integral_constant<int, 3>{});
+  if (n - t == 2) f(t, std::integral_constant<int, 2>{});
+  if (n - t == 1) f(t, std::integral_constant<int, 1>{});
+}
+#endif
+
+// v[t, 0:R] = x[t, :] @ A[:, 0:r], zero in the padded columns [r, R), for a segment's n tokens.
+// The padded columns are computed (multiplied by zero lanes), so BGMV pays for its padding.
+template <typename scalar_t>
+void shrink(const scalar_t* x, int64_t x_stride, int64_t n, const scalar_t* A, int64_t in, int64_t r,
+            int64_t R, float* v) {
+  std::vector<float> xf(n * in);
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t i = 0; i < in; ++i) xf[t * in + i] = load1(x + t * x_stride + i);
+#ifdef __AVX512F__
+  for_token_blocks(n, [&](int64_t t0, auto nb) {
+    for (int64_t k0 = 0; k0 < R; k0 += kLanes)
+      shrink_block<decltype(nb)::value>(xf.data() + t0 * in, in, A, r, k0, v + t0 * R, R);
+  });
+#else
+  std::fill(v, v + n * R, 0.f);
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t i = 0; i < in; ++i)
+      for (int64_t k = 0; k < R; ++k) v[t * R + k] += xf[t * in + i] * (k < r ? load1(A + i * r + k) : 0.f);
+#endif
+}
+
+// y[t, :] += v[t, 0:R] @ B[0:R, :] (B zero in the padded rows [r, R)) for a segment's n tokens.
+template <typename scalar_t>
+void expand(const float* v, int64_t R, int64_t n, const scalar_t* B, int64_t r, int64_t out, scalar_t* y,
+            int64_t y_stride) {
+  int64_t o0 = 0;
+#ifdef __AVX512F__
+  for (; o0 + 4 * kLanes <= out; o0 += 4 * kLanes)
+    for_token_blocks(n, [&](int64_t t0, auto nb) {
+      expand_block<decltype(nb)::value>(v + t0 * R, R, B, r, out, o0, y + t0 * y_stride, y_stride);
+    });
+#endif
+  for (int64_t t = 0; t < n; ++t) {
+    const float* vt = v + t * R;
+    for (int64_t o = o0; o < out; ++o) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < R; ++k) acc += vt[k] * (k < r ? load1(B + k * out + o) : 0.f);
+      store_add1(y + t * y_stride + o, acc);
+    }
+  }
+}
+
+template <typename scalar_t>
+void run_segment(const Item& it, const at::Tensor& y, const at::Tensor& x, const at::Tensor& A,
+                 const at::Tensor& B, int64_t pad_rank) {
+  const int64_t in = x.size(1), out = y.size(1), r = A.size(1);
+  const int64_t R = pad_rank > 0 ? pad_rank : r;
+  const int64_t n = it.end - it.start;
+  std::vector<float> v(n * R);
+  shrink(x.data_ptr<scalar_t>() + it.start * x.stride(0), x.stride(0), n, A.data_ptr<scalar_t>(), in, r, R, v.data());
+  expand(v.data(), R, n, B.data_ptr<scalar_t>(), r, out, y.data_ptr<scalar_t>() + it.start * y.stride(0), y.stride(0));
+}
+
+at::Tensor padded(const at::Tensor& w, int64_t dim, int64_t target) {
+  const int64_t have = w.size(dim);
+  if (have == target) return w;
+  std::vector<int64_t> pad = dim == 1 ? std::vector<int64_t>{0, target - have} : std::vector<int64_t>{0, 0, 0, target - have};
+  return at::constant_pad_nd(w, pad, 0);
+}
+
+}  // namespace
+
+void lora_segments_(at::Tensor y, at::Tensor x, at::Tensor segs, std::vector<at::Tensor> A,
+                    std::vector<at::Tensor> B, int64_t pad_rank) {
+  TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0), "x [T, in] and y [T, out] expected");
+  TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1, "rows of x and y must be contiguous");
+  TORCH_CHECK(segs.dim() == 2 && segs.size(1) == 3 && segs.scalar_type() == at::kLong, "segs must be int64 [G, 3]");
+  TORCH_CHECK(A.size() == B.size(), "A and B lists differ in length");
+  const auto* s = segs.data_ptr<int64_t>();
+  std::vector<Item> small;
+  std::vector<Item> large;
+  for (int64_t g = 0; g < segs.size(0); ++g) {
+    Item it{s[3 * g], s[3 * g + 1], s[3 * g + 2]};
+    TORCH_CHECK(it.adapter >= 0 && it.adapter < (int64_t)A.size(), "segment adapter index out of range");
+    TORCH_CHECK(0 <= it.start && it.start <= it.end && it.end <= x.size(0), "segment out of range");
+    const auto& a = A[it.adapter];
+    if (a.numel() == 0 || it.end == it.start) continue;
+    TORCH_CHECK(a.is_contiguous() && B[it.adapter].is_contiguous(), "adapter weights must be contiguous");
+    TORCH_CHECK(a.scalar_type() == x.scalar_type() && B[it.adapter].scalar_type() == x.scalar_type(),
+                "adapter dtype must match activations");
+    TORCH_CHECK(a.size(0) == x.size(1) && B[it.adapter].size(1) == y.size(1) && B[it.adapter].size(0) == a.size(1),
+                "adapter shape mismatch");
+    TORCH_CHECK(pad_rank == 0 || pad_rank >= a.size(1), "pad_rank below an adapter's rank");
+    if (it.end - it.start >= kBlasThreshold) {
+      large.push_back(it);
+      continue;
+    }
+    small.push_back(it);
+  }
+  for (const auto& it : large) {
+    at::Tensor a = A[it.adapter], b = B[it.adapter];
+    if (pad_rank > 0) {
+      a = padded(a, 1, pad_rank);
+      b = padded(b, 0, pad_rank);
+    }
+    y.narrow(0, it.start, it.end - it.start).add_(at::mm(at::mm(x.narrow(0, it.start, it.end - it.start), a), b));
+  }
+  if (small.empty()) return;
+  auto run_all = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    at::parallel_for(0, (int64_t)small.size(), 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i)
+        run_segment<scalar_t>(small[i], y, x, A[small[i].adapter], B[small[i].adapter], pad_rank);
+    });
+  };
+  if (x.scalar_type() == at::kBFloat16) {
+    run_all(at::BFloat16{});
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "float32 or bfloat16 activations expected");
+    run_all(float{});
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("lora_segments_", &lora_segments_, "y[seg] += x[seg] @ A[u] @ B[u] over segments (in place)");
+}

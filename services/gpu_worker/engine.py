@@ -1,0 +1,223 @@
+"""The multi-LoRA engine: continuous batching over one base model and many adapters.
+
+One step is ``plan = admission.schedule()`` -> ``runner.run(plan)`` -> ``self._update(...)``.
+``add_request`` and ``abort`` are thread-safe: they queue commands that the step loop
+applies at the start of the next step, so a service can call them from its event loop
+while another thread runs :meth:`step`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from services.gpu_worker.adapter_manager import AdapterManager, StaticAdapters, UnknownAdapterError
+from services.gpu_worker.admission import Admission, StepPlan
+from services.gpu_worker.engine_config import EngineConfig
+from services.gpu_worker.kv_cache import BlockManager, allocate_cache, blocks_for_budget
+from services.gpu_worker.lora_ops import get_backend
+from services.gpu_worker.model import LlamaModel
+from services.gpu_worker.request import EngineRequest, RequestError, RequestOutput
+from services.gpu_worker.runner import ModelRunner
+from services.gpu_worker.sampling import make_generator
+from services.gpu_worker.sequence import Sequence, Status
+from shared.tokenizer import IncrementalDetokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class RunningInfo:
+    """One request as worker state reports it."""
+
+    request_id: str
+    adapter: str | None
+    rank: int
+    prompt_tokens: int
+    remaining_tokens: int
+
+
+@dataclass
+class EngineStats:
+    running: list[RunningInfo]
+    waiting: list[RunningInfo]
+    free_kv_blocks: int
+    total_kv_blocks: int
+
+
+class LLMEngine:
+    """Serves one base model with many LoRA adapters in mixed continuous batches."""
+
+    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None,
+                 adapters: dict[str, str | Path] | AdapterManager | None = None) -> None:
+        self.config = config or EngineConfig()
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        device = self.config.resolved_device()
+        self.dtype = DTYPES[self.config.dtype]
+        self.model = LlamaModel(model_dir, self.dtype, device)
+        self.tokenizer = load_tokenizer(model_dir)
+        mc = self.model.config
+        self.max_model_len = min(self.config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.eos_ids = set(mc.eos_token_ids) | ({self.tokenizer.eos_token_id} - {None})
+        if adapters is None or isinstance(adapters, dict):
+            adapters = StaticAdapters(adapters or {}, mc.shape, self.config.max_lora_rank, self.dtype, device,
+                                      base_model=str(model_dir))
+        self.adapters: AdapterManager = adapters
+        self.blocks = BlockManager(self._num_blocks(), self.config.block_size)
+        kv = allocate_cache(mc.shape.num_layers, self.blocks.num_blocks, self.config.block_size,
+                            mc.shape.num_kv_heads, mc.shape.head_dim, self.dtype, device)
+        op = get_backend(self.config.backend)
+        use_native = self.config.native_ops
+        self.runner = ModelRunner(self.model, self.blocks, kv, lambda y, x, b: op(y, x, b, use_native), self.adapters)
+        self.admission = Admission(self.blocks, self.adapters, self.config.max_batch_size,
+                                   self.config.max_batched_tokens)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._known_ids: set[str] = set()
+        self._ids_lock = threading.Lock()
+        self.steps = 0
+        self.record_logits = False  # attach each step's float32 logits to outputs (tests, debugging)
+
+    def _num_blocks(self) -> int:
+        if self.config.num_kv_blocks:
+            return self.config.num_kv_blocks
+        s = self.model.config.shape
+        return blocks_for_budget(self.config.kv_cache_bytes, s.num_layers, self.config.block_size,
+                                 s.num_kv_heads, s.head_dim, self.dtype)
+
+    # ---- requests in -------------------------------------------------------------------
+    def add_request(self, request: EngineRequest) -> None:
+        """Validate and queue a request (thread-safe). Raises RequestError when invalid."""
+        seq = self._make_sequence(request)
+        with self._ids_lock:
+            if request.request_id in self._known_ids:
+                raise RequestError(f"duplicate request_id {request.request_id!r}")
+            self._known_ids.add(request.request_id)
+        self._commands.put(("add", seq))
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (thread-safe); it finishes with reason ``cancelled``."""
+        self._commands.put(("abort", request_id))
+
+    def _make_sequence(self, request: EngineRequest) -> Sequence:
+        ids = list(request.prompt_token_ids)
+        if not ids:
+            raise RequestError("prompt is empty")
+        vocab = self.model.config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(f"prompt has {len(ids)} tokens; the context limit is {self.max_model_len}")
+        rank = 0
+        if request.adapter is not None:
+            try:
+                rank = self.adapters.rank(request.adapter)
+            except UnknownAdapterError as exc:
+                raise RequestError(str(exc)) from None
+        seq = Sequence(request.request_id, ids, request.adapter, request.params, rank=rank)
+        seq.generator = make_generator(request.params.seed) if request.params.temperature > 0 else None
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids)
+        return seq
+
+    def _apply_commands(self) -> list[RequestOutput]:
+        outputs = []
+        while True:
+            try:
+                kind, arg = self._commands.get_nowait()
+            except queue.Empty:
+                return outputs
+            if kind == "add":
+                self.admission.add(arg)
+            else:
+                seq = self.admission.remove(arg)
+                if seq is not None:
+                    outputs.append(self._finish(seq, "cancelled"))
+
+    # ---- the step loop -----------------------------------------------------------------
+    def has_unfinished(self) -> bool:
+        return bool(self.admission.running or self.admission.waiting or not self._commands.empty())
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine iteration; returns what each affected request produced."""
+        outputs = self._apply_commands()
+        self.adapters.poll()
+        plan = self.admission.schedule()
+        outputs += [self._finish(seq, "error", reason) for seq, reason in plan.rejected]
+        if not plan:
+            return outputs
+        seqs, tokens, logits = self.runner.run(plan)
+        self.steps += 1
+        for i, (seq, token) in enumerate(zip(seqs, tokens)):
+            outputs.append(self._append_token(seq, token))
+            if self.record_logits:
+                outputs[-1].logits = logits[i]
+        return outputs
+
+    def run_plan(self, plan: StepPlan) -> tuple[list[Sequence], list[int], torch.Tensor]:
+        """Run an explicit plan (profiling and tests); returns (seqs, tokens, logits)."""
+        return self.runner.run(plan)
+
+    def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
+        first = not seq.output_ids
+        seq.output_ids.append(token)
+        seq.text += seq.detokenizer.step([token])
+        reason = self._stop_reason(seq, token)
+        if reason is not None:
+            return self._finish(seq, reason, first=first, token=token)
+        return self._delta(seq, [token], first, final=False)
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
+            return "stop"
+        if p.stop and self._truncate_at_stop(seq):
+            return "stop"
+        if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    @staticmethod
+    def _truncate_at_stop(seq: Sequence) -> bool:
+        """Cut ``seq.text`` before the first stop string (searching only new text)."""
+        window = max(len(s) for s in seq.params.stop)
+        from_pos = max(0, seq.emitted_chars - window)
+        hits = [i for i in (seq.text.find(s, from_pos) for s in seq.params.stop) if i >= 0]
+        if not hits:
+            return False
+        seq.text = seq.text[:min(hits)]
+        return True
+
+    def _delta(self, seq: Sequence, new_ids: list[int], first: bool, final: bool) -> RequestOutput:
+        hold = 0 if final or not seq.params.stop else max(len(s) for s in seq.params.stop) - 1
+        end = max(seq.emitted_chars, len(seq.text) - hold)
+        text = seq.text[seq.emitted_chars:end]
+        seq.emitted_chars = end
+        return RequestOutput(seq.request_id, new_ids, text, prompt_tokens=len(seq.prompt_ids),
+                             completion_tokens=len(seq.output_ids), first_token=first)
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None, first: bool = False,
+                token: int | None = None) -> RequestOutput:
+        if seq.status != Status.FINISHED:
+            self.admission.remove(seq.request_id)
+        seq.status = Status.FINISHED
+        with self._ids_lock:
+            self._known_ids.discard(seq.request_id)
+        if reason in ("length", "cancelled") or (reason == "stop" and not seq.params.stop):
+            seq.text += seq.detokenizer.flush()
+        out = self._delta(seq, [] if token is None else [token], first, final=True)
+        out.finished, out.finish_reason = True, reason
+        out.error = error if reason == "error" else None
+        return out
+
+    # ---- state for the worker service --------------------------------------------------
+    def stats(self) -> EngineStats:
+        info = lambda s: RunningInfo(s.request_id, s.adapter, s.rank, len(s.prompt_ids), s.remaining_tokens)  # noqa: E731
+        return EngineStats([info(s) for s in self.admission.running], [info(s) for s in self.admission.waiting],
+                           self.blocks.num_free_blocks, self.blocks.num_blocks)

@@ -1,0 +1,138 @@
+"""Batched multi-LoRA ops: one projection's LoRA deltas for a whole mixed batch.
+
+Semantics shared by both backends, for a batch whose tokens are laid out so that the
+tokens of one adapter form contiguous segments::
+
+    for each segment (start, end, u):
+        y[start:end] += x[start:end] @ A[u] @ B[u]
+
+* ``x``: ``[T, in]`` activations, ``y``: ``[T, out]`` output of the base projection
+  (updated in place; may be a column slice of a fused output).
+* ``A[u]``: ``[in, r_u]``, ``B[u]``: ``[r_u, out]`` with the LoRA scaling folded in.
+  ``r_u == 0`` (an empty tensor) means the adapter has no weights on this projection.
+* Tokens in no segment (base-model requests) are left untouched.
+
+The two backends differ in cost, not in result:
+
+* ``bgmv`` (Punica): every adapter in the batch is zero-padded to the batch's max rank
+  ``R``, then one gather-matmul runs over the tokens: cost ~ tokens x R.
+* ``mbgmv`` (S-LoRA): no padding; each adapter's tokens are computed at its own rank:
+  cost ~ sum over adapters of tokens x r_u.
+
+On CPU both run in the native kernel from csrc/lora_cpu.cpp when it builds; on CUDA (or
+without a compiler) they run the torch paths below. :func:`lora_reference` is the plain
+per-token definition every path is tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from shared.native_ops import cpu_lora_kernel
+
+BACKENDS = ("bgmv", "mbgmv")
+
+
+@dataclass
+class LoraBatch:
+    """One projection's LoRA work for one step.
+
+    ``segs``: int64 ``[G, 3]`` rows ``(start, end, u)`` on the CPU;
+    ``A``/``B``: per-adapter weights, indexed by ``u`` (see module docstring).
+    """
+
+    segs: torch.Tensor
+    A: list[torch.Tensor]
+    B: list[torch.Tensor]
+
+    @property
+    def max_rank(self) -> int:
+        """The largest rank in the batch (every listed adapter has a segment)."""
+        return max((a.shape[1] for a in self.A if a.numel()), default=0)
+
+
+def lora_reference(x: torch.Tensor, token_adapter: list[int], A: list[torch.Tensor], B: list[torch.Tensor],
+                   pad_rank: int = 0) -> torch.Tensor:
+    """Plain per-token definition: ``delta[t] = x[t] @ pad(A[u_t]) @ pad(B[u_t])``.
+
+    ``token_adapter[t]`` is the adapter index of token t, or -1 for none. With
+    ``pad_rank > 0`` the weights are explicitly zero-padded to that rank (BGMV).
+    Returns ``delta: [T, out]`` in float32.
+    """
+    out = next(b.shape[1] for b in B)
+    delta = torch.zeros(x.shape[0], out, dtype=torch.float32, device=x.device)
+    for t, u in enumerate(token_adapter):
+        if u < 0 or A[u].numel() == 0:
+            continue
+        a, b = A[u].float(), B[u].float()
+        if pad_rank:
+            a = torch.nn.functional.pad(a, (0, pad_rank - a.shape[1]))
+            b = torch.nn.functional.pad(b, (0, 0, 0, pad_rank - b.shape[0]))
+        delta[t] = x[t].float() @ a @ b
+    return delta
+
+
+def token_adapters(segs: torch.Tensor, num_tokens: int) -> list[int]:
+    """Expand segments into the per-token adapter index list (-1 = no adapter)."""
+    idx = [-1] * num_tokens
+    for start, end, u in segs.tolist():
+        idx[start:end] = [u] * (end - start)
+    return idx
+
+
+def _bgmv_torch(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch, rank: int) -> None:
+    """Padded gather-matmul in torch ops: ``[T,1,in] @ [T,in,R] @ [T,R,out]``."""
+    tokens, weights_a, weights_b = [], [], []
+    for start, end, u in batch.segs.tolist():
+        if batch.A[u].numel() == 0 or end == start:
+            continue
+        tokens.append(torch.arange(start, end, device=x.device))
+        weights_a.append(torch.nn.functional.pad(batch.A[u], (0, rank - batch.A[u].shape[1])).expand(end - start, -1, -1))
+        weights_b.append(torch.nn.functional.pad(batch.B[u], (0, 0, 0, rank - batch.B[u].shape[0])).expand(end - start, -1, -1))
+    if not tokens:
+        return
+    idx = torch.cat(tokens)
+    v = torch.bmm(x[idx].unsqueeze(1), torch.cat(weights_a))
+    y.index_add_(0, idx, torch.bmm(v, torch.cat(weights_b)).squeeze(1))
+
+
+def _mbgmv_torch(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch) -> None:
+    """Segment loop in torch ops, each adapter at its own rank."""
+    for start, end, u in batch.segs.tolist():
+        if batch.A[u].numel() == 0 or end == start:
+            continue
+        y[start:end].addmm_(x[start:end] @ batch.A[u], batch.B[u])
+
+
+def _native(x: torch.Tensor, use_native: bool):
+    return cpu_lora_kernel() if use_native and x.device.type == "cpu" else None
+
+
+def bgmv(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch, use_native: bool = True) -> None:
+    """``y += lora(x)`` with every adapter padded to the batch's max rank (in place)."""
+    rank = batch.max_rank
+    if rank == 0:
+        return
+    kernel = _native(x, use_native)
+    if kernel is not None:
+        kernel.lora_segments_(y, x, batch.segs, batch.A, batch.B, rank)
+    else:
+        _bgmv_torch(y, x, batch, rank)
+
+
+def mbgmv(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch, use_native: bool = True) -> None:
+    """``y += lora(x)`` with each adapter at its own rank (in place)."""
+    kernel = _native(x, use_native)
+    if kernel is not None:
+        kernel.lora_segments_(y, x, batch.segs, batch.A, batch.B, 0)
+    else:
+        _mbgmv_torch(y, x, batch)
+
+
+def get_backend(name: str):
+    """The op for backend ``name`` (``bgmv`` or ``mbgmv``)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown LoRA backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return bgmv if name == "bgmv" else mbgmv

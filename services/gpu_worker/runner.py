@@ -1,0 +1,103 @@
+"""Turns a StepPlan into tensors, runs the model once and samples one token per sequence."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.gpu_worker.adapter_manager import AdapterManager
+from services.gpu_worker.admission import StepPlan
+from services.gpu_worker.attention import AttentionMetadata
+from services.gpu_worker.kv_cache import BlockManager
+from services.gpu_worker.lora_plan import LoraSegment, LoraStep
+from services.gpu_worker.model import LlamaModel
+from services.gpu_worker.sampling import sample
+from services.gpu_worker.sequence import Sequence
+
+
+@dataclass
+class StepBatch:
+    """The flattened token batch of one step (sequences ordered by adapter)."""
+
+    seqs: list[Sequence]
+    is_prefill: list[bool]
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    last_index: torch.Tensor  # [N] the token whose logits sample each sequence's next token
+    segments: list[LoraSegment]
+
+
+class ModelRunner:
+    """Executes steps of the model for the engine."""
+
+    def __init__(self, model: LlamaModel, blocks: BlockManager, kv: list[tuple[torch.Tensor, torch.Tensor]],
+                 lora_op, adapters: AdapterManager) -> None:
+        self.model, self.blocks, self.kv = model, blocks, kv
+        self.lora_op, self.adapters = lora_op, adapters
+        self.device = model.device
+
+    def build(self, plan: StepPlan) -> StepBatch:
+        """Order sequences by adapter (so each adapter's tokens are one run) and flatten them."""
+        entries = [(s, True) for s in plan.prefill] + [(s, False) for s in plan.decode]
+        entries.sort(key=lambda e: (e[0].adapter is None, e[0].adapter or ""))
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        prefill_ranges, decode_idx, last, segments = [], [], [], []
+        for seq, prefill in entries:
+            start = len(ids)
+            if prefill:
+                ids += seq.all_ids
+                positions += range(seq.num_tokens)
+                slots += self.blocks.slots(seq.request_id, 0, seq.num_tokens)
+                prefill_ranges.append((start, len(ids)))
+            else:
+                ids.append(seq.all_ids[-1])
+                positions.append(seq.num_tokens - 1)
+                slots.append(self.blocks.slot(seq.request_id, seq.num_tokens - 1))
+                decode_idx.append(start)
+            last.append(len(ids) - 1)
+            if seq.adapter is not None:
+                external = seq.prefill_external if prefill else None
+                segments.append(LoraSegment(start, len(ids), self.adapters.device_adapter(seq.adapter), external))
+        meta = AttentionMetadata(self._tensor(slots), prefill_ranges)
+        if decode_idx:
+            self._decode_metadata(meta, [e[0] for e in entries if not e[1]], decode_idx)
+        return StepBatch([e[0] for e in entries], [e[1] for e in entries], self._tensor(ids),
+                         self._tensor(positions), meta, self._tensor(last), segments)
+
+    def _decode_metadata(self, meta: AttentionMetadata, seqs: list[Sequence], decode_idx: list[int]) -> None:
+        """Cache slots ``[B, L]`` and mask ``[B, 1, 1, L]`` of each decoding sequence's context."""
+        bs = self.blocks.block_size
+        lengths = torch.tensor([s.num_tokens for s in seqs])
+        width = max(len(self.blocks.tables[s.request_id]) for s in seqs)
+        tables = torch.zeros(len(seqs), width, dtype=torch.int64)
+        for i, s in enumerate(seqs):
+            table = self.blocks.tables[s.request_id]
+            tables[i, :len(table)] = torch.tensor(table)
+        slots = (tables.unsqueeze(-1) * bs + torch.arange(bs)).flatten(1)  # [B, width * bs]
+        valid = torch.arange(slots.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
+        meta.decode_idx = self._tensor(decode_idx)
+        meta.decode_slots = slots.masked_fill(~valid, 0).to(self.device)
+        meta.decode_mask = valid[:, None, None, :].to(self.device)
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        """Float32 logits ``[N, vocab]`` for each sequence's next token."""
+        lora = None
+        if batch.segments:
+            lora = LoraStep(batch.segments, self.lora_op, self.model.dtype, self.device)
+        with torch.inference_mode():
+            hidden = self.model.forward(batch.input_ids, batch.positions, batch.meta, self.kv, lora)
+            return self.model.logits(hidden[batch.last_index])
+
+    def run(self, plan: StepPlan) -> tuple[list[Sequence], list[int], torch.Tensor]:
+        """Run a step: returns the sequences (in batch order), their sampled tokens and logits."""
+        batch = self.build(plan)
+        logits = self.forward(batch).cpu()
+        tokens = sample(logits, [s.params for s in batch.seqs], [s.generator for s in batch.seqs])
+        return batch.seqs, tokens, logits
