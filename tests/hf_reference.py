@@ -9,6 +9,7 @@ with the transformers KV cache, so the results depend on nothing but the request
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,9 +52,11 @@ class HFReference:
     def _load_adapter(self, index: int, name: str, path: Path):
         from peft import PeftModel
 
-        if index == 0:
-            return PeftModel.from_pretrained(self.model, str(path), adapter_name=name).eval()
-        self.model.load_adapter(str(path), adapter_name=name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers deprecations raised inside peft
+            if index == 0:
+                return PeftModel.from_pretrained(self.model, str(path), adapter_name=name).eval()
+            self.model.load_adapter(str(path), adapter_name=name)
         return self.model
 
     def run(self, requests: Sequence[Request], eos_token_id: int | None = None) -> list[ReferenceResult]:
