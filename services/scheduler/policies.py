@@ -1,0 +1,257 @@
+"""Routing policies: pick the worker a request goes to.
+
+Call signature (the scheduler service, the simulator and the tests all use it)::
+
+    policy = make_policy(PolicyConfig(policy="rank_aware"), perf_model, slo_us)
+    decision = policy.choose(workers, request)   # workers: Sequence[WorkerView]
+    # decision is a worker_id (str), or NoCapacity(reason) when none can take it
+
+``choose`` does not change the views; the caller records the routed request with
+``view.add_waiting(...)`` so the next decision counts it. Policies:
+
+- ``rank_aware`` (default): Algorithm 1 of the paper. For each worker, with
+  ``exists`` = its running + waiting requests and ``queue`` = its waiting ones::
+
+      d_prefill = Pre(queue + req) - Pre(queue) + cold_start(req's adapter residency)
+      d_decode  = Dec(exists + req) - Dec(exists)
+      cost      = d_prefill / avg_response_len + d_decode
+      total     = cost * |exists|               (an idle worker scores 0 and wins)
+
+  A worker is SLO-infeasible when its predicted time per token after taking the
+  request exceeds the SLO: ``Dec(exists + req)`` plus, with ``prefill_in_slo``, the
+  prefill stalls a request sees per token at that batch size
+  (``(|exists| + 1) / avg_response_len * Pre(req)``). It is full when the batch (or
+  the KV cache, when reported) has no room. The request goes to the feasible worker
+  with the least (total, cost); if none is feasible, to the worker with room and the
+  least predicted time per token; if all are full, to the least loaded one.
+- ``random``: uniform over the workers (seeded).
+- ``round_robin``: the workers in turn.
+- ``least_loaded`` (MostIdle): fewest running + waiting requests.
+- ``first_fit`` (Punica): the first worker, in the given order, with fewer than
+  max_batch requests; the least loaded one when all are full.
+- ``adapter_affinity``: the least loaded worker holding the adapter on its device
+  unless that worker is overloaded (load >= affinity_overload * max_batch); otherwise
+  the least loaded worker overall.
+
+Every policy answers ``NoCapacity`` when there is no candidate, or when
+``max_waiting`` > 0 and every worker already has that many requests waiting.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from services.scheduler.worker_view import DEVICE, WorkerView
+from shared.config import check_choice, option, require
+from shared.perf_model import PerfModel
+
+POLICY_NAMES = ("rank_aware", "random", "round_robin", "least_loaded", "first_fit", "adapter_affinity")
+SLO_FACTOR = 1.5
+
+
+class PolicyError(ValueError):
+    """A policy cannot be built as asked (unknown name, missing perf model or SLO)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """What a policy knows about the request being routed."""
+
+    rank: int  # LoRA rank of its adapter, 0 for the base model
+    prompt_tokens: int
+    adapter: Hashable | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NoCapacity:
+    """No worker can take the request now; ``reason`` says why."""
+
+    reason: str
+
+
+@dataclass
+class PolicyConfig:
+    """How requests are routed to workers."""
+
+    policy: str = option("rank_aware", "routing policy", POLICY_NAMES)
+    slo_ms: float = option(0.0, "time-per-token SLO in ms; 0 derives 1.5x the profile's no-LoRA time per token")
+    avg_response_len: float = option(128.0, "expected output tokens per request (rank_aware's prefill amortisation)")
+    prefill_in_slo: bool = option(True, "rank_aware: count expected prefill stalls in the predicted time per token")
+    affinity_overload: float = option(1.0, "adapter_affinity: a worker is overloaded at this fraction of max batch")
+    max_waiting: int = option(0, "answer no-capacity when every worker has this many waiting requests; 0: never")
+    seed: int = option(0, "seed of the random policy")
+
+    def __post_init__(self) -> None:
+        check_choice("policy", self.policy, POLICY_NAMES)
+        require(self.slo_ms >= 0, "slo_ms must be >= 0")
+        require(self.avg_response_len >= 1, "avg_response_len must be >= 1")
+        require(self.affinity_overload > 0, "affinity_overload must be > 0")
+        require(self.max_waiting >= 0, "max_waiting must be >= 0")
+
+
+def default_slo_us(perf: PerfModel, max_batch: int, prompt_tokens: float, output_tokens: float) -> float:
+    """The default SLO: SLO_FACTOR x the base model's time per token at a full batch."""
+    return SLO_FACTOR * perf.no_lora_tpt_us(max_batch, prompt_tokens, output_tokens)
+
+
+class Policy(ABC):
+    """A routing policy; see the module docstring for the contract of ``choose``."""
+
+    name: ClassVar[str]
+
+    def __init__(self, config: PolicyConfig) -> None:
+        self.config = config
+
+    def choose(self, workers: Sequence[WorkerView], request: RouteRequest) -> str | NoCapacity:
+        """The worker_id to route ``request`` to, or NoCapacity."""
+        if not workers:
+            return NoCapacity("no candidate workers")
+        limit = self.config.max_waiting
+        if limit and all(w.waiting.count >= limit for w in workers):
+            return NoCapacity(f"every worker has {limit} or more requests waiting")
+        return workers[self.pick(workers, request)].worker_id
+
+    @abstractmethod
+    def pick(self, workers: Sequence[WorkerView], request: RouteRequest) -> int:
+        """Index into the non-empty ``workers`` of the chosen one."""
+
+
+def _least_loaded(workers: Sequence[WorkerView]) -> int:
+    best, best_load = 0, workers[0].total.count
+    for i in range(1, len(workers)):
+        load = workers[i].total.count
+        if load < best_load:
+            best, best_load = i, load
+    return best
+
+
+class RankAware(Policy):
+    """Algorithm 1 with the SLO penalty and cold-start costs (module docstring)."""
+
+    name = "rank_aware"
+
+    def __init__(self, config: PolicyConfig, perf: PerfModel, slo_us: float) -> None:
+        super().__init__(config)
+        if slo_us <= 0:
+            raise PolicyError(f"rank_aware needs a positive SLO, got {slo_us!r} us")
+        self.perf = perf
+        self.slo_us = float(slo_us)
+
+    def pick(self, workers: Sequence[WorkerView], request: RouteRequest) -> int:
+        dec, pre, perf = self.perf.decode, self.perf.prefill, self.perf
+        rank, tokens, adapter = request.rank, request.prompt_tokens, request.adapter
+        inv_len = 1.0 / self.config.avg_response_len
+        solo_prefill = pre.cost_of(1, rank, rank, tokens, tokens * rank, tokens * tokens,
+                                   0 if adapter is None else 1)
+        stall = inv_len * solo_prefill if self.config.prefill_in_slo else 0.0
+        slo = self.slo_us
+        best, best_total, best_cost = -1, float("inf"), float("inf")  # feasible workers
+        over, over_tpt = -1, float("inf")  # workers with room, SLO-infeasible
+        full, full_load = -1, 1 << 62  # workers without room
+        for i, view in enumerate(workers):
+            exists = view.total
+            n = exists.count
+            if not view.has_room(tokens):
+                if n < full_load:
+                    full, full_load = i, n
+                continue
+            before, after = dec.cost_and_with(exists, rank, tokens, adapter)
+            predicted = after + (n + 1) * stall
+            if predicted > slo:
+                if predicted < over_tpt:
+                    over, over_tpt = i, predicted
+                continue
+            queue = view.waiting
+            if queue.count:
+                queued, with_req = pre.cost_and_with(queue, rank, tokens, adapter)
+                d_prefill = with_req - queued
+            else:
+                d_prefill = solo_prefill
+            if adapter is not None and adapter not in view.resident:
+                d_prefill += perf.cold_start_us(rank, tokens, view.residency(adapter))
+            cost = d_prefill * inv_len + after - before
+            total = cost * n
+            if total < best_total or total == best_total and cost < best_cost:
+                best, best_total, best_cost = i, total, cost
+        for choice in (best, over, full):
+            if choice >= 0:
+                return choice
+        return 0
+
+
+class RandomPolicy(Policy):
+    name = "random"
+
+    def __init__(self, config: PolicyConfig) -> None:
+        super().__init__(config)
+        self._rng = random.Random(config.seed)
+
+    def pick(self, workers: Sequence[WorkerView], request: RouteRequest) -> int:
+        return self._rng.randrange(len(workers))
+
+
+class RoundRobin(Policy):
+    name = "round_robin"
+
+    def __init__(self, config: PolicyConfig) -> None:
+        super().__init__(config)
+        self._next = 0
+
+    def pick(self, workers: Sequence[WorkerView], request: RouteRequest) -> int:
+        i = self._next % len(workers)
+        self._next = i + 1
+        return i
+
+
+class LeastLoaded(Policy):
+    name = "least_loaded"
+
+    def pick(self, workers: Sequence[WorkerView], request: RouteRequest) -> int:
+        return _least_loaded(workers)
+
+
+class FirstFit(Policy):
+    name = "first_fit"
+
+    def pick(self, workers: Sequence[WorkerView], request: RouteRequest) -> int:
+        for i, view in enumerate(workers):
+            if view.total.count < view.max_batch:
+                return i
+        return _least_loaded(workers)
+
+
+class AdapterAffinity(Policy):
+    name = "adapter_affinity"
+
+    def pick(self, workers: Sequence[WorkerView], request: RouteRequest) -> int:
+        adapter, factor = request.adapter, self.config.affinity_overload
+        best, best_load = -1, 1 << 62
+        if adapter is not None:
+            for i, view in enumerate(workers):
+                load = view.total.count
+                if load < best_load and load < factor * view.max_batch and view.residency(adapter) == DEVICE:
+                    best, best_load = i, load
+        return best if best >= 0 else _least_loaded(workers)
+
+
+_SIMPLE = {cls.name: cls for cls in (RandomPolicy, RoundRobin, LeastLoaded, FirstFit, AdapterAffinity)}
+
+
+def make_policy(config: PolicyConfig, perf: PerfModel | None = None, slo_us: float | None = None) -> Policy:
+    """Build the policy ``config.policy``; rank_aware needs the perf model and an SLO.
+
+    ``slo_us`` defaults to ``config.slo_ms`` when that is set.
+    """
+    if config.policy in _SIMPLE:
+        return _SIMPLE[config.policy](config)
+    if perf is None:
+        raise PolicyError("rank_aware needs a performance model (a profile)")
+    if slo_us is None:
+        if config.slo_ms <= 0:
+            raise PolicyError("rank_aware needs an SLO: set slo_ms or pass slo_us")
+        slo_us = config.slo_ms * 1000.0
+    return RankAware(config, perf, slo_us)

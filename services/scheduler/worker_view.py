@@ -1,0 +1,114 @@
+"""What the routing policies know about one worker.
+
+A :class:`WorkerView` is built by the scheduler from a worker's ``state.<id>`` message
+(``WorkerView.build``) and then kept current between messages: each request the
+scheduler routes there is added with ``add_waiting`` until a later state message
+shows it, so requests in flight are counted by the same incremental sums. The
+simulator drives the same methods from its own event loop.
+
+Three :class:`BatchStats` are kept consistent by the methods below:
+
+- ``running``: admitted requests (prefilling or decoding); tokens = current context;
+- ``waiting``: requests queued at the worker or routed there and not yet reported;
+  tokens = prompt length;
+- ``total``: running + waiting (what a new request would share decode steps with).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from shared.batch_stats import BatchStats
+
+DEVICE, HOST, DISK = "device", "host", "disk"
+
+
+class RequestLoad(NamedTuple):
+    """One request as a state message reports it."""
+
+    rank: int
+    tokens: int
+    adapter: Hashable | None = None
+
+
+@dataclass(eq=False)
+class WorkerView:
+    """A worker's load, residency and capacity, as the policies consume it."""
+
+    worker_id: str
+    max_batch: int
+    running: BatchStats = field(default_factory=BatchStats)
+    waiting: BatchStats = field(default_factory=BatchStats)
+    total: BatchStats = field(default_factory=BatchStats)
+    resident: Collection[Hashable] = field(default_factory=set)  # adapters on the device
+    host: Collection[Hashable] = field(default_factory=set)  # adapters in host memory
+    free_kv_blocks: int | None = None  # None: unknown, not checked
+    block_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+
+    @classmethod
+    def build(cls, worker_id: str, max_batch: int, running: Iterable[RequestLoad] = (),
+              waiting: Iterable[RequestLoad] = (), resident: Collection[Hashable] = (),
+              host: Collection[Hashable] = (), free_kv_blocks: int | None = None,
+              block_size: int = 16) -> "WorkerView":
+        """A view from a state message's request lists (loops over requests once, here)."""
+        view = cls(worker_id, max_batch, resident=set(resident), host=set(host),
+                   free_kv_blocks=free_kv_blocks, block_size=block_size)
+        for r in running:
+            view.running.add(r.rank, r.tokens, r.adapter)
+            view.total.add(r.rank, r.tokens, r.adapter)
+        for r in waiting:
+            view.add_waiting(r.rank, r.tokens, r.adapter)
+        return view
+
+    def add_waiting(self, rank: int, tokens: int, adapter: Hashable | None = None) -> None:
+        """A request routed here (or queued here), not yet admitted; ``tokens`` = prompt."""
+        self.waiting.add(rank, tokens, adapter)
+        self.total.add(rank, tokens, adapter)
+
+    def drop_waiting(self, rank: int, tokens: int, adapter: Hashable | None = None) -> None:
+        """A waiting request left without being admitted (cancelled, re-routed)."""
+        self.waiting.remove(rank, tokens, adapter)
+        self.total.remove(rank, tokens, adapter)
+
+    def admit(self, rank: int, tokens: int, adapter: Hashable | None = None) -> None:
+        """A waiting request starts its prefill; ``tokens`` = prompt."""
+        self.waiting.remove(rank, tokens, adapter)
+        self.running.add(rank, tokens, adapter)
+
+    def finish(self, rank: int, tokens: int, adapter: Hashable | None = None) -> None:
+        """A running request leaves; ``tokens`` = its context length now."""
+        self.running.remove(rank, tokens, adapter)
+        self.total.remove(rank, tokens, adapter)
+
+    def advance(self, steps: int) -> None:
+        """``steps`` decode steps ran: every running request holds ``steps`` more tokens."""
+        self.total.advance(steps, self.running)
+        self.running.advance(steps)
+
+    def residency(self, adapter: Hashable | None) -> str:
+        """Where the adapter is: DEVICE (or no adapter), HOST or DISK."""
+        if adapter is None or adapter in self.resident:
+            return DEVICE
+        return HOST if adapter in self.host else DISK
+
+    def has_room(self, prompt_tokens: int) -> bool:
+        """Whether one more request fits the batch (and the KV cache, when known)."""
+        if self.total.count + 1 > self.max_batch:
+            return False
+        if self.free_kv_blocks is None:
+            return True
+        needed = self.waiting.sum_tokens + prompt_tokens  # queued prompts claim blocks first
+        return -(-needed // self.block_size) <= self.free_kv_blocks
+
+    @property
+    def load(self) -> int:
+        """Requests on this worker, running or waiting."""
+        return self.total.count
