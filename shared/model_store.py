@@ -136,7 +136,7 @@ def ensure_converted(target: Path, source: Path, convert: Converter) -> Path:
         logger.info("converting %s into %s (one time)", source, target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
-            convert(source, tmp)
+            _run_converter(convert, source, tmp)
             if not is_converted(tmp):
                 raise ModelStoreError(f"conversion of {source} did not write all of {', '.join(CONVERTED_FILES)}")
             _make_readable(tmp)
@@ -144,6 +144,16 @@ def ensure_converted(target: Path, source: Path, convert: Converter) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _run_converter(convert: Converter, source: Path, out_dir: Path) -> None:
+    """Run ``convert``, turning its failures into a one-line :class:`ModelStoreError`."""
+    try:
+        convert(source, out_dir)
+    except ModelStoreError:
+        raise
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelStoreError(f"converting {source} failed: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
 
 
 @contextlib.contextmanager

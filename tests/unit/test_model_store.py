@@ -119,7 +119,7 @@ def test_failed_conversion_leaves_nothing(tmp_path):
         (out_dir / "config.json").write_text("{}")
         raise RuntimeError("disk full")
 
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(ModelStoreError, match="converting .* failed: RuntimeError: disk full"):
         ensure_converted(target, tmp_path / "src.gguf", broken)
     assert not target.exists()
     assert not list(tmp_path.glob(".m.tmp-*"))
