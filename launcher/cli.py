@@ -25,8 +25,15 @@ class CliError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad flags give one error line (and exit status 2), not a usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="caraserve", description="CPU-assisted, rank-aware LoRA serving")
+    parser = OneLineParser(prog="caraserve", description="CPU-assisted, rank-aware LoRA serving")
     parser.add_argument("--log-level", default="WARNING", help="python logging level (default: WARNING)")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
@@ -54,4 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the package module so `CliError` is the class subcommands import.
+    from launcher import cli
+
+    sys.exit(cli.main())
