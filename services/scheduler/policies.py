@@ -80,6 +80,8 @@ class PolicyConfig:
     policy: str = option("rank_aware", "routing policy", POLICY_NAMES)
     slo_ms: float = option(0.0, "time-per-token SLO in ms; 0 derives 1.5x the profile's no-LoRA time per token")
     avg_response_len: float = option(128.0, "expected output tokens per request (rank_aware's prefill amortisation)")
+    reference_batch: int = option(32, "batch size at which the default SLO's no-LoRA time per token is taken")
+    reference_prompt_tokens: float = option(128.0, "prompt tokens assumed by the default SLO")
     prefill_in_slo: bool = option(True, "rank_aware: count expected prefill stalls in the predicted time per token")
     affinity_overload: float = option(1.0, "adapter_affinity: a worker is overloaded at this fraction of max batch")
     max_waiting: int = option(0, "answer no-capacity when every worker has this many waiting requests; 0: never")
@@ -89,6 +91,8 @@ class PolicyConfig:
         check_choice("policy", self.policy, POLICY_NAMES)
         require(self.slo_ms >= 0, "slo_ms must be >= 0")
         require(self.avg_response_len >= 1, "avg_response_len must be >= 1")
+        require(self.reference_batch >= 1, "reference_batch must be >= 1")
+        require(self.reference_prompt_tokens >= 0, "reference_prompt_tokens must be >= 0")
         require(self.affinity_overload > 0, "affinity_overload must be > 0")
         require(self.max_waiting >= 0, "max_waiting must be >= 0")
 
@@ -242,16 +246,17 @@ _SIMPLE = {cls.name: cls for cls in (RandomPolicy, RoundRobin, LeastLoaded, Firs
 
 
 def make_policy(config: PolicyConfig, perf: PerfModel | None = None, slo_us: float | None = None) -> Policy:
-    """Build the policy ``config.policy``; rank_aware needs the perf model and an SLO.
+    """Build the policy ``config.policy``; rank_aware needs the perf model.
 
-    ``slo_us`` defaults to ``config.slo_ms`` when that is set.
+    rank_aware's SLO: ``slo_us`` if given, else ``config.slo_ms``, else
+    :func:`default_slo_us` at ``reference_batch``, ``reference_prompt_tokens`` and
+    ``avg_response_len``.
     """
     if config.policy in _SIMPLE:
         return _SIMPLE[config.policy](config)
     if perf is None:
         raise PolicyError("rank_aware needs a performance model (a profile)")
     if slo_us is None:
-        if config.slo_ms <= 0:
-            raise PolicyError("rank_aware needs an SLO: set slo_ms or pass slo_us")
-        slo_us = config.slo_ms * 1000.0
+        slo_us = config.slo_ms * 1000.0 if config.slo_ms > 0 else default_slo_us(
+            perf, config.reference_batch, config.reference_prompt_tokens, config.avg_response_len)
     return RankAware(config, perf, slo_us)

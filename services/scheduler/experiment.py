@@ -1,0 +1,98 @@
+"""Simulation experiments: several policies on one workload, and load sweeps.
+
+Shared by ``caraserve simulate`` and the benchmarks, so both resolve the SLO and
+configure the policies the same way:
+
+- the SLO is ``slo_ms`` when given, else ``policies.default_slo_us`` at the
+  cluster's max batch and the workload's mean prompt/output lengths;
+- rank_aware's ``avg_response_len`` is the workload's mean output length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from services.scheduler.policies import POLICY_NAMES, PolicyConfig, PolicyError, default_slo_us, make_policy
+from services.scheduler.sim_metrics import summarize, tpt_ms
+from services.scheduler.simulator import SimulatorConfig, simulate
+from services.scheduler.workload import Workload, WorkloadConfig, generate, mean_length
+from shared.perf_model import PerfModel
+
+
+@dataclass
+class PolicyRun:
+    """One policy's metrics on one workload, and its per-request time per token (ms)."""
+
+    metrics: dict[str, float]
+    tpt_ms: np.ndarray = field(repr=False)
+
+
+def parse_policies(text: str) -> tuple[str, ...]:
+    """``"rank_aware,random"`` -> names; ``"all"`` -> every policy."""
+    names = tuple(p.strip() for p in text.split(",") if p.strip())
+    if names == ("all",):
+        return POLICY_NAMES
+    unknown = [p for p in names if p not in POLICY_NAMES]
+    if not names or unknown:
+        raise PolicyError(f"unknown policies {unknown or [text]}; choose from {', '.join(POLICY_NAMES)} or all")
+    return names
+
+
+def mean_lengths(workload: WorkloadConfig) -> tuple[float, float]:
+    """Mean (prompt, output) tokens of the workload's length distributions."""
+    return (mean_length(workload.prompt_median, workload.prompt_sigma, workload.prompt_max),
+            mean_length(workload.output_median, workload.output_sigma, workload.output_max))
+
+
+def resolve_slo_ms(perf: PerfModel, slo_ms: float, sim: SimulatorConfig, workload: WorkloadConfig) -> float:
+    """``slo_ms`` if positive, else the default SLO derived from the profile."""
+    if slo_ms > 0:
+        return slo_ms
+    prompt, output = mean_lengths(workload)
+    return default_slo_us(perf, sim.max_batch, prompt, output) / 1000.0
+
+
+def run_policies(perf: PerfModel, workload: Workload, names: Sequence[str], sim: SimulatorConfig,
+                 template: PolicyConfig, slo_ms: float) -> dict[str, PolicyRun]:
+    """Simulate ``workload`` once per policy name (policies built from ``template``)."""
+    runs = {}
+    for name in names:
+        policy = make_policy(dataclasses.replace(template, policy=name), perf, slo_ms * 1000.0)
+        start = time.perf_counter()
+        result = simulate(perf, workload, policy, sim)
+        metrics = summarize(result, slo_ms)
+        metrics["sim_seconds"] = time.perf_counter() - start
+        runs[name] = PolicyRun(metrics, tpt_ms(result))
+    return runs
+
+
+def policy_template(workload: WorkloadConfig, slo_ms: float, seed: int) -> PolicyConfig:
+    return PolicyConfig(slo_ms=slo_ms, avg_response_len=max(1.0, mean_lengths(workload)[1]), seed=seed)
+
+
+def load_sweep(perf: PerfModel, workload: WorkloadConfig, rates: Sequence[float], names: Sequence[str],
+               sim: SimulatorConfig, slo_ms: float) -> dict[str, list[dict[str, float]]]:
+    """Metrics per policy at each Poisson rate (the workload's duration and seed kept)."""
+    template = policy_template(workload, slo_ms, workload.seed)
+    points: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for rate in rates:
+        config = dataclasses.replace(workload, rate=float(rate), trace="")
+        runs = run_policies(perf, generate(config), names, sim, template, slo_ms)
+        for name in names:
+            points[name].append({"rate": float(rate), **runs[name].metrics})
+    return points
+
+
+def highest_rate_meeting(points: Sequence[dict[str, float]], target: float) -> float:
+    """The highest rate up to which every swept point has attainment >= target (0 if none)."""
+    best = 0.0
+    for point in sorted(points, key=lambda p: p["rate"]):
+        if point["slo_attainment"] < target:
+            break
+        best = point["rate"]
+    return best
