@@ -24,6 +24,7 @@ ERROR_CODES: dict[str, tuple[str, int]] = {
     "no_capacity": ("service_unavailable", 503),
     "worker_lost": ("service_unavailable", 503),
     "timeout": ("service_unavailable", 503),
+    "shutting_down": ("service_unavailable", 503),
     "worker_error": ("server_error", 500),
     "internal_error": ("server_error", 500),
 }

@@ -1,0 +1,56 @@
+"""Configuration of the gateway service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.bus import DEFAULT_NATS_URL
+from shared.config import option, require
+from shared.subjects import GATEWAY_QUEUE
+
+DEFAULT_HTTP_PORT = 8000
+
+
+@dataclass
+class GatewayConfig:
+    """The public edge: HTTP and NATS APIs, auth, validation, streaming relay and retries."""
+
+    nats_url: str = option(DEFAULT_NATS_URL, "NATS server URL")
+    name: str = option("gateway", "this replica's NATS client name")
+    queue_group: str = option(GATEWAY_QUEUE, "NATS queue group shared by gateway replicas")
+    http_host: str = option("127.0.0.1", "HTTP listen address")
+    http_port: int = option(DEFAULT_HTTP_PORT, "HTTP port; 0 picks a free one; -1 disables HTTP")
+    model_dir: str = option("default", "base model directory (tokenizer and config); 'default' = SmolLM2")
+    model_name: str = option("", "name the base model is served under; empty = the directory's name")
+    adapter_dir: str = option("", "directory whose sub-directories are PEFT adapters (the catalog)")
+    max_model_len: int = option(0, "context limit in tokens; 0 = the model's max_position_embeddings")
+    default_max_tokens: int = option(16, "max_tokens of a completion request that sets none (OpenAI: 16)")
+    max_inflight: int = option(256, "requests in flight at once; past it, 429 overloaded")
+    api_keys: tuple[str, ...] = option((), "KEY:TENANT pairs; none = open mode (no auth)")
+    tenant_adapters: tuple[str, ...] = option((), "TENANT:ADAPTER pairs (ADAPTER may be *); base model always allowed")
+    route_deadline_ms: int = option(2000, "how long the scheduler may look for capacity")
+    route_timeout_s: float = option(3.0, "how long to wait for the scheduler's answer")
+    stall_timeout_s: float = option(30.0, "a worker silent this long mid-stream is presumed lost")
+    worker_timeout_s: float = option(1.0, "a worker whose state is this old is presumed lost")
+    max_reroutes: int = option(2, "re-routes after worker losses before a terminal worker_lost error")
+    retry_budget_s: float = option(4.5, "after a worker loss, give up with an error within this many seconds")
+    adapters_refresh_s: float = option(10.0, "how often to ask workers for their adapters; 0 = never")
+    grace_s: float = option(5.0, "on shutdown, how long in-flight requests may finish")
+
+    def __post_init__(self) -> None:
+        require(bool(self.nats_url), "nats_url must not be empty")
+        require(-1 <= self.http_port <= 65535, "http_port must be -1, 0 or a port number")
+        require(self.max_model_len >= 0, "max_model_len must be >= 0")
+        require(self.default_max_tokens >= 1, "default_max_tokens must be >= 1")
+        require(self.max_inflight >= 1, "max_inflight must be >= 1")
+        for pair in self.api_keys + self.tenant_adapters:
+            require(pair.count(":") >= 1 and all(pair.split(":", 1)), f"expected NAME:VALUE, got {pair!r}")
+        require(1 <= self.route_deadline_ms <= 600_000, "route_deadline_ms must be in [1, 600000]")
+        require(self.route_timeout_s > self.route_deadline_ms / 1000.0,
+                "route_timeout_s must exceed the route deadline")
+        require(self.stall_timeout_s > 0, "stall_timeout_s must be > 0")
+        require(self.worker_timeout_s > 0, "worker_timeout_s must be > 0")
+        require(self.max_reroutes >= 0, "max_reroutes must be >= 0")
+        require(self.retry_budget_s > 0, "retry_budget_s must be > 0")
+        require(self.adapters_refresh_s >= 0, "adapters_refresh_s must be >= 0")
+        require(self.grace_s >= 0, "grace_s must be >= 0")

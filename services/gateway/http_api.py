@@ -1,0 +1,131 @@
+"""The OpenAI-compatible HTTP API on aiohttp.
+
+- ``POST /v1/completions`` and ``POST /v1/chat/completions`` (``stream`` true: SSE ending
+  with ``data: [DONE]``; false: one JSON object);
+- ``GET /v1/models``: the base model and the adapters (each with ``parent``), filtered to
+  what the caller's tenant may use;
+- ``GET /health``.
+
+Errors are OpenAI-style ``{"error": {"message", "type", "code"}}`` with the status from
+``shared.schemas.ERROR_CODES`` (400, 401, 404, 429, 503). A streaming response starts only
+with the first chunk, so a request that fails before producing anything still gets a proper
+error status. A client that disconnects cancels its request (the handler is cancelled and
+the stream is told).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from services.gateway.openai_format import error_body, generate_request, response_body, sse_events
+from services.gateway.prepare import PreparedRequest, RequestPreparer
+from services.gateway.relay import Relay, RequestStream
+from shared.schemas import ErrorInfo, ServiceError, http_status
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+OWNER = "caraserve"
+
+
+def error_response(info: ErrorInfo) -> web.Response:
+    return web.json_response(error_body(info), status=http_status(info))
+
+
+def bearer_key(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        return None
+    return key.strip()
+
+
+class HttpApi:
+    """Request handlers bound to the gateway's preparer and relay."""
+
+    def __init__(self, preparer: RequestPreparer, relay: Relay, health: Callable[[], dict[str, Any]]) -> None:
+        self.preparer = preparer
+        self.relay = relay
+        self.health = health
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health_check)
+        return app
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        try:
+            body = await self._json(request)
+            prepared = self.preparer.prepare(generate_request(body, chat), api_key=bearer_key(request))
+            stream = self.relay.start(prepared, _trace_headers(request))
+        except ServiceError as exc:
+            return error_response(exc.info)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if prepared.stream else False
+        try:
+            if prepared.stream:
+                return await self._stream(request, prepared, stream, include_usage)
+            final = await stream.collect()
+            if final.error is not None:
+                return error_response(final.error)
+            return web.json_response(response_body(prepared, final))
+        finally:
+            stream.cancel()  # no-op once finished; a disconnect cancels the handler and lands here
+
+    async def _json(self, request: web.Request) -> Any:
+        try:
+            return await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ServiceError("invalid_request", f"the body is not valid JSON: {exc}") from exc
+
+    async def _stream(self, request: web.Request, prepared: PreparedRequest, stream: RequestStream,
+                      include_usage: bool) -> web.StreamResponse:
+        chunks = stream.chunks()
+        first = await anext(chunks)
+        if first.final and first.error is not None and not first.token_ids:
+            return error_response(first.error)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        for event in sse_events(prepared, first, True, include_usage):
+            await response.write(event)
+        async for chunk in chunks:
+            for event in sse_events(prepared, chunk, False, include_usage):
+                await response.write(event)
+        await response.write_eof()
+        return response
+
+    async def models(self, request: web.Request) -> web.Response:
+        tenancy, catalog = self.preparer.tenancy, self.preparer.catalog
+        try:
+            tenant = tenancy.authenticate(bearer_key(request))
+        except ServiceError as exc:
+            return error_response(exc.info)
+        base = catalog.base_model
+        data = [{"id": base, "object": "model", "created": catalog.created, "owned_by": OWNER, "root": base,
+                 "parent": None}]
+        data += [{"id": a.name, "object": "model", "created": a.created, "owned_by": OWNER, "root": base,
+                  "parent": base, "rank": a.rank}
+                 for a in catalog.adapters() if tenancy.may_use(tenant, a.name)]
+        return web.json_response({"object": "list", "data": data})
+
+    async def health_check(self, request: web.Request) -> web.Response:
+        status = self.health()
+        return web.json_response(status, status=200 if status.get("status") == "ok" else 503)
+
+
+def _trace_headers(request: web.Request) -> dict[str, str] | None:
+    headers = {k: request.headers[k] for k in ("traceparent", "tracestate") if k in request.headers}
+    return headers or None

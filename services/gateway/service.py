@@ -1,0 +1,166 @@
+"""The gateway service: the public edge of CaraServe (NATS API and OpenAI-compatible HTTP).
+
+:meth:`GatewayService.start` loads the tokenizer and the adapter catalog, connects to NATS,
+follows the workers' heartbeats (``state.*``), serves ``generate`` (queue group) and
+``cancel`` (every replica), and starts the HTTP server. Everything it starts is undone by the
+AsyncExitStack in reverse order: HTTP first (in-flight requests get ``grace_s``), then the
+NATS subscriptions and the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from nats.errors import Error as NatsError
+
+from services.gateway.catalog import Catalog
+from services.gateway.config import GatewayConfig
+from services.gateway.http_api import HttpApi
+from services.gateway.inbox import ChunkInbox
+from services.gateway.nats_api import NatsApi, error_chunk
+from services.gateway.prepare import RequestPreparer
+from services.gateway.relay import Relay
+from services.gateway.tenancy import Tenancy
+from services.gateway.worker_watch import WorkerWatch
+from shared import subjects
+from shared.bus import Bus
+from shared.config import from_env
+from shared.schemas import AdapterList, AdapterListRequest, CancelRequest, GenerateRequest, SchemaError, WorkerState
+from shared.served_name import served_model_name
+from shared.telemetry import Telemetry, setup_telemetry
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "caraserve-gateway"
+ADAPTER_LIST_WINDOW_S = 0.3
+
+
+def context_length(model_dir: Path, configured: int) -> int:
+    """``configured`` when set, else the model's ``max_position_embeddings``."""
+    if configured:
+        return configured
+    config = json.loads((model_dir / "config.json").read_text())
+    length = config.get("max_position_embeddings")
+    if not isinstance(length, int) or length < 2:
+        raise ValueError(f"{model_dir}/config.json has no usable max_position_embeddings; set max_model_len")
+    return length
+
+
+class GatewayService:
+    """One gateway replica."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.bus: Bus | None = None
+        self.telemetry: Telemetry | None = None
+        self.catalog: Catalog | None = None
+        self.relay: Relay | None = None
+        self.watch = WorkerWatch(config.worker_timeout_s)
+        self.http_port: int | None = None
+        self.model_name = ""
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> GatewayService:
+        """A gateway configured from CARASERVE_* variables (docker-compose, ``caraserve service``)."""
+        return cls(from_env(GatewayConfig, environ))
+
+    @property
+    def healthy(self) -> bool:
+        return self.bus is not None and self.bus.connected
+
+    async def start(self, stack: contextlib.AsyncExitStack) -> None:
+        config = self.config
+        self.telemetry = setup_telemetry(SERVICE_NAME)
+        stack.callback(self.telemetry.shutdown)
+        preparer = await self._load_model()
+        self.bus = bus = await Bus.open(config.nats_url, config.name, stack, config.grace_s)
+        await bus.listen(subjects.STATE_ALL, WorkerState, self.watch.on_state)
+        _background(stack, self.watch.run(), "worker watch")
+        inbox = ChunkInbox(bus)
+        await inbox.start()
+        self.relay = Relay(bus, config, self.telemetry, inbox, self.watch, self.model_name)
+        api = NatsApi(bus, preparer, self.relay)
+        await bus.listen(subjects.CANCEL, CancelRequest, api.cancel)
+        await bus.serve(subjects.GENERATE, GenerateRequest, api.generate, queue=config.queue_group,
+                        error_reply=error_chunk)
+        if config.adapters_refresh_s > 0:
+            _background(stack, self._refresh_adapters(), "adapter refresh")
+        if config.http_port >= 0:
+            await self._start_http(stack, HttpApi(preparer, self.relay, self.health))
+        logger.info("gateway %s serving %s (model %s, %d adapters) and HTTP on %s:%s", config.name,
+                    subjects.GENERATE, self.model_name, len(self.catalog or ()), config.http_host, self.http_port)
+
+    async def _load_model(self) -> RequestPreparer:
+        from shared.model_store import resolve_model_dir
+        from shared.tokenizer import load_tokenizer
+
+        config = self.config
+        model_dir = await asyncio.to_thread(resolve_model_dir, config.model_dir)
+        tokenizer = await asyncio.to_thread(load_tokenizer, model_dir)
+        self.model_name = served_model_name(model_dir, config.model_name)
+        self.catalog = Catalog(self.model_name)
+        if config.adapter_dir:
+            self.catalog.load_dir(config.adapter_dir)
+        tenancy = Tenancy(config.api_keys, config.tenant_adapters)
+        return RequestPreparer(tokenizer, self.catalog, tenancy, context_length(model_dir, config.max_model_len),
+                               config.default_max_tokens)
+
+    async def _start_http(self, stack: contextlib.AsyncExitStack, api: HttpApi) -> None:
+        runner = web.AppRunner(api.app(), handler_cancellation=True, shutdown_timeout=self.config.grace_s,
+                               access_log=None)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, self.config.http_host, self.config.http_port)
+        await site.start()
+        self.http_port = runner.addresses[0][1]
+
+    def health(self) -> dict[str, Any]:
+        """What ``GET /health`` reports."""
+        connected = self.bus is not None and self.bus.connected
+        relay = self.relay
+        return {"status": "ok" if connected else "unavailable", "nats": connected, "model": self.model_name,
+                "workers": self.watch.live_workers(), "inflight": relay.limiter.count if relay else 0,
+                "max_inflight": self.config.max_inflight}
+
+    async def refresh_adapters(self) -> int:
+        """Ask every worker for its adapters (answers within a short window); returns how many answered."""
+        assert self.bus is not None and self.catalog is not None
+        nc = self.bus.nc
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        answered = 0
+        try:
+            await self.bus.publish(subjects.ADAPTERS_LIST, AdapterListRequest(), reply=inbox)
+            while True:
+                msg = await sub.next_msg(timeout=ADAPTER_LIST_WINDOW_S)
+                with contextlib.suppress(SchemaError):
+                    self.catalog.merge(AdapterList.decode(msg.data))
+                    answered += 1
+        except (asyncio.TimeoutError, NatsError):
+            return answered
+        finally:
+            await sub.unsubscribe()
+
+    async def _refresh_adapters(self) -> None:
+        while True:
+            await self.refresh_adapters()
+            await asyncio.sleep(self.config.adapters_refresh_s)
+
+
+def _background(stack: contextlib.AsyncExitStack, coro: Any, name: str) -> None:
+    """Run ``coro`` until the stack unwinds."""
+    task = asyncio.get_running_loop().create_task(coro, name=name)
+
+    async def stop() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    stack.push_async_callback(stop)
