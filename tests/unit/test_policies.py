@@ -1,0 +1,208 @@
+"""Routing policies, including the paper's motivating example (paper-notes §2)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from services.scheduler.policies import (POLICY_NAMES, NoCapacity, PolicyConfig, PolicyError, RouteRequest,
+                                         default_slo_us, make_policy)
+from services.scheduler.worker_view import DEVICE, DISK, HOST, RequestLoad, WorkerView
+from shared.config import ConfigError
+from shared.perf_model import PerfModel
+
+SLO_US = 36_000.0
+# The toy servers: server 1 runs 24 rank-32 requests, server 2 16 rank-64 ones. Their
+# contexts (200 and 865 tokens each) are our choice; the paper does not give them.
+SERVER1 = (24, 32, 200)
+SERVER2 = (16, 64, 865)
+NEW = RouteRequest(rank=64, prompt_tokens=100)
+
+
+def _toy_view(worker_id: str, count: int, rank: int, context: int) -> WorkerView:
+    return WorkerView.build(worker_id, max_batch=64, running=[RequestLoad(rank, context, f"{worker_id}-a")] * count)
+
+
+def _toy_model(backend: str, lora_term: str, lora_coef: float, per_request: float,
+               step1_us: float, step2_us: float) -> PerfModel:
+    """Decode model ``b + c*|S| + a*LORA + d*context`` with b and d solved so that the two toy
+    servers take exactly ``step1_us`` and ``step2_us`` per step; prefill costs nothing.
+    Each toy server's ranks are homogeneous, so |S|*max_rank and sum_rank are both count*rank."""
+    rows, rhs = [], []
+    for (count, rank, context), step in ((SERVER1, step1_us), (SERVER2, step2_us)):
+        rows.append([1.0, count * context])
+        rhs.append(step - lora_coef * count * rank - per_request * count)
+    b, d = np.linalg.solve(np.array(rows), np.array(rhs))
+    assert b > 0 and d > 0
+    decode = {"const": float(b), "requests": per_request, lora_term: lora_coef, "tokens": float(d)}
+    return PerfModel.from_coefficients(backend, decode, {})
+
+
+def _toy(backend: str) -> tuple[PerfModel, list[WorkerView]]:
+    if backend == "bgmv":
+        model = _toy_model("bgmv", "batch_max_rank", 1.0, 20.0, 34_800.0, 35_800.0)
+    else:
+        model = _toy_model("mbgmv", "sum_rank", 2.0, 20.0, 35_300.0, 35_900.0)
+    return model, [_toy_view("server1", *SERVER1), _toy_view("server2", *SERVER2)]
+
+
+@pytest.mark.parametrize("backend, steps", [("bgmv", (34_800.0, 35_800.0)), ("mbgmv", (35_300.0, 35_900.0))])
+def test_toy_models_reproduce_the_papers_step_times(backend, steps):
+    model, views = _toy(backend)
+    assert model.decode_us(views[0].total) == pytest.approx(steps[0])
+    assert model.decode_us(views[1].total) == pytest.approx(steps[1])
+
+
+def test_paper_example_bgmv_routes_to_server_2():
+    model, views = _toy("bgmv")
+    policy = make_policy(PolicyConfig(), model, SLO_US)
+    # server 1 would pad 25 requests to rank 64; server 2 barely grows and stays under the SLO
+    assert model.decode_us_with(views[1].total, 64, 100) <= SLO_US
+    assert policy.choose(views, NEW) == "server2"
+
+
+def test_paper_example_mbgmv_routes_to_server_1():
+    model, views = _toy("mbgmv")
+    policy = make_policy(PolicyConfig(), model, SLO_US)
+    # without padding both grow alike, but server 2 would break the 36 ms SLO
+    assert model.decode_us_with(views[1].total, 64, 100) > SLO_US
+    assert model.decode_us_with(views[0].total, 64, 100) <= SLO_US
+    assert policy.choose(views, NEW) == "server1"
+
+
+def _flat_model() -> PerfModel:
+    return PerfModel.from_coefficients("mbgmv", {"const": 10_000.0, "requests": 200.0, "sum_rank": 5.0},
+                                       {"const": 5_000.0, "tokens": 20.0},
+                                       {"host": {"const": 3_000.0}, "disk": {"const": 30_000.0}})
+
+
+def _views(loads: list[int], rank: int = 16, max_batch: int = 32) -> list[WorkerView]:
+    return [WorkerView.build(f"w{i}", max_batch, running=[RequestLoad(rank, 100, "a")] * n)
+            for i, n in enumerate(loads)]
+
+
+def test_rank_aware_prefers_an_idle_worker():
+    policy = make_policy(PolicyConfig(), _flat_model(), 1e9)
+    assert policy.choose(_views([5, 0, 3]), RouteRequest(16, 50, "a")) == "w1"
+
+
+def test_rank_aware_skips_workers_that_would_break_the_slo():
+    model = _flat_model()
+    views = _views([3, 20])
+    views[0].running.add(1024, 10, "big")
+    views[0].total.add(1024, 10, "big")
+    slo = model.decode_us_with(views[1].total, 16, 50, "a") + 1.0
+    assert model.decode_us_with(views[0].total, 16, 50, "a") > slo  # w0 is cheaper per request but infeasible
+    policy = make_policy(PolicyConfig(prefill_in_slo=False), model, slo)
+    assert policy.choose(views, RouteRequest(16, 50, "a")) == "w1"
+
+
+def test_rank_aware_when_nothing_is_feasible_or_free():
+    model = _flat_model()
+    policy = make_policy(PolicyConfig(), model, 1.0)  # no worker meets a 1 us SLO
+    assert policy.choose(_views([9, 4, 6]), RouteRequest(16, 50, "a")) == "w1"  # least predicted step
+    full = _views([4, 4, 4], max_batch=4)
+    assert make_policy(PolicyConfig(), model, 1e9).choose(full, RouteRequest(16, 50, "a")) == "w0"
+    full[0].add_waiting(16, 50, "a")
+    assert make_policy(PolicyConfig(), model, 1e9).choose(full, RouteRequest(16, 50, "a")) == "w1"
+
+
+def test_rank_aware_counts_cold_start_cost_by_residency_level():
+    model = _flat_model()
+    views = [WorkerView.build(f"w{i}", 32, running=[RequestLoad(16, 100, "x")] * 4, resident={"x"},
+                              host={"x", "hot"}) for i in range(3)]
+    views[1].resident = {"x", "hot"}
+    policy = make_policy(PolicyConfig(), model, 1e9)
+    assert [v.residency("hot") for v in views] == [HOST, DEVICE, HOST]
+    assert policy.choose(views, RouteRequest(16, 50, "hot")) == "w1"
+    views[1].resident = {"x"}
+    views[0].host = {"x"}
+    assert views[0].residency("hot") == DISK
+    assert policy.choose(views, RouteRequest(16, 50, "hot")) == "w1"  # host beats disk
+
+
+def test_routed_requests_are_counted_before_the_worker_reports_them():
+    model = _flat_model()
+    for name in ("rank_aware", "least_loaded"):
+        views = _views([2, 2, 2])
+        policy = make_policy(PolicyConfig(policy=name), model, 1e9)
+        chosen = []
+        for _ in range(3):
+            choice = policy.choose(views, RouteRequest(16, 50, "a"))
+            chosen.append(choice)
+            next(v for v in views if v.worker_id == choice).add_waiting(16, 50, "a")
+        assert sorted(chosen) == ["w0", "w1", "w2"], name
+
+
+def test_random_is_seeded_and_round_robin_cycles():
+    views = _views([0, 0, 0, 0])
+    req = RouteRequest(8, 10)
+    picks = [make_policy(PolicyConfig(policy="random", seed=3)).choose(views, req) for _ in range(2)]
+    assert picks[0] == picks[1]
+    rand = make_policy(PolicyConfig(policy="random", seed=3))
+    assert {rand.choose(views, req) for _ in range(200)} == {"w0", "w1", "w2", "w3"}
+    rr = make_policy(PolicyConfig(policy="round_robin"))
+    assert [rr.choose(views, req) for _ in range(6)] == ["w0", "w1", "w2", "w3", "w0", "w1"]
+
+
+def test_least_loaded_and_first_fit():
+    views = _views([5, 2, 7], max_batch=6)
+    req = RouteRequest(8, 10)
+    assert make_policy(PolicyConfig(policy="least_loaded")).choose(views, req) == "w1"
+    first_fit = make_policy(PolicyConfig(policy="first_fit"))
+    assert first_fit.choose(views, req) == "w0"  # 5 < 6: fill the first server
+    views[0].add_waiting(8, 10)
+    assert first_fit.choose(views, req) == "w1"
+    full = _views([6, 6, 7], max_batch=6)
+    assert first_fit.choose(full, req) == "w0"  # all full: least loaded
+
+
+def test_adapter_affinity_prefers_residency_unless_overloaded():
+    views = [WorkerView.build(f"w{i}", 4, running=[RequestLoad(8, 10, "z")] * n, resident=res)
+             for i, (n, res) in enumerate([(1, set()), (3, {"hot"}), (2, set())])]
+    policy = make_policy(PolicyConfig(policy="adapter_affinity"))
+    assert policy.choose(views, RouteRequest(8, 10, "hot")) == "w1"
+    views[1].add_waiting(8, 10, "hot")  # now at max batch: overloaded
+    assert policy.choose(views, RouteRequest(8, 10, "hot")) == "w0"
+    assert policy.choose(views, RouteRequest(0, 10)) == "w0"
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_no_candidates_or_full_queues_is_no_capacity(name):
+    policy = make_policy(PolicyConfig(policy=name, max_waiting=1), _flat_model(), 1e9)
+    assert isinstance(policy.choose([], RouteRequest(8, 10)), NoCapacity)
+    views = _views([1, 1])
+    for v in views:
+        v.add_waiting(8, 10)
+    decision = policy.choose(views, RouteRequest(8, 10))
+    assert isinstance(decision, NoCapacity) and "waiting" in decision.reason
+
+
+def test_policy_construction_errors_and_default_slo():
+    with pytest.raises(ConfigError):
+        PolicyConfig(policy="fastest")
+    with pytest.raises(PolicyError, match="performance model"):
+        make_policy(PolicyConfig())
+    model = _flat_model()
+    derived = make_policy(PolicyConfig(reference_batch=8, avg_response_len=100), model)
+    assert derived.slo_us == pytest.approx(default_slo_us(model, 8, 128, 100))
+    assert derived.slo_us == pytest.approx(1.5 * model.no_lora_tpt_us(8, 128, 100))
+    assert make_policy(PolicyConfig(slo_ms=40), model).slo_us == 40_000.0
+
+
+def test_worker_view_keeps_total_equal_to_running_plus_waiting():
+    view = WorkerView("w", 8)
+    view.add_waiting(16, 30, "a")
+    view.add_waiting(64, 50, "b")
+    view.admit(16, 30, "a")
+    view.advance(5)
+    assert (view.running.count, view.waiting.count, view.total.count) == (1, 1, 2)
+    assert view.running.sum_tokens == 35 and view.total.sum_tokens == 85
+    assert view.total.max_rank == 64 and view.total.sum_tokens_sq == 35 ** 2 + 50 ** 2
+    view.finish(16, 35, "a")
+    assert view.total.sum_tokens == 50 and view.total.max_rank == 64 and view.running.count == 0
+    assert view.has_room(10)
+    view.free_kv_blocks = 3  # 16-token blocks: 50 queued + 10 new tokens need 4
+    assert not view.has_room(10)
+    with pytest.raises(ValueError):
+        WorkerView("w", 0)
