@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -14,3 +15,10 @@ def nats_server() -> Iterator[NatsServer]:
     """A fresh nats-server subprocess on a free 127.0.0.1 port (stopped after the test)."""
     with NatsServer(NatsServerConfig()) as server:
         yield server
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[contextlib.AsyncExitStack]:
+    """Services and clients started in a test are stopped, in reverse order, after it."""
+    async with contextlib.AsyncExitStack() as st:
+        yield st

@@ -3,56 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 
-from services.scheduler.config import SchedulerConfig
 from services.scheduler.service import SchedulerService
 from shared import subjects
-from shared.bus import Bus
-from shared.schemas import (AdapterInfo, Chunk, RemoteError, RouteReply, RouteRequest, Sampling, WorkerState)
-from tests.service.fake_worker import FakeWorker
+from shared.schemas import AdapterInfo, Chunk, ErrorReply, RemoteError, RouteReply, RouteRequest, Sampling, WorkerState
+from tests.service.helpers import client, start_scheduler, start_worker, wait_until
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture
-async def stack() -> AsyncIterator[contextlib.AsyncExitStack]:
-    async with contextlib.AsyncExitStack() as st:
-        yield st
-
-
-async def start_scheduler(stack: contextlib.AsyncExitStack, url: str, **overrides) -> SchedulerService:
-    config = SchedulerConfig(nats_url=url, grace_s=0.5, **overrides)
-    service = SchedulerService(config)
-    await service.start(stack)
-    return service
-
-
-async def start_worker(stack: contextlib.AsyncExitStack, url: str, worker_id: str, **kwargs) -> FakeWorker:
-    worker = await FakeWorker(url, worker_id, **kwargs).start()
-    stack.push_async_callback(worker.stop)
-    return worker
-
-
-async def client(stack: contextlib.AsyncExitStack, url: str) -> Bus:
-    return await Bus.open(url, "test-client", stack, grace_s=0.1)
 
 
 def route_request(n: int, inbox: str, adapter: str | None = None, deadline_ms: int = 2000,
                   model: str = "tiny", max_tokens: int = 4) -> RouteRequest:
     return RouteRequest(request_id=f"req-{n}", model=model, adapter=adapter, prompt_token_ids=[1, 2, 3],
                         sampling=Sampling(max_tokens=max_tokens), reply_inbox=inbox, deadline_ms=deadline_ms)
-
-
-async def wait_until(predicate, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 async def wait_for_workers(service: SchedulerService, count: int) -> None:
@@ -226,8 +192,6 @@ async def test_a_bad_route_payload_gets_a_typed_error_and_the_scheduler_keeps_se
     await start_scheduler(stack, nats_server.url)
     await start_worker(stack, nats_server.url, "w0")
     bus = await client(stack, nats_server.url)
-    from shared.schemas import ErrorReply
-
     for payload in (b"\xc1", b"not msgpack at all", RouteReply(request_id="x", worker_id="w").encode()):
         reply = await bus.nc.request(subjects.ROUTE, payload, timeout=2)
         assert ErrorReply.decode(reply.data).error.code == "bad_payload"

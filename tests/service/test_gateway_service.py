@@ -1,0 +1,268 @@
+"""The gateway against a real nats-server, the real scheduler and fake-but-real workers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import msgpack
+import pytest
+
+from shared import subjects
+from shared.schemas import AdapterInfo, CancelRequest, Chunk, GenerateRequest
+from tests.service.fake_worker import token_for
+from tests.service.helpers import client, make_adapter_dir, start_gateway, start_scheduler, start_worker, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+ADAPTERS = {"sql": 8, "poems": 16}
+WORKER_ADAPTERS = [AdapterInfo(name=name, rank=rank, level="host") for name, rank in ADAPTERS.items()]
+
+
+@pytest.fixture
+def adapter_dir(tmp_path):
+    return make_adapter_dir(tmp_path / "adapters", ADAPTERS)
+
+
+@pytest.fixture
+async def stack_with_gateway(nats_server, stack, tiny_model_dir, adapter_dir):
+    """Scheduler + gateway; tests add workers. Returns (gateway, http base URL)."""
+    async def make(**gateway_overrides):
+        await start_scheduler(stack, nats_server.url)
+        gateway = await start_gateway(stack, nats_server.url, tiny_model_dir, adapter_dir=str(adapter_dir),
+                                      **gateway_overrides)
+        return gateway, f"http://127.0.0.1:{gateway.http_port}"
+    return make
+
+
+async def add_worker(stack, nats_server, gateway, worker_id="w0", **kwargs):
+    worker = await start_worker(stack, nats_server.url, worker_id, model=gateway.model_name,
+                                adapters=WORKER_ADAPTERS, **kwargs)
+    await wait_until(lambda: worker_id in gateway.watch.live_workers())
+    return worker
+
+
+async def nats_generate(bus, request: GenerateRequest | bytes, limit_s: float = 5.0) -> list[Chunk]:
+    """Publish a generate request and collect chunks until the final one (then check nothing follows)."""
+    inbox = bus.nc.new_inbox()
+    sub = await bus.nc.subscribe(inbox)
+    payload = request if isinstance(request, bytes) else request.encode()
+    await bus.nc.publish(subjects.GENERATE, payload, reply=inbox)
+    chunks = []
+    while not chunks or not chunks[-1].final:
+        chunks.append(Chunk.decode((await sub.next_msg(timeout=limit_s)).data))
+    with pytest.raises(asyncio.TimeoutError):
+        await sub.next_msg(timeout=0.15)  # exactly one final chunk: nothing after it
+    await sub.unsubscribe()
+    return chunks
+
+
+async def test_nats_api_streams_chunks_and_exactly_one_final(nats_server, stack, stack_with_gateway):
+    gateway, _ = await stack_with_gateway()
+    worker = await add_worker(stack, nats_server, gateway)
+    bus = await client(stack, nats_server.url)
+    chunks = await nats_generate(bus, GenerateRequest(model="sql", prompt="hello world", max_tokens=5,
+                                                      request_id="nats-1"))
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    assert [c.final for c in chunks].count(True) == 1 and chunks[-1].finish_reason == "length"
+    assert sum(len(c.token_ids) for c in chunks) == 5 and {c.request_id for c in chunks} == {"nats-1"}
+    prompt_len = len(worker.submits[0].prompt_token_ids)
+    assert chunks[-1].usage.prompt_tokens == prompt_len and chunks[-1].usage.completion_tokens == 5
+    assert worker.submits[0].adapter == "sql" and worker.submits[0].sampling.max_tokens == 5
+
+    whole = await nats_generate(bus, GenerateRequest(model=gateway.model_name, prompt=[5, 6, 7], max_tokens=3,
+                                                     stream=False))
+    assert len(whole) == 1 and whole[0].token_ids == [token_for(3), token_for(4), token_for(5)]
+    assert whole[0].text == "".join(f" t{token_for(n)}" for n in (3, 4, 5))
+
+
+async def test_nats_api_answers_bad_requests_with_one_typed_error_chunk(nats_server, stack, stack_with_gateway):
+    gateway, _ = await stack_with_gateway()
+    await add_worker(stack, nats_server, gateway)
+    bus = await client(stack, nats_server.url)
+    cases = [
+        (b"\x93\x01\x02", "bad_payload"),
+        (msgpack.packb({"v": 99, "model": "sql", "prompt": "x"}), "unsupported_version"),
+        (msgpack.packb({"v": 1, "model": "sql", "prompt": "x", "temperature": "hot", "request_id": "r-7"}),
+         "bad_payload"),
+        (GenerateRequest(model="missing", prompt="x", request_id="r-8").encode(), "model_not_found"),
+        (GenerateRequest(model="sql", prompt="", request_id="r-9").encode(), "invalid_request"),
+    ]
+    for payload, code in cases:
+        chunks = await nats_generate(bus, payload)
+        assert len(chunks) == 1 and chunks[0].finish_reason == "error" and chunks[0].error.code == code
+    assert chunks[0].request_id == "r-9"
+    assert (await nats_generate(bus, GenerateRequest(model="sql", prompt="fine", max_tokens=2)))[-1].finish_reason \
+        == "length"  # still serving
+
+
+async def test_nats_cancel_stops_the_worker_and_ends_with_cancelled(nats_server, stack, stack_with_gateway):
+    gateway, _ = await stack_with_gateway()
+    worker = await add_worker(stack, nats_server, gateway, step_s=0.05)
+    bus = await client(stack, nats_server.url)
+    inbox = bus.nc.new_inbox()
+    sub = await bus.nc.subscribe(inbox)
+    await bus.nc.publish(subjects.GENERATE, GenerateRequest(model="sql", prompt="a long story", max_tokens=200,
+                                                            request_id="to-cancel").encode(), reply=inbox)
+    first = Chunk.decode((await sub.next_msg(timeout=5)).data)
+    assert not first.final and "to-cancel" in worker.running_ids
+    await bus.publish(subjects.CANCEL, CancelRequest(request_id="to-cancel"))
+    chunks = [first]
+    while not chunks[-1].final:
+        chunks.append(Chunk.decode((await sub.next_msg(timeout=5)).data))
+    assert chunks[-1].finish_reason == "cancelled" and len(chunks) < 50
+    await wait_until(lambda: worker.cancels == ["to-cancel"])
+    assert "to-cancel" not in worker.running_ids  # the worker freed the request
+    assert not gateway.relay.active and gateway.relay.limiter.count == 0
+
+
+async def test_http_completions_and_chat_with_the_openai_client(nats_server, stack, stack_with_gateway):
+    import openai
+
+    gateway, base = await stack_with_gateway()
+    await add_worker(stack, nats_server, gateway)
+    api = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    stack.push_async_callback(api.close)
+    done = await api.completions.create(model="poems", prompt="Roses are", max_tokens=4)
+    assert done.choices[0].finish_reason == "length" and done.usage.completion_tokens == 4
+    assert done.choices[0].text.count(" t") == 4
+    pieces = [c async for c in await api.chat.completions.create(
+        model=gateway.model_name, messages=[{"role": "user", "content": "hi"}], max_tokens=3, stream=True,
+        stream_options={"include_usage": True})]
+    text = "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
+    assert text.count(" t") == 3 and pieces[0].choices[0].delta.role == "assistant"
+    assert pieces[-2].choices[0].finish_reason == "length" and pieces[-1].usage.completion_tokens == 3
+    models = await api.models.list()
+    by_id = {m.id: m for m in models.data}
+    assert set(by_id) == {gateway.model_name, "sql", "poems"}
+    assert by_id["sql"].parent == gateway.model_name and by_id[gateway.model_name].parent is None
+
+
+async def test_http_validation_errors(nats_server, stack, stack_with_gateway):
+    gateway, base = await stack_with_gateway(max_model_len=64)
+    await add_worker(stack, nats_server, gateway)
+    cases = [
+        ({"model": "nope", "prompt": "x"}, 404, "model_not_found"),
+        ({"model": "sql", "prompt": ""}, 400, "invalid_request"),
+        ({"model": "sql", "prompt": "word " * 200}, 400, "context_length_exceeded"),
+        ({"model": "sql", "prompt": "hello", "max_tokens": 64}, 400, "context_length_exceeded"),
+        ({"model": "sql", "prompt": "hello", "n": 2}, 400, "invalid_request"),
+        ({"model": "sql", "prompt": "hello", "temperature": -1}, 400, "invalid_request"),
+        ({"model": "sql", "prompt": [1, 99999]}, 400, "invalid_request"),
+    ]
+    async with aiohttp.ClientSession() as http:
+        for body, status, code in cases:
+            async with http.post(f"{base}/v1/completions", json=body) as response:
+                assert response.status == status, body
+                assert (await response.json())["error"]["code"] == code
+        async with http.post(f"{base}/v1/completions", data=b"{not json") as response:
+            assert response.status == 400
+        async with http.post(f"{base}/v1/completions", json={"model": "sql", "prompt": "hello", "max_tokens": 8}) \
+                as response:
+            assert response.status == 200
+        async with http.post(f"{base}/v1/chat/completions",
+                             json={"model": "sql", "messages": [{"role": "user", "content": "hi"}]}) as response:
+            body = await response.json()  # no max_tokens: the rest of the context
+            assert response.status == 200 and body["usage"]["total_tokens"] == 64
+        async with http.get(f"{base}/health") as response:
+            assert response.status == 200 and (await response.json())["workers"] == ["w0"]
+
+
+async def test_past_max_inflight_requests_get_429_at_once(nats_server, stack, stack_with_gateway):
+    gateway, base = await stack_with_gateway(max_inflight=1)
+    await add_worker(stack, nats_server, gateway, step_s=0.05)
+    async with aiohttp.ClientSession() as http:
+        slow = await http.post(f"{base}/v1/completions", json={"model": "sql", "prompt": "x", "max_tokens": 40,
+                                                               "stream": True})
+        await slow.content.readline()  # the first event: the slot is taken
+        started = time.monotonic()
+        async with http.post(f"{base}/v1/completions", json={"model": "sql", "prompt": "x"}) as response:
+            assert response.status == 429 and (await response.json())["error"]["code"] == "overloaded"
+        assert time.monotonic() - started < 0.5
+        slow.close()
+    await wait_until(lambda: gateway.relay.limiter.count == 0)
+
+
+async def test_auth_and_tenancy(nats_server, stack, stack_with_gateway):
+    gateway, base = await stack_with_gateway(api_keys=("key-a:alice", "key-b:bob"),
+                                             tenant_adapters=("alice:sql", "bob:*"))
+    await add_worker(stack, nats_server, gateway)
+
+    async def post(key, model):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        async with http.post(f"{base}/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 1},
+                             headers=headers) as response:
+            return response.status, await response.json()
+
+    async with aiohttp.ClientSession() as http:
+        assert (await post(None, "sql"))[0] == 401
+        status, body = await post("wrong", "sql")
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
+        assert (await post("key-a", "sql"))[0] == 200
+        assert (await post("key-a", "poems"))[0] == 404  # not alice's adapter
+        assert (await post("key-a", gateway.model_name))[0] == 200  # the base model is always allowed
+        assert (await post("key-b", "poems"))[0] == 200
+        async with http.get(f"{base}/v1/models", headers={"Authorization": "Bearer key-a"}) as response:
+            assert {m["id"] for m in (await response.json())["data"]} == {gateway.model_name, "sql"}
+    bus = await client(stack, nats_server.url)
+    denied = await nats_generate(bus, GenerateRequest(model="sql", prompt="x", api_key="wrong"))
+    assert denied[0].error.code == "invalid_api_key"
+    allowed = await nats_generate(bus, GenerateRequest(model="sql", prompt="x", max_tokens=2, api_key="key-a"))
+    assert allowed[-1].finish_reason == "length"
+
+
+async def test_http_disconnect_cancels_the_request_on_the_worker(nats_server, stack, stack_with_gateway):
+    gateway, base = await stack_with_gateway()
+    worker = await add_worker(stack, nats_server, gateway, step_s=0.05)
+    async with aiohttp.ClientSession() as http:
+        response = await http.post(f"{base}/v1/completions", json={"model": "sql", "prompt": "x", "max_tokens": 200,
+                                                                   "stream": True})
+        assert (await response.content.readline()).startswith(b"data: ")
+        request_id = worker.submits[0].request_id
+        assert request_id in worker.running_ids
+        response.close()  # the client goes away mid-stream
+    await wait_until(lambda: worker.cancels == [request_id], timeout_s=3)
+    assert not worker.running_ids
+    await wait_until(lambda: not gateway.relay.active)
+
+
+async def test_worker_lost_mid_stream_is_rerouted_with_the_generated_tokens(nats_server, stack, stack_with_gateway):
+    gateway, _ = await stack_with_gateway(worker_timeout_s=0.5)
+    doomed = await add_worker(stack, nats_server, gateway, "doomed", step_s=0.05)
+    bus = await client(stack, nats_server.url)
+    inbox = bus.nc.new_inbox()
+    sub = await bus.nc.subscribe(inbox)
+    await bus.nc.publish(subjects.GENERATE, GenerateRequest(model="sql", prompt=[1, 2, 3, 4], max_tokens=12,
+                                                            request_id="survivor").encode(), reply=inbox)
+    chunks = [Chunk.decode((await sub.next_msg(timeout=5)).data) for _ in range(3)]
+    spare = await add_worker(stack, nats_server, gateway, "spare")
+    started = time.monotonic()
+    await doomed.stop()  # killed mid-stream
+    while not chunks[-1].final:
+        chunks.append(Chunk.decode((await sub.next_msg(timeout=5)).data))
+    assert time.monotonic() - started < 5.0
+    tokens = [t for c in chunks for t in c.token_ids]
+    assert tokens == [token_for(4 + i) for i in range(12)]  # identical to an uninterrupted run
+    assert [c.index for c in chunks] == list(range(len(chunks))) and chunks[-1].finish_reason == "length"
+    resubmit = spare.submits[0]
+    assert resubmit.attempt == 1 and resubmit.prompt_token_ids == [1, 2, 3, 4]
+    assert resubmit.generated_token_ids == tokens[:len(resubmit.generated_token_ids)]
+    assert len(resubmit.generated_token_ids) >= 3
+
+
+async def test_worker_lost_with_no_other_worker_ends_with_an_error_within_5s(nats_server, stack, stack_with_gateway):
+    gateway, base = await stack_with_gateway(worker_timeout_s=0.5, route_deadline_ms=500)
+    doomed = await add_worker(stack, nats_server, gateway, "doomed", step_s=0.05)
+    async with aiohttp.ClientSession() as http:
+        response = await http.post(f"{base}/v1/completions", json={"model": "sql", "prompt": "x", "max_tokens": 100,
+                                                                   "stream": True})
+        await response.content.readline()
+        started = time.monotonic()
+        await doomed.stop()
+        events = [line async for line in response.content if line.strip()]
+        assert time.monotonic() - started < 5.0
+        assert b'"code":"no_capacity"' in events[-2] or b'"code":"worker_lost"' in events[-2]
+        assert events[-1] == b"data: [DONE]\n"
+        async with http.post(f"{base}/v1/completions", json={"model": "sql", "prompt": "x"}) as refused:
+            assert refused.status == 503 and (await refused.json())["error"]["code"] == "no_capacity"
