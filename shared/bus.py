@@ -50,9 +50,12 @@ async def connect(url: str, name: str, *, connect_deadline_s: float = 30.0,
     delay = 0.05
     while True:
         try:
-            return await nats.connect(
-                url, name=name, allow_reconnect=True, max_reconnect_attempts=-1,
-                reconnect_time_wait=reconnect_wait_s, connect_timeout=2,
+            # nats-py applies the reconnect options to the first connect too (with unlimited
+            # attempts it would never fail): connect with a bounded policy, then switch to
+            # reconnecting forever for the life of the connection.
+            nc = await nats.connect(
+                url, name=name, allow_reconnect=False, max_reconnect_attempts=1,
+                reconnect_time_wait=0.01, connect_timeout=2,
                 error_cb=_log_error(name), disconnected_cb=_log_event(name, "disconnected"),
                 reconnected_cb=_log_event(name, "reconnected"))
         except (NoServersError, OSError, asyncio.TimeoutError) as exc:
@@ -61,11 +64,14 @@ async def connect(url: str, name: str, *, connect_deadline_s: float = 30.0,
             logger.info("%s: NATS at %s not reachable yet (%s); retrying", name, url, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+            continue
+        nc.options.update(allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=reconnect_wait_s)
+        return nc
 
 
 def _log_error(name: str) -> Callable[[Exception], Awaitable[None]]:
     async def on_error(exc: Exception) -> None:
-        logger.warning("%s: NATS error: %s", name, exc)
+        logger.info("%s: NATS error: %s", name, exc)
     return on_error
 
 
