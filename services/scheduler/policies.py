@@ -22,7 +22,7 @@ Call signature (the scheduler service, the simulator and the tests all use it)::
   prefill stalls a request sees per token at that batch size
   (``(|exists| + 1) / avg_response_len * Pre(req)``). It is full when the batch (or
   the KV cache, when reported) has no room. The request goes to the feasible worker
-  with the least (total, cost); if none is feasible, to the worker with room and the
+  with the least total; if none is feasible, to the worker with room and the
   least predicted time per token; if all are full, to the least loaded one.
 - ``random``: uniform over the workers (seeded).
 - ``round_robin``: the workers in turn.
@@ -153,7 +153,7 @@ class RankAware(Policy):
                                    0 if adapter is None else 1)
         stall = inv_len * solo_prefill if self.config.prefill_in_slo else 0.0
         slo = self.slo_us
-        best, best_total, best_cost = -1, float("inf"), float("inf")  # feasible workers
+        best, best_total, best_tpt = -1, float("inf"), float("inf")  # feasible workers
         over, over_tpt = -1, float("inf")  # workers with room, SLO-infeasible
         full, full_load = -1, 1 << 62  # workers without room
         for i, view in enumerate(workers):
@@ -177,10 +177,10 @@ class RankAware(Policy):
                 d_prefill = solo_prefill
             if adapter is not None and adapter not in view.resident:
                 d_prefill += perf.cold_start_us(rank, tokens, view.residency(adapter))
-            cost = d_prefill * inv_len + after - before
-            total = cost * n
-            if total < best_total or total == best_total and cost < best_cost:
-                best, best_total, best_cost = i, total, cost
+            total = (d_prefill * inv_len + after - before) * n
+            tie = 1e-6 * (1.0 + best_total) if best >= 0 else 0.0  # rounding noise of after - before
+            if total < best_total - tie or total <= best_total + tie and predicted < best_tpt:
+                best, best_total, best_tpt = i, total, predicted
         for choice in (best, over, full):
             if choice >= 0:
                 return choice

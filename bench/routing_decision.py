@@ -1,0 +1,195 @@
+"""Microbenchmark: the cost of one routing decision (64 workers x 32 running requests).
+
+Each decision asks ``rank_aware`` (and, for context, every other policy) to place a
+random request on 64 workers, each running 32 requests of random rank in
+{8, 16, 32, 64} with random contexts, some with a few queued requests and part of
+the adapters resident. The incremental policy reads each worker's BatchStats; the
+naive baseline runs the same Algorithm 1 but rebuilds every worker's sums from its
+request list on each decision. Both must pick the same worker every time.
+
+The perf model is ``--profile`` if given, else one with every term non-zero (the
+coefficient values do not change how long an evaluation takes).
+
+    python -m bench.routing_decision [--decisions 3000] [--profile FILE]
+
+Wall-clock percentiles are the measure; per-thread CPU time is reported beside them,
+with the load average, because a shared machine's preemptions land in the wall-clock
+tail. Prints JSON; writes bench/results/routing_decision-cpu.json and a PNG next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from services.scheduler.policies import POLICY_NAMES, PolicyConfig, RouteRequest, make_policy
+from services.scheduler.worker_view import RequestLoad, WorkerView
+from shared.batch_stats import BatchStats
+from shared.perf_model import TERMS, PerfModel, current_device_name
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGET_P99_US = 500.0
+RANKS = (8, 16, 32, 64)
+
+
+def _all_terms_model() -> PerfModel:
+    coef = dict(zip(TERMS, (30000.0, 150.0, 4.0, 2.5, 0.4, 0.01, 0.02, 1e-4, 20.0)))
+    return PerfModel.from_coefficients("bgmv", coef, coef, {"host": {"const": 3000.0, "sum_rank": 50.0},
+                                                            "disk": {"const": 30000.0, "sum_rank": 500.0}})
+
+
+def make_cluster(workers: int, running: int, seed: int) -> tuple[list[WorkerView], list[dict]]:
+    """Views and, per worker, the plain request lists the naive baseline loops over."""
+    rng = random.Random(seed)
+    adapters = [f"adapter-{i}" for i in range(256)]
+    views, lists = [], []
+    for w in range(workers):
+        run = [RequestLoad(rng.choice(RANKS), rng.randrange(16, 1500), rng.choice(adapters)) for _ in range(running)]
+        wait = [RequestLoad(rng.choice(RANKS), rng.randrange(16, 800), rng.choice(adapters))
+                for _ in range(rng.choice((0, 0, 1, 3)))]
+        resident = set(rng.sample(adapters, 24))
+        views.append(WorkerView.build(f"w{w}", max_batch=64, running=run, waiting=wait, resident=resident,
+                                      host=set(adapters[:128])))
+        lists.append({"running": run, "waiting": wait, "resident": resident, "host": set(adapters[:128])})
+    return views, lists
+
+
+def naive_rank_aware(perf: PerfModel, lists: list[dict], req: RouteRequest, slo_us: float, avg_len: float,
+                     max_batch: int) -> int:
+    """Algorithm 1 as in policies.RankAware, re-aggregating every request on every decision."""
+    inv_len = 1.0 / avg_len
+    solo = perf.prefill.cost(BatchStats.from_requests([req.rank], [req.prompt_tokens], [req.adapter]))
+    best, best_key, over, over_key, full, full_key = -1, (float("inf"),) * 2, -1, float("inf"), -1, 1 << 62
+    for i, worker in enumerate(lists):
+        everything = worker["running"] + worker["waiting"]
+        exists = BatchStats.from_requests([r.rank for r in everything], [r.tokens for r in everything],
+                                          [r.adapter for r in everything])
+        queue = BatchStats.from_requests([r.rank for r in worker["waiting"]], [r.tokens for r in worker["waiting"]],
+                                         [r.adapter for r in worker["waiting"]])
+        n = exists.count
+        if n + 1 > max_batch:
+            if n < full_key:
+                full, full_key = i, n
+            continue
+        before, after = perf.decode.cost(exists), perf.decode.cost_with(exists, req.rank, req.prompt_tokens,
+                                                                        req.adapter)
+        predicted = after + (n + 1) * inv_len * solo
+        if predicted > slo_us:
+            if predicted < over_key:
+                over, over_key = i, predicted
+            continue
+        d_prefill = (perf.prefill.cost_with(queue, req.rank, req.prompt_tokens, req.adapter) - perf.prefill.cost(queue)
+                     if queue.count else solo)
+        if req.adapter not in worker["resident"]:
+            level = "host" if req.adapter in worker["host"] else "disk"
+            d_prefill += perf.cold_start_us(req.rank, req.prompt_tokens, level)
+        cost = d_prefill * inv_len + after - before
+        key = (cost * n, cost)
+        if key < best_key:
+            best, best_key = i, key
+    return next(c for c in (best, over, full, 0) if c >= 0)
+
+
+def _percentiles(samples_ns: list[int]) -> dict[str, float]:
+    us = np.asarray(samples_ns, dtype=np.float64) / 1e3
+    return {"p50_us": float(np.percentile(us, 50)), "p99_us": float(np.percentile(us, 99)),
+            "mean_us": float(us.mean()), "max_us": float(us.max())}
+
+
+def run(decisions: int, workers: int, running: int, perf: PerfModel, seed: int) -> tuple[dict, dict]:
+    views, lists = make_cluster(workers, running, seed)
+    rng = random.Random(seed + 1)
+    requests = [RouteRequest(rng.choice(RANKS), rng.randrange(16, 800), f"adapter-{rng.randrange(256)}")
+                for _ in range(decisions)]
+    slo_us = 10 * perf.decode_us(views[0].total)  # loose enough that most workers are feasible
+    avg_len = 128.0
+    wall: dict[str, list[int]] = {}
+    cpu: dict[str, list[int]] = {}
+    picks: dict[str, list[str]] = {}
+    load_before = os.getloadavg()
+    for name in POLICY_NAMES:
+        policy = make_policy(PolicyConfig(policy=name, avg_response_len=avg_len), perf, slo_us)
+        policy.choose(views, requests[0])  # warm up
+        wall[name], cpu[name], picks[name] = [], [], []
+        for req in requests:
+            start, start_cpu = time.perf_counter_ns(), time.thread_time_ns()
+            choice = policy.choose(views, req)
+            cpu[name].append(time.thread_time_ns() - start_cpu)
+            wall[name].append(time.perf_counter_ns() - start)
+            picks[name].append(choice)
+    naive = "naive_rank_aware"
+    wall[naive], cpu[naive], agree = [], [], True
+    for req, chosen in zip(requests, picks["rank_aware"]):
+        start, start_cpu = time.perf_counter_ns(), time.thread_time_ns()
+        index = naive_rank_aware(perf, lists, req, slo_us, avg_len, 64)
+        cpu[naive].append(time.thread_time_ns() - start_cpu)
+        wall[naive].append(time.perf_counter_ns() - start)
+        agree &= views[index].worker_id == chosen
+    fast, slow = _percentiles(wall["rank_aware"]), _percentiles(wall[naive])
+    report = {
+        "bench": "routing_decision", "device": "cpu", "device_name": current_device_name("cpu"),
+        "python": platform.python_version(), "cores": os.cpu_count(),
+        "loadavg_1m_before_after": [load_before[0], os.getloadavg()[0]],
+        "workers": workers, "running_per_worker": running, "decisions": decisions,
+        "rank_aware": fast, "naive_rank_aware": slow,
+        "naive_over_incremental_p50": slow["p50_us"] / fast["p50_us"],
+        "naive_over_incremental_p99": slow["p99_us"] / fast["p99_us"],
+        "decisions_agree": bool(agree), "target_p99_us": TARGET_P99_US,
+        "meets_target": fast["p99_us"] <= TARGET_P99_US,
+        "thread_cpu_time": {n: _percentiles(cpu[n]) for n in ("rank_aware", naive)},
+        "other_policies": {n: _percentiles(wall[n]) for n in POLICY_NAMES if n != "rank_aware"},
+    }
+    return report, {"rank_aware": wall["rank_aware"], "naive rank_aware": wall[naive]}
+
+
+def plot(path: Path, samples: dict[str, list[int]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, ns in samples.items():
+        us = np.sort(np.asarray(ns) / 1e3)
+        ax.plot(us, np.arange(1, len(us) + 1) / len(us), label=name)
+    ax.axvline(TARGET_P99_US, color="grey", linestyle=":", label="p99 target")
+    ax.set_xscale("log")
+    ax.set_xlabel("routing decision (us), 64 workers x 32 running")
+    ax.set_ylabel("CDF")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="routing decision cost")
+    parser.add_argument("--decisions", type=int, default=3000)
+    parser.add_argument("--workers", type=int, default=64)
+    parser.add_argument("--running", type=int, default=32)
+    parser.add_argument("--profile", default="", help="perf profile JSON (default: every term active)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(RESULTS / "routing_decision-cpu.json"))
+    args = parser.parse_args(argv)
+    if args.decisions < 10 or args.workers < 1 or args.running < 0:
+        parser.error("need --decisions >= 10, --workers >= 1, --running >= 0")
+    perf = PerfModel.load(args.profile) if args.profile else _all_terms_model()
+    report, samples = run(args.decisions, args.workers, args.running, perf, args.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    plot(out.with_suffix(".png"), samples)
+    print(json.dumps(report, indent=1))
+    return 0 if report["decisions_agree"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
