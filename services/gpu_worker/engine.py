@@ -23,9 +23,11 @@ from services.gpu_worker.kv_cache import BlockManager, allocate_cache, blocks_fo
 from services.gpu_worker.lora_ops import get_backend
 from services.gpu_worker.model import LlamaModel
 from services.gpu_worker.request import EngineRequest, RequestError, RequestOutput
+from services.gpu_worker.residency_config import ResidencyConfig
 from services.gpu_worker.runner import ModelRunner
 from services.gpu_worker.sampling import make_generator
 from services.gpu_worker.sequence import Sequence, Status
+from services.gpu_worker.tiered_adapters import ResidencyHooks, TieredAdapters
 from shared.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,8 @@ class LLMEngine:
     """Serves one base model with many LoRA adapters in mixed continuous batches."""
 
     def __init__(self, model_dir: str | Path, config: EngineConfig | None = None,
-                 adapters: dict[str, str | Path] | AdapterManager | None = None) -> None:
+                 adapters: dict[str, str | Path] | AdapterManager | None = None,
+                 residency: ResidencyConfig | None = None) -> None:
         self.config = config or EngineConfig()
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
@@ -67,10 +70,14 @@ class LLMEngine:
         mc = self.model.config
         self.max_model_len = min(self.config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.eos_ids = set(mc.eos_token_ids) | ({self.tokenizer.eos_token_id} - {None})
+        if residency is not None and (adapters is None or isinstance(adapters, dict)):
+            adapters = TieredAdapters(residency, mc.shape, self.config.max_lora_rank, self.dtype, device,
+                                      base_model=str(model_dir), adapters=adapters)
         if adapters is None or isinstance(adapters, dict):
             adapters = StaticAdapters(adapters or {}, mc.shape, self.config.max_lora_rank, self.dtype, device,
                                       base_model=str(model_dir))
         self.adapters: AdapterManager = adapters
+        self._residency = adapters if isinstance(adapters, ResidencyHooks) else None
         self.blocks = BlockManager(self._num_blocks(), self.config.block_size)
         kv = allocate_cache(mc.shape.num_layers, self.blocks.num_blocks, self.config.block_size,
                             mc.shape.num_kv_heads, mc.shape.head_dim, self.dtype, device)
@@ -135,6 +142,8 @@ class LLMEngine:
                 return outputs
             if kind == "add":
                 self.admission.add(arg)
+                if self._residency is not None and arg.adapter is not None:
+                    self._residency.prefetch(arg.adapter)
             else:
                 seq = self.admission.remove(arg)
                 if seq is not None:
@@ -148,6 +157,7 @@ class LLMEngine:
         """Run one engine iteration; returns what each affected request produced."""
         outputs = self._apply_commands()
         self.adapters.poll()
+        outputs += self._fail_unservable()
         plan = self.admission.schedule()
         outputs += [self._finish(seq, "error", reason) for seq, reason in plan.rejected]
         if not plan:
@@ -159,6 +169,13 @@ class LLMEngine:
             if self.record_logits:
                 outputs[-1].logits = logits[i]
         return outputs
+
+    def _fail_unservable(self) -> list[RequestOutput]:
+        """Finish waiting requests whose adapter can never load (unloaded, unusable, too big)."""
+        if self._residency is None:
+            return []
+        failed = [(s, self._residency.failure(s.adapter)) for s in self.admission.waiting if s.adapter is not None]
+        return [self._finish(s, "error", reason) for s, reason in failed if reason is not None]
 
     def run_plan(self, plan: StepPlan) -> tuple[list[Sequence], list[int], torch.Tensor]:
         """Run an explicit plan (profiling and tests); returns (seqs, tokens, logits)."""

@@ -1,0 +1,388 @@
+"""Tiered adapter residency: disk -> host store -> device cache, behind the engine's AdapterManager.
+
+:class:`TieredAdapters` combines the :class:`~shared.adapter_registry.AdapterRegistry`
+(names, paths, the resolver), the :class:`HostStore`, the :class:`DeviceCache` and the
+:class:`AdapterLoader`. How a request whose adapter is not on the device proceeds is the
+serving mode (``ResidencyConfig.cold_start``):
+
+* ``cached``: every adapter known at start-up is preloaded and never evicted; the budget
+  is unbounded (the ideal the paper measures against);
+* ``on_demand``: the request's arrival (:meth:`prefetch`) queues a load; admission skips
+  it until :meth:`ready` says every layer is resident (as S-LoRA does), while running
+  requests keep decoding.
+
+The seam for CPU-assisted prefill: a mode that admits a request as soon as its load has
+started, using :meth:`device_adapter` for the layers already resident
+(:meth:`resident_layers`) and :meth:`delta_source` for the rest.
+
+Loads that need device space start in FIFO order of first request: when the cache is
+full of adapters in use, the queue head waits for a running request to finish, and no
+later miss overtakes it. The step loop calls every method except :meth:`register`,
+:meth:`unregister`, :meth:`residency` and :meth:`adapter_infos`, which any thread may call.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sys
+import threading
+from collections import deque
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from services.gpu_worker.adapter_link import Link, make_link
+from services.gpu_worker.adapter_loader import AdapterLoader, Landed, LoadJob
+from services.gpu_worker.adapter_manager import UnknownAdapterError
+from services.gpu_worker.device_cache import DeviceCache
+from services.gpu_worker.host_store import HostStore
+from services.gpu_worker.residency_config import ResidencyConfig
+from services.gpu_worker.residency_metrics import ResidencyCounters
+from shared.adapter_registry import AdapterNotFoundError, AdapterRecord, AdapterRegistry, RegistryError
+from shared.llama_shape import LlamaShape
+from shared.peft_adapter import AdapterError, LoraAdapter
+from shared.schemas.adapters import AdapterInfo
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class ResidencyHooks(Protocol):
+    """What the engine tells a residency-managing AdapterManager beyond the base protocol."""
+
+    def prefetch(self, name: str) -> None:
+        """A request for ``name`` entered the engine."""
+
+    def failure(self, name: str) -> str | None:
+        """Why waiting requests of ``name`` can never run, or None."""
+
+
+class AdapterUnavailableError(UnknownAdapterError):
+    """The adapter name exists on disk but cannot be served (bad path or unusable files)."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(name)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def free_device_bytes(device: str) -> int:
+    """Free memory on ``device``: the CUDA allocator's view, or available host RAM on CPU."""
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def device_budget(config: ResidencyConfig, device: str) -> int:
+    """The device cache's byte budget: unbounded when cached, else explicit or a share of free memory."""
+    if config.cold_start == "cached":
+        return sys.maxsize
+    if config.device_adapter_bytes:
+        return config.device_adapter_bytes
+    return int(free_device_bytes(device) * config.device_adapter_fraction)
+
+
+class TieredAdapters:
+    """An AdapterManager over the registry, host store, device cache and loader."""
+
+    def __init__(self, config: ResidencyConfig, shape: LlamaShape, max_rank: int, dtype: torch.dtype, device: str,
+                 base_model: str | None = None, adapters: dict[str, str | Path] | None = None,
+                 host_store: HostStore | None = None, link: Link | None = None) -> None:
+        self.config, self.device, self.dtype = config, device, dtype
+        on_cuda = torch.device(device).type == "cuda"
+        self.registry = AdapterRegistry(config.adapter_dir or None, max_rank, torch.finfo(dtype).bits // 8)
+        for name, path in (adapters or {}).items():
+            self.registry.add_trusted(name, path)
+        self.host_store = host_store or HostStore(config.host_adapter_bytes, shape, max_rank, dtype, on_cuda,
+                                                  base_model)
+        self.link = link or make_link(device, config.emulate_link_gbps, config.emulate_link_latency_ms)
+        self.cache = DeviceCache(device_budget(config, device))
+        self.loader = AdapterLoader(self.host_store, self.link, shape.num_layers, config.load_groups)
+        self.counters = ResidencyCounters()
+        self._pending: deque[str] = deque()  # loads waiting for device space, FIFO
+        self._jobs: dict[str, LoadJob] = {}  # loads in flight
+        self._failures: dict[str, str] = {}  # name -> why its last load failed
+        self._commands: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self._lock = threading.RLock()
+        self._polls = 0
+        self._asked: dict[str, int] = {}  # name -> poll count when a request last asked for it
+        self._fresh: set[str] = set()  # loaded, kept from eviction until a request of it starts
+        log.info("adapter residency: mode %s, device budget %s bytes, host budget %d bytes%s", config.cold_start,
+                 "unbounded" if self.cache.budget_bytes == sys.maxsize else self.cache.budget_bytes,
+                 config.host_adapter_bytes, ", EMULATED link" if getattr(self.link, "emulated", False) else "")
+        if config.cold_start == "cached":
+            self._preload_all()
+
+    # ---- start-up preloading (cached mode) ---------------------------------------------
+    def _preload_all(self) -> None:
+        records = {r.name: r for r in self.registry.discover()}
+        records.update({r.name: r for r in self.registry.records()})
+        log.info("cached mode: preloading %d adapters onto the device", len(records))
+        for record in records.values():
+            try:
+                self.preload(record)
+            except AdapterError as exc:
+                log.error("cannot preload %s", exc)
+                self._failures[record.name] = str(exc)
+
+    def preload(self, record: AdapterRecord) -> None:
+        """Copy ``record`` onto the device now, synchronously, without the (emulated) link."""
+        with self._lock:
+            if record.name in self.cache:
+                return
+            host = self.host_store.get(record)
+            weights = {k: (a.to(self.device, copy=True), b.to(self.device, copy=True))
+                       for k, (a, b) in host.weights.items()}
+            self.counters.evictions += len(self.cache.reserve(record.name, record.nbytes,
+                                                              self._empty_adapter(record), record.pinned))
+            entry = self.cache.get(record.name)
+            assert entry is not None
+            entry.adapter.weights.update(weights)
+            entry.resident_layers.update(k[0] for k in weights)
+            entry.resident = True
+
+    @staticmethod
+    def _empty_adapter(record: AdapterRecord) -> LoraAdapter:
+        return LoraAdapter(record.name, record.path, {}, target_projections=record.target_modules)
+
+    # ---- registration (any thread) -----------------------------------------------------
+    def register(self, name: str, path: str | Path, pinned: bool = False, owner: str | None = None) -> AdapterRecord:
+        """Register an adapter inside the adapter root (RegistryError / AdapterError on bad input).
+
+        Pinned adapters (and every adapter in cached mode) start loading at once.
+        """
+        record = self.registry.register(name, path, owner, pinned)
+        self._commands.put(("register", name))
+        return record
+
+    def unregister(self, name: str) -> AdapterRecord:
+        """Unload ``name``: running requests finish, new and queued ones get unknown-adapter."""
+        record = self.registry.unregister(name)
+        self._commands.put(("unload", name))
+        return record
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                kind, name = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "register":
+                self._on_register(name)
+            else:
+                self._on_unload(name)
+
+    def _on_register(self, name: str) -> None:
+        record = self.registry.lookup(name)
+        if record is None:
+            return
+        self._failures.pop(name, None)
+        entry = self.cache.get(name)
+        if entry is not None and record.pinned:
+            entry.pinned = True
+        if record.pinned or self.config.cold_start == "cached":
+            self._want(name)
+
+    def _on_unload(self, name: str) -> None:
+        job = self._jobs.pop(name, None)
+        if job is not None:
+            job.cancelled = True
+        if name in self._pending:
+            self._pending.remove(name)
+        self.cache.remove(name)
+        self._unfresh(name)
+        self.host_store.drop(name)
+        self._failures.pop(name, None)
+        log.info("adapter %s unloaded", name)
+
+    # ---- the AdapterManager protocol (step loop) ---------------------------------------
+    def rank(self, name: str) -> int:
+        try:
+            return self.registry.resolve(name).rank
+        except AdapterNotFoundError:
+            raise UnknownAdapterError(name) from None
+        except (RegistryError, AdapterError) as exc:
+            raise AdapterUnavailableError(name, str(exc)) from None
+
+    def prefetch(self, name: str) -> None:
+        """A request for ``name`` arrived: count a hit or a miss, and start loading on a miss."""
+        with self._lock:
+            self._asked[name] = self._polls
+            entry = self.cache.get(name)
+            if entry is not None and entry.usable:
+                self.counters.hits += 1
+                self.cache.touch(name)
+                return
+            self.counters.misses += 1
+            self._failures.pop(name, None)  # a new request retries a failed load
+            self._want(name)
+
+    def ready(self, name: str) -> bool:
+        with self._lock:
+            self._asked[name] = self._polls
+            entry = self.cache.get(name)
+            if entry is not None and entry.usable:
+                return True
+            self._want(name)
+            return False
+
+    def failure(self, name: str) -> str | None:
+        """Why requests waiting for ``name`` can never run (unloaded, load failed, too big), or None."""
+        with self._lock:
+            if self.registry.lookup(name) is None:
+                return f"unknown adapter '{name}'"
+            return self._failures.get(name)
+
+    def device_adapter(self, name: str) -> LoraAdapter | None:
+        entry = self.cache.get(name)
+        return entry.adapter if entry is not None else None
+
+    def delta_source(self, name: str) -> None:
+        """No external delta source: cached and on_demand compute every delta on the device."""
+        return None
+
+    def resident_layers(self, name: str) -> set[int]:
+        """Layers of ``name`` whose weights are on the device now."""
+        entry = self.cache.get(name)
+        return set(entry.resident_layers) if entry is not None else set()
+
+    def acquire(self, name: str) -> None:
+        with self._lock:
+            self.cache.acquire(name)
+            self._unfresh(name)
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            self.cache.release(name)
+
+    def names(self) -> list[str]:
+        return self.registry.names()
+
+    def poll(self) -> None:
+        """Publish landed layer groups, then start the loads that fit (never blocks)."""
+        with self._lock:
+            self._polls += 1
+            self._apply_commands()
+            for landed in self.loader.landed():
+                self._on_landed(landed)
+            self._expire_fresh()
+            self.cache.undrain()
+            self._start_loads()
+
+    # ---- loads -------------------------------------------------------------------------
+    def _want(self, name: str) -> None:
+        if name in self.cache or name in self._pending or name in self._failures:
+            return
+        record = self.registry.lookup(name)
+        if record is None:
+            return
+        if record.nbytes > self.cache.budget_bytes:
+            self._failures[name] = (f"adapter '{name}' needs {record.nbytes} bytes, more than the whole device "
+                                    f"adapter budget of {self.cache.budget_bytes} bytes")
+            return
+        self._pending.append(name)
+
+    def _start_loads(self) -> None:
+        while self._pending:
+            name = self._pending[0]
+            record = self.registry.lookup(name)
+            if record is None or name in self.cache:
+                self._pending.popleft()
+                continue
+            room = self.cache.budget_bytes - self.cache.pinned_bytes
+            if record.nbytes > room:
+                self._pending.popleft()
+                self._failures[name] = (f"adapter '{name}' needs {record.nbytes} bytes; pinned adapters leave "
+                                        f"only {room} of the device adapter budget")
+                continue
+            if not self.cache.can_reserve(record.nbytes):
+                # FIFO: the head waits for running requests to release space, and busy
+                # adapters take no new requests meanwhile, so it is never starved.
+                self.cache.drain(record.nbytes - self.cache.free_bytes - self.cache.evictable_bytes()
+                                 - self.cache.draining_bytes())
+                return
+            self._pending.popleft()
+            self.counters.evictions += len(self.cache.reserve(name, record.nbytes, self._empty_adapter(record),
+                                                              record.pinned))
+            self._jobs[name] = self.loader.submit(record)
+
+    def _on_landed(self, landed: Landed) -> None:
+        name = landed.job.name
+        if self._jobs.get(name) is not landed.job:
+            return  # the load was cancelled (adapter unloaded)
+        entry = self.cache.get(name)
+        assert entry is not None
+        if landed.error is not None:
+            del self._jobs[name]
+            self.cache.remove(name)
+            self._failures[name] = landed.error
+            self.counters.load_failures += 1
+            log.warning("%s", landed.error)
+            return
+        self.link.publish(landed.weights)
+        entry.adapter.weights.update(landed.weights)
+        entry.resident_layers.update(landed.layers)
+        if landed.last:
+            del self._jobs[name]
+            entry.resident, entry.fresh = True, True
+            self._fresh.add(name)
+            self.counters.loads += 1
+            self.counters.load_ms.observe(landed.load_s * 1e3)
+
+    def _expire_fresh(self) -> None:
+        """A just-loaded adapter is kept from eviction only while waiting requests still ask for it."""
+        for name in [n for n in self._fresh if self._asked.get(n, -1) < self._polls - 1]:
+            self._unfresh(name)
+        if len(self._asked) > 1024:
+            self._asked = {n: p for n, p in self._asked.items() if p >= self._polls - 1}
+
+    def _unfresh(self, name: str) -> None:
+        self._fresh.discard(name)
+        entry = self.cache.get(name)
+        if entry is not None:
+            entry.fresh = False
+
+    def wait_for_progress(self, timeout: float) -> bool:
+        """Block until a load makes progress or ``timeout`` passes (idle step loops, benches)."""
+        return self.loader.wait(timeout)
+
+    def close(self) -> None:
+        self.loader.close()
+
+    # ---- residency visibility (any thread) ---------------------------------------------
+    def level(self, name: str) -> str:
+        """Where ``name`` lives now: ``device`` (fully resident), ``host`` or ``disk``."""
+        entry = self.cache.get(name)
+        if entry is not None and entry.resident:
+            return "device"
+        return "host" if self.host_store.contains(name) or name in self._jobs else "disk"
+
+    def adapter_infos(self) -> list[AdapterInfo]:
+        """Every registered adapter with its tier, for ``WorkerState.adapters``."""
+        with self._lock:
+            return [AdapterInfo(r.name, r.rank, self.level(r.name), r.pinned) for r in self.registry.records()]
+
+    def residency(self) -> dict:
+        """Tiers, budgets, counters and the load-time histogram, for worker state and metrics."""
+        with self._lock:
+            entries = {e.name: e for e in self.cache.entries()}
+            adapters = [{"name": r.name, "rank": r.rank, "level": self.level(r.name), "pinned": r.pinned,
+                         "nbytes": r.nbytes, "in_use": entries[r.name].users if r.name in entries else 0}
+                        for r in self.registry.records()]
+            budget = self.cache.budget_bytes
+            return {"mode": self.config.cold_start, "adapters": adapters,
+                    "device": {"budget_bytes": None if budget == sys.maxsize else budget,
+                               "used_bytes": self.cache.used_bytes, "loading": sorted(self._jobs),
+                               "waiting_for_space": list(self._pending)},
+                    "host": {"budget_bytes": self.host_store.budget_bytes, "used_bytes": self.host_store.used_bytes,
+                             "evictions": self.host_store.evictions},
+                    "link": {"emulated": bool(getattr(self.link, "emulated", False)),
+                             "gbps": getattr(self.link, "gbps", None),
+                             "latency_ms": getattr(self.link, "latency_s", 0.0) * 1e3},
+                    **self.counters.to_dict()}
