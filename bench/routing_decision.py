@@ -67,7 +67,8 @@ def naive_rank_aware(perf: PerfModel, lists: list[dict], req: RouteRequest, slo_
     """Algorithm 1 as in policies.RankAware, re-aggregating every request on every decision."""
     inv_len = 1.0 / avg_len
     solo = perf.prefill.cost(BatchStats.from_requests([req.rank], [req.prompt_tokens], [req.adapter]))
-    best, best_key, over, over_key, full, full_key = -1, (float("inf"),) * 2, -1, float("inf"), -1, 1 << 62
+    best, best_total, best_tpt = -1, float("inf"), float("inf")
+    over, over_key, full, full_key = -1, float("inf"), -1, 1 << 62
     for i, worker in enumerate(lists):
         everything = worker["running"] + worker["waiting"]
         exists = BatchStats.from_requests([r.rank for r in everything], [r.tokens for r in everything],
@@ -91,10 +92,10 @@ def naive_rank_aware(perf: PerfModel, lists: list[dict], req: RouteRequest, slo_
         if req.adapter not in worker["resident"]:
             level = "host" if req.adapter in worker["host"] else "disk"
             d_prefill += perf.cold_start_us(req.rank, req.prompt_tokens, level)
-        cost = d_prefill * inv_len + after - before
-        key = (cost * n, cost)
-        if key < best_key:
-            best, best_key = i, key
+        total = (d_prefill * inv_len + after - before) * n
+        tie = 1e-6 * (1.0 + best_total) if best >= 0 else 0.0
+        if total < best_total - tie or total <= best_total + tie and predicted < best_tpt:
+            best, best_total, best_tpt = i, total, predicted
     return next(c for c in (best, over, full, 0) if c >= 0)
 
 

@@ -1,22 +1,18 @@
 """The performance model of batched multi-LoRA steps, fitted from profiles (microseconds).
 
 Every cost is linear in features of a set of requests S (a :class:`BatchStats`);
-an empty set costs 0. The feature catalogue (``TERMS``):
+an empty set costs 0. The feature catalogue (``TERMS``), with why each may matter:
 
-=================  ==========================  ===========================================
-term               value                       why
-=================  ==========================  ===========================================
-``const``          1                           fixed per-step cost (kernel launches, LM head)
-``requests``       |S|                         per-request base-model and sampling cost
-``batch_max_rank`` |S| * max rank              BGMV: every adapter padded to the max rank
-``sum_rank``       sum of ranks                MBGMV: no padding
-``tokens``         sum of tokens               decode: attention over the KV context;
-                                               prefill: per-token base-model cost
-``tokens_max_rank`` tokens * max rank          BGMV LoRA over prefill tokens
-``token_rank``     sum of tokens_i * rank_i    MBGMV LoRA over prefill tokens
-``tokens_sq``      sum of tokens_i ** 2        prefill attention (quadratic in prompt)
-``adapters``       distinct adapters           per-adapter gather/segment cost
-=================  ==========================  ===========================================
+- ``const``: 1 -- fixed per-step cost (kernel launches, LM head, Python overhead);
+- ``requests``: |S| -- per-request base-model and sampling cost;
+- ``batch_max_rank``: |S| * max rank -- BGMV pads every adapter to the max rank;
+- ``sum_rank``: sum of ranks -- MBGMV, no padding;
+- ``tokens``: sum of tokens -- decode: attention over the KV context;
+  prefill: the per-token base-model cost;
+- ``tokens_max_rank``: tokens * max rank -- BGMV LoRA over prefill tokens;
+- ``token_rank``: sum of tokens_i * rank_i -- MBGMV LoRA over prefill tokens;
+- ``tokens_sq``: sum of tokens_i ** 2 -- prefill attention, quadratic in the prompt;
+- ``adapters``: distinct adapters -- per-adapter gather or segment cost.
 
 Default term sets (``DEFAULT_TERMS``), the paper's models plus what real steps need:
 
@@ -24,6 +20,8 @@ Default term sets (``DEFAULT_TERMS``), the paper's models plus what real steps n
 - decode, mbgmv: ``a*sum_rank + c*|S| + d*context + e*adapters + b``
 - prefill, bgmv:  ``b + t*tokens + a*tokens*max_rank + q*tokens_sq``
 - prefill, mbgmv: ``b + t*tokens + a*token_rank + q*tokens_sq``
+- cold start (one request): ``b + a*rank + u*tokens*rank`` (a load grows with the
+  rank; CPU-assisted LoRA with tokens * rank)
 
 Fitting is least squares on a seeded training split; R^2 is reported on the
 held-out rest. A term whose coefficient comes out negative (other than ``const``) is
@@ -40,7 +38,7 @@ Profile JSON schema (``caraserve.profile/1``)::
       "dtype": str, "backend": "bgmv" | "mbgmv",
       "created": iso8601 str,
       "synthetic": bool,                # optional: true for made-up profiles
-      "decode":  {"terms": [str], "coef": [float], "r2_holdout": float,
+      "decode":  {"terms": [str], "coef": [float], "r2_holdout": float,   # null: undefined
                   "r2_train": float, "n_train": int, "n_holdout": int,
                   "dropped_terms": [str]},
       "prefill": {same keys},
@@ -424,7 +422,10 @@ class PerfModel:
         def fit_phase(phase: str, kind: str) -> LinearCost:
             stats, lat = by_phase[phase]
             chosen = terms.get(kind, DEFAULT_TERMS[(kind, info.backend)])
-            return fit_linear(stats, lat, chosen, holdout_fraction, seed)
+            try:
+                return fit_linear(stats, lat, chosen, holdout_fraction, seed)
+            except ProfileError as exc:
+                raise ProfileError(f"{phase} samples: {exc}") from exc
 
         cold = {lvl: fit_phase(f"cold_{lvl}", "cold") for lvl in ("host", "disk") if by_phase[f"cold_{lvl}"][0]}
         return cls(info, fit_phase("decode", "decode"), fit_phase("prefill", "prefill"), cold, samples)
