@@ -71,6 +71,11 @@ class GatewayService:
         """A gateway configured from CARASERVE_* variables (docker-compose, ``caraserve service``)."""
         return cls(from_env(GatewayConfig, environ))
 
+    @staticmethod
+    def config_classes() -> tuple[type, ...]:
+        """The config dataclasses :meth:`from_environ` reads."""
+        return (GatewayConfig,)
+
     @property
     def healthy(self) -> bool:
         return self.bus is not None and self.bus.connected

@@ -97,6 +97,11 @@ class SchedulerService:
         policy_env = {k: v for k, v in environ.items() if k != "CARASERVE_POLICY"}  # config.policy decides
         return cls(config, build_policy(config, from_env(PolicyConfig, policy_env)))
 
+    @staticmethod
+    def config_classes() -> tuple[type, ...]:
+        """The config dataclasses :meth:`from_environ` reads."""
+        return (SchedulerConfig, PolicyConfig)
+
     @property
     def healthy(self) -> bool:
         return self.bus is not None and self.bus.connected
