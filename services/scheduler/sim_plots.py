@@ -39,11 +39,14 @@ def plot_attainment_bars(ax, attainment: Mapping[str, float]) -> None:
 
 def plot_tpt_cdf(ax, tpt: Mapping[str, np.ndarray], slo_ms: float) -> None:
     """Empirical CDF of time per token, one line per policy, the SLO marked."""
+    from matplotlib.ticker import NullFormatter
+
     for name, values in tpt.items():
         x = np.sort(values)
         ax.plot(x, np.arange(1, len(x) + 1) / max(1, len(x)), label=name)
     ax.axvline(slo_ms, color="grey", linestyle=":", linewidth=1, label="SLO")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("time per token (ms)")
     ax.set_ylabel("CDF")
     ax.set_title("time per token")
