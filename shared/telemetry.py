@@ -164,12 +164,25 @@ def extract_context(headers: Mapping[str, str] | None) -> otel_context.Context:
     return _PROPAGATOR.extract(headers or {})
 
 
+def start_span(tracer: trace.Tracer, name: str, parent: otel_context.Context | None,
+               attributes: Mapping[str, Any] | None = None,
+               kind: trace.SpanKind = trace.SpanKind.SERVER) -> trace.Span:
+    """Start span ``name`` under ``parent`` (not made current; end it yourself).
+
+    With a no-op tracer this returns the parent's span itself (non-recording), so the trace
+    context still propagates through a service that does not export.
+    """
+    if isinstance(tracer, trace.NoOpTracer):
+        return trace.get_current_span(parent) if parent is not None else trace.INVALID_SPAN
+    attrs = {k: v for k, v in attributes.items() if v is not None} if attributes else None
+    return tracer.start_span(name, context=parent, kind=kind, attributes=attrs)
+
+
 @contextlib.contextmanager
 def span_from_headers(tracer: trace.Tracer, name: str, headers: Mapping[str, str] | None,
                       attributes: Mapping[str, Any] | None = None,
                       kind: trace.SpanKind = trace.SpanKind.SERVER) -> Iterator[trace.Span]:
-    """Start span ``name`` as a child of the trace context in ``headers`` and make it current."""
-    parent = extract_context(headers) if headers else None
-    attrs = {k: v for k, v in attributes.items() if v is not None} if attributes else None
-    with tracer.start_as_current_span(name, context=parent, kind=kind, attributes=attrs) as span:
-        yield span
+    """Start span ``name`` as a child of the trace context in ``headers``, current until exit."""
+    span = start_span(tracer, name, extract_context(headers) if headers else None, attributes, kind)
+    with trace.use_span(span, end_on_exit=not isinstance(tracer, trace.NoOpTracer)) as current:
+        yield current

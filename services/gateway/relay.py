@@ -35,7 +35,7 @@ from shared import subjects
 from shared.bus import Bus
 from shared.schemas import (CancelRequest, Chunk, ErrorInfo, RemoteError, RouteReply, RouteRequest, SchemaError,
                             ServiceError, Usage, error_info)
-from shared.telemetry import Telemetry, extract_context
+from shared.telemetry import Telemetry, extract_context, start_span
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ class RequestStream:
         self.out: asyncio.Queue[Chunk] = asyncio.Queue()
         self.worker_id: str | None = None
         self.finished = False
+        self.finish_reason: str | None = None
+        self.error: ErrorInfo | None = None
         self._parent = extract_context(trace_headers) if trace_headers else None
         self._cancelled = asyncio.Event()
         self._queue: asyncio.Queue | None = None
@@ -107,9 +109,7 @@ class RequestStream:
         attributes = {"request.id": prepared.request_id, "adapter": prepared.adapter or "", "rank": prepared.rank,
                       "tokens": len(prepared.prompt_token_ids), "tenant": prepared.tenant,
                       "max_tokens": prepared.sampling.max_tokens}
-        tracer = self.relay.telemetry.tracer
-        span = tracer.start_span("gateway.request", context=self._parent, kind=trace.SpanKind.SERVER,
-                                 attributes=attributes)
+        span = start_span(self.relay.telemetry.tracer, "gateway.request", self._parent, attributes)
         try:
             with trace.use_span(span, end_on_exit=False):
                 await self._produce(span)
@@ -122,8 +122,11 @@ class RequestStream:
             self._finish(error_info("internal_error", "internal error"))
         finally:
             span.set_attribute("completion_tokens", len(self._progress.generated))
+            span.set_attribute("finish_reason", self.finish_reason or "")
             if self.worker_id:
                 span.set_attribute("worker.id", self.worker_id)
+            if self.error is not None:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, self.error.code))
             span.end()
             self.relay.forget(self)
 
@@ -244,6 +247,7 @@ class RequestStream:
         self.finished = True
         progress = self._progress
         reason = "error" if error is not None else reason
+        self.finish_reason, self.error = reason, error
         prompt = len(self.prepared.prompt_token_ids)
         usage = Usage(prompt_tokens=prompt, completion_tokens=len(progress.generated),
                       total_tokens=prompt + len(progress.generated))

@@ -39,7 +39,8 @@ from shared.telemetry import Telemetry, setup_telemetry
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "caraserve-gateway"
-ADAPTER_LIST_WINDOW_S = 0.3
+ADAPTER_LIST_FIRST_S = 1.0  # how long to wait for the first adapters.list answer
+ADAPTER_LIST_GAP_S = 0.2  # then for each further one
 
 
 def context_length(model_dir: Path, configured: int) -> int:
@@ -135,7 +136,10 @@ class GatewayService:
                 "max_inflight": self.config.max_inflight}
 
     async def refresh_adapters(self) -> int:
-        """Ask every worker for its adapters (answers within a short window); returns how many answered."""
+        """Ask every worker for its adapters; returns how many answered.
+
+        Answers are collected until none has come for a short gap (or none at all for a second).
+        """
         assert self.bus is not None and self.catalog is not None
         nc = self.bus.nc
         inbox = nc.new_inbox()
@@ -144,7 +148,7 @@ class GatewayService:
         try:
             await self.bus.publish(subjects.ADAPTERS_LIST, AdapterListRequest(), reply=inbox)
             while True:
-                msg = await sub.next_msg(timeout=ADAPTER_LIST_WINDOW_S)
+                msg = await sub.next_msg(timeout=ADAPTER_LIST_GAP_S if answered else ADAPTER_LIST_FIRST_S)
                 with contextlib.suppress(SchemaError):
                     self.catalog.merge(AdapterList.decode(msg.data))
                     answered += 1

@@ -266,3 +266,22 @@ async def test_worker_lost_with_no_other_worker_ends_with_an_error_within_5s(nat
         assert events[-1] == b"data: [DONE]\n"
         async with http.post(f"{base}/v1/completions", json={"model": "sql", "prompt": "x"}) as refused:
             assert refused.status == 503 and (await refused.json())["error"]["code"] == "no_capacity"
+
+
+async def test_adapters_reported_on_adapters_list_join_the_catalog(nats_server, stack, stack_with_gateway):
+    from shared.bus import Bus
+    from shared.schemas import AdapterList, AdapterListRequest
+
+    gateway, base = await stack_with_gateway()
+    responder = await Bus.open(nats_server.url, "lister", stack, grace_s=0.1)
+
+    async def answer(request, msg):
+        return AdapterList(worker_id="w9", adapters=[AdapterInfo(name="legal", rank=32, level="disk")])
+
+    await responder.serve(subjects.ADAPTERS_LIST, AdapterListRequest, answer)
+    assert await gateway.refresh_adapters() == 1
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/v1/models") as response:
+            models = {m["id"]: m for m in (await response.json())["data"]}
+    assert models["legal"]["parent"] == gateway.model_name and models["legal"]["rank"] == 32
+    assert {"sql", "poems"} <= set(models)  # the configured directory's adapters stay
