@@ -67,8 +67,8 @@ def naive_rank_aware(perf: PerfModel, lists: list[dict], req: RouteRequest, slo_
     """Algorithm 1 as in policies.RankAware, re-aggregating every request on every decision."""
     inv_len = 1.0 / avg_len
     solo = perf.prefill.cost(BatchStats.from_requests([req.rank], [req.prompt_tokens], [req.adapter]))
-    best, best_total, best_tpt = -1, float("inf"), float("inf")
-    over, over_key, full, full_key = -1, float("inf"), -1, 1 << 62
+    best = [[-1, float("inf"), float("inf")], [-1, float("inf"), float("inf")]]  # feasible, any with room
+    full, full_key = -1, 1 << 62
     for i, worker in enumerate(lists):
         everything = worker["running"] + worker["waiting"]
         exists = BatchStats.from_requests([r.rank for r in everything], [r.tokens for r in everything],
@@ -83,20 +83,17 @@ def naive_rank_aware(perf: PerfModel, lists: list[dict], req: RouteRequest, slo_
         before, after = perf.decode.cost(exists), perf.decode.cost_with(exists, req.rank, req.prompt_tokens,
                                                                         req.adapter)
         predicted = after + (n + 1) * inv_len * solo
-        if predicted > slo_us:
-            if predicted < over_key:
-                over, over_key = i, predicted
-            continue
         d_prefill = (perf.prefill.cost_with(queue, req.rank, req.prompt_tokens, req.adapter) - perf.prefill.cost(queue)
                      if queue.count else solo)
         if req.adapter not in worker["resident"]:
             level = "host" if req.adapter in worker["host"] else "disk"
             d_prefill += perf.cold_start_us(req.rank, req.prompt_tokens, level)
         total = (d_prefill * inv_len + after - before) * n
-        tie = 1e-6 * (1.0 + best_total) if best >= 0 else 0.0
-        if total < best_total - tie or total <= best_total + tie and predicted < best_tpt:
-            best, best_total, best_tpt = i, total, predicted
-    return next(c for c in (best, over, full, 0) if c >= 0)
+        for tier in (best[0], best[1]) if predicted <= slo_us else (best[1],):
+            tie = 1e-6 * (1.0 + tier[1]) if tier[0] >= 0 else 0.0
+            if total < tier[1] - tie or total <= tier[1] + tie and predicted < tier[2]:
+                tier[0], tier[1], tier[2] = i, total, predicted
+    return next(c for c in (best[0][0], best[1][0], full, 0) if c >= 0)
 
 
 def _percentiles(samples_ns: list[int]) -> dict[str, float]:

@@ -20,10 +20,13 @@ Call signature (the scheduler service, the simulator and the tests all use it)::
   A worker is SLO-infeasible when its predicted time per token after taking the
   request exceeds the SLO: ``Dec(exists + req)`` plus, with ``prefill_in_slo``, the
   prefill stalls a request sees per token at that batch size
-  (``(|exists| + 1) / avg_response_len * Pre(req)``). It is full when the batch (or
+  (``(|exists| + 1) / avg_response_len * Pre(req)``); ``slo_penalty`` = False turns
+  this check off. It is full when the batch (or
   the KV cache, when reported) has no room. The request goes to the feasible worker
-  with the least total; if none is feasible, to the worker with room and the
-  least predicted time per token; if all are full, to the least loaded one.
+  with the least total; if none is feasible (the SLO cannot be kept anywhere), to the
+  worker with room and the least total; if all are full, to the least loaded one.
+  Among equal totals (e.g. several idle workers) the lower predicted time per token
+  wins.
 - ``random``: uniform over the workers (seeded).
 - ``round_robin``: the workers in turn.
 - ``least_loaded`` (MostIdle): fewest running + waiting requests.
@@ -82,6 +85,7 @@ class PolicyConfig:
     avg_response_len: float = option(128.0, "expected output tokens per request (rank_aware's prefill amortisation)")
     reference_batch: int = option(32, "batch size at which the default SLO's no-LoRA time per token is taken")
     reference_prompt_tokens: float = option(128.0, "prompt tokens assumed by the default SLO")
+    slo_penalty: bool = option(True, "rank_aware: avoid workers whose predicted time per token would exceed the SLO")
     prefill_in_slo: bool = option(True, "rank_aware: count expected prefill stalls in the predicted time per token")
     affinity_overload: float = option(1.0, "adapter_affinity: a worker is overloaded at this fraction of max batch")
     max_waiting: int = option(0, "answer no-capacity when every worker has this many waiting requests; 0: never")
@@ -152,10 +156,11 @@ class RankAware(Policy):
         solo_prefill = pre.cost_of(1, rank, rank, tokens, tokens * rank, tokens * tokens,
                                    0 if adapter is None else 1)
         stall = inv_len * solo_prefill if self.config.prefill_in_slo else 0.0
-        slo = self.slo_us
-        best, best_total, best_tpt = -1, float("inf"), float("inf")  # feasible workers
-        over, over_tpt = -1, float("inf")  # workers with room, SLO-infeasible
-        full, full_load = -1, 1 << 62  # workers without room
+        slo = self.slo_us if self.config.slo_penalty else float("inf")
+        # the best worker (least total, then least predicted time per token) among the
+        # feasible ones [0] and among all with room [1]; the least loaded full one
+        best = [[-1, float("inf"), float("inf")], [-1, float("inf"), float("inf")]]
+        full, full_load = -1, 1 << 62
         for i, view in enumerate(workers):
             exists = view.total
             n = exists.count
@@ -165,10 +170,6 @@ class RankAware(Policy):
                 continue
             before, after = dec.cost_and_with(exists, rank, tokens, adapter)
             predicted = after + (n + 1) * stall
-            if predicted > slo:
-                if predicted < over_tpt:
-                    over, over_tpt = i, predicted
-                continue
             queue = view.waiting
             if queue.count:
                 queued, with_req = pre.cost_and_with(queue, rank, tokens, adapter)
@@ -178,10 +179,11 @@ class RankAware(Policy):
             if adapter is not None and adapter not in view.resident:
                 d_prefill += perf.cold_start_us(rank, tokens, view.residency(adapter))
             total = (d_prefill * inv_len + after - before) * n
-            tie = 1e-6 * (1.0 + best_total) if best >= 0 else 0.0  # rounding noise of after - before
-            if total < best_total - tie or total <= best_total + tie and predicted < best_tpt:
-                best, best_total, best_tpt = i, total, predicted
-        for choice in (best, over, full):
+            for tier in (best[0], best[1]) if predicted <= slo else (best[1],):
+                tie = 1e-6 * (1.0 + tier[1]) if tier[0] >= 0 else 0.0  # rounding noise of after - before
+                if total < tier[1] - tie or total <= tier[1] + tie and predicted < tier[2]:
+                    tier[0], tier[1], tier[2] = i, total, predicted
+        for choice in (best[0][0], best[1][0], full):
             if choice >= 0:
                 return choice
         return 0

@@ -98,12 +98,17 @@ def test_rank_aware_skips_workers_that_would_break_the_slo():
     assert model.decode_us_with(views[0].total, 16, 50, "a") > slo  # w0 is cheaper per request but infeasible
     policy = make_policy(PolicyConfig(prefill_in_slo=False), model, slo)
     assert policy.choose(views, RouteRequest(16, 50, "a")) == "w1"
+    unpenalised = make_policy(PolicyConfig(prefill_in_slo=False, slo_penalty=False), model, slo)
+    assert unpenalised.choose(views, RouteRequest(16, 50, "a")) == "w0"
 
 
 def test_rank_aware_when_nothing_is_feasible_or_free():
     model = _flat_model()
     policy = make_policy(PolicyConfig(), model, 1.0)  # no worker meets a 1 us SLO
-    assert policy.choose(_views([9, 4, 6]), RouteRequest(16, 50, "a")) == "w1"  # least predicted step
+    views = _views([1, 4, 6])
+    views[0].add_waiting(1024, 10, "big")  # w0: the slowest step, but the fewest requests to slow down
+    assert model.decode_us(views[0].total) > model.decode_us(views[1].total)
+    assert policy.choose(views, RouteRequest(16, 50, "a")) == "w0"  # Algorithm 1's total decides
     full = _views([4, 4, 4], max_batch=4)
     assert make_policy(PolicyConfig(), model, 1e9).choose(full, RouteRequest(16, 50, "a")) == "w0"
     full[0].add_waiting(16, 50, "a")
