@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +83,7 @@ class NatsServer:
         self.monitor_url = ""
         self._proc: subprocess.Popen | None = None
         self._dir: tempfile.TemporaryDirectory | None = None
+        self._reaper: weakref.finalize | None = None
 
     def __enter__(self) -> NatsServer:
         self.start()
@@ -105,6 +107,8 @@ class NatsServer:
         cmd = [find_binary(), "-c", str(workdir / "nats.conf"), "--ports_file_dir", str(workdir), "-l", str(log)]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.PIPE)
+        # Never outlive the interpreter, even if stop() is forgotten.
+        self._reaper = weakref.finalize(self, _terminate, self._proc)
         try:
             self._wait_ready(workdir)
         except NatsServerError:
@@ -150,6 +154,9 @@ class NatsServer:
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after ``stop_timeout_s``) and remove its files."""
         proc, self._proc = self._proc, None
+        if self._reaper is not None:
+            self._reaper.detach()
+            self._reaper = None
         if proc is not None:
             if proc.poll() is None:
                 proc.terminate()
@@ -164,3 +171,10 @@ class NatsServer:
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None
+
+
+def _terminate(proc: subprocess.Popen) -> None:
+    """Last-resort cleanup at garbage collection or interpreter exit."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
