@@ -44,7 +44,7 @@ class CacheEntry:
 
     @property
     def evictable(self) -> bool:
-        return self.resident and not self.users and not self.pinned and (self.draining or not self.fresh)
+        return self.resident and not self.users and not self.pinned and not self.fresh
 
     @property
     def usable(self) -> bool:
@@ -87,12 +87,16 @@ class DeviceCache:
         return sum(e.nbytes for e in self._entries.values() if e.draining and not e.evictable)
 
     def drain(self, nbytes: int) -> list[str]:
-        """Mark least recently used busy entries draining until ``nbytes`` more will come free."""
+        """Mark least recently used in-use entries draining until ``nbytes`` more will come free.
+
+        Fresh entries are left alone: the requests they were loaded for came before the load
+        that needs the space.
+        """
         marked = []
         for entry in self._entries.values():
             if nbytes <= 0:
                 break
-            if entry.resident and not entry.pinned and not entry.draining and not entry.evictable:
+            if entry.resident and entry.users and not entry.pinned and not entry.draining:
                 entry.draining = True
                 marked.append(entry.name)
                 nbytes -= entry.nbytes

@@ -1,0 +1,69 @@
+"""The EMULATED link costs latency + bytes / G per load; copies are real copies."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from services.gpu_worker.adapter_link import EmulatedLink, make_link
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def _weights(numel: int) -> dict:
+    return {(0, "q_proj"): (torch.zeros(numel // 2, dtype=torch.float32), torch.zeros(numel // 2))}
+
+
+def test_cost_model():
+    link = EmulatedLink(gbps=2.0, latency_ms=5.0)
+    assert link.emulated
+    assert link.cost_s(4_000_000) == pytest.approx(0.005 + 0.002)
+    assert EmulatedLink(0.0, 3.0).cost_s(10 ** 9) == pytest.approx(0.003)
+    assert not EmulatedLink(0.0, 0.0).emulated
+
+
+def test_groups_land_at_latency_plus_cumulative_bytes_over_g():
+    clock = FakeClock()
+    link = EmulatedLink(gbps=1.0, latency_ms=10.0, clock=clock, sleep=clock.sleep)
+    link.begin()
+    first, h1 = link.send(_weights(250_000))  # 1 MB of float32
+    _, h2 = link.send(_weights(250_000))
+    link.wait(h1)
+    assert clock.now == pytest.approx(100.0 + 0.010 + 0.001)
+    link.wait(h2)
+    assert clock.now == pytest.approx(100.0 + 0.010 + 0.002)
+
+
+def test_send_copies_the_tensors():
+    link = EmulatedLink(0.0, 0.0)
+    src = _weights(8)
+    out, _ = link.send(src)
+    a_src, a_out = src[(0, "q_proj")][0], out[(0, "q_proj")][0]
+    assert torch.equal(a_src, a_out) and a_src.data_ptr() != a_out.data_ptr()
+
+
+def test_real_sleep_matches_the_model():
+    link = EmulatedLink(gbps=0.01, latency_ms=40.0)  # 10 MB/s
+    start = time.monotonic()
+    link.begin()
+    _, handle = link.send(_weights(250_000))  # 1 MB -> 100 ms
+    link.wait(handle)
+    elapsed = time.monotonic() - start
+    assert 0.140 <= elapsed < 0.140 + 0.08
+
+
+def test_cpu_device_gets_the_emulated_link():
+    assert isinstance(make_link("cpu", 1.0, 1.0), EmulatedLink)

@@ -1,0 +1,185 @@
+"""TieredAdapters on its own: byte budget by rank, LRU, pinning, FIFO waits, failures, unload, visibility."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+
+from services.gpu_worker.adapter_manager import UnknownAdapterError
+from services.gpu_worker.tiered_adapters import AdapterUnavailableError, TieredAdapters
+from tests.unit.gpu_worker.residency_fixtures import (SMALL, make_manager, residency_root,  # noqa: F401
+                                                      small_bytes, tiny_shape)
+
+
+def settle(m: TieredAdapters, names: list[str], timeout: float = 10.0) -> None:
+    """Resolve the names (as the engine does on arrival), then poll until every one is ready."""
+    for n in names:
+        m.rank(n)
+    deadline = time.monotonic() + timeout
+    while not all(m.ready(n) for n in names):
+        assert time.monotonic() < deadline, f"not ready: {[n for n in names if not m.ready(n)]}"
+        m.poll()
+        m.wait_for_progress(0.02)
+
+
+def poll_for(m: TieredAdapters, seconds: float, asking: tuple[str, ...] = ()) -> None:
+    """Poll for a while; waiting requests of ``asking`` ask for their adapter each step, as admission does."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        m.poll()
+        for name in asking:
+            m.ready(name)
+        m.wait_for_progress(0.01)
+
+
+@pytest.fixture
+def one(tiny_shape) -> int:
+    return small_bytes(tiny_shape)
+
+
+def test_space_is_taken_by_rank(make_manager, one):
+    m = make_manager(device_adapter_bytes=8 * one)
+    settle(m, SMALL[:2])
+    settle(m, ["big"])  # big needs the whole budget: the two small ones are evicted
+    big = m.cache.get("big")
+    assert big.nbytes == 8 * one == m.device_adapter("big").nbytes
+    assert m.registry.lookup("a0").nbytes == one
+    assert {a.shape[1] for a, _ in m.device_adapter("big").weights.values()} == {64}
+    assert m.cache.used_bytes == 8 * one and m.counters.evictions == 2
+
+
+def test_eight_rank_8_adapters_fit_where_one_rank_64_does(make_manager, one):
+    m = make_manager(device_adapter_bytes=8 * one)
+    for name in SMALL:
+        m.rank(name)
+        m.prefetch(name)
+    settle(m, SMALL)
+    assert m.cache.used_bytes == 6 * one and m.counters.evictions == 0
+
+
+def test_lru_eviction(make_manager, one):
+    m = make_manager(device_adapter_bytes=2 * one)
+    for name in ("a0", "a1", "a0"):  # a request of each runs; a0 is now the most recently used
+        settle(m, [name])
+        m.acquire(name)
+        m.release(name)
+    settle(m, ["a2"])
+    assert [e.name for e in m.cache.entries()] == ["a0", "a2"]
+    assert m.level("a1") == "host" and m.level("a2") == "device"
+
+
+def test_pinned_adapter_loads_at_once_and_stays(make_manager, one):
+    m = make_manager(device_adapter_bytes=2 * one)
+    m.register("pinned-a3", "a3", pinned=True)
+    poll_for(m, 0.2)
+    assert m.ready("pinned-a3")  # loaded without any request
+    for name in ("a0", "a1", "a2"):
+        settle(m, [name])
+    assert "pinned-a3" in m.cache and m.cache.get("pinned-a3").pinned
+
+
+def test_full_of_in_use_adapters_loads_wait_in_fifo_order(make_manager, one):
+    m = make_manager(device_adapter_bytes=2 * one)
+    settle(m, ["a0", "a1"])
+    m.acquire("a0")
+    m.acquire("a1")
+    m.rank("a2")
+    m.rank("a3")
+    assert not m.ready("a2") and not m.ready("a3")  # a2 asked first
+    poll_for(m, 0.2, ("a2", "a3"))
+    assert "a2" not in m.cache and "a3" not in m.cache and m.failure("a2") is None
+    assert not m.ready("a0")  # draining: no new request may start on a0 while a2 waits
+    m.release("a0")
+    poll_for(m, 0.2, ("a2", "a3"))
+    assert m.ready("a2") and "a3" not in m.cache
+    m.acquire("a2")
+    m.release("a1")
+    settle(m, ["a3"])
+    assert m.failure("a3") is None and m.counters.load_failures == 0
+
+
+def test_oversize_adapter_is_an_error_for_it_alone(make_manager, one):
+    m = make_manager(device_adapter_bytes=4 * one)
+    m.rank("big")
+    m.prefetch("big")
+    m.poll()
+    assert "more than the whole device adapter budget" in m.failure("big")
+    settle(m, ["a0"])
+    assert m.failure("a0") is None
+
+
+def test_pinned_adapters_leave_no_room(make_manager, one):
+    m = make_manager(device_adapter_bytes=2 * one)
+    m.register("p0", "a0", pinned=True)
+    m.register("p1", "a1", pinned=True)
+    poll_for(m, 0.2)
+    m.rank("a2")
+    m.prefetch("a2")
+    m.poll()
+    assert "pinned adapters leave only 0" in m.failure("a2")
+
+
+def test_corrupt_adapter_fails_and_disturbs_nothing(tmp_path, make_manager, residency_root, bad_adapters, one):
+    for name in ("a0", "a1"):
+        shutil.copytree(residency_root / name, tmp_path / name)
+    shutil.copytree(bad_adapters["nan"], tmp_path / "nan")
+    m = make_manager(root=tmp_path, device_adapter_bytes=4 * one)
+    settle(m, ["a0"])
+    m.rank("nan")
+    m.prefetch("nan")
+    m.rank("a1")
+    m.prefetch("a1")
+    settle(m, ["a1"])
+    assert "NaN" in m.failure("nan") and m.counters.load_failures == 1
+    assert "nan" not in m.cache and m.ready("a0") and m.cache.used_bytes == 2 * one
+    m.prefetch("nan")  # a new request retries
+    assert m.failure("nan") is None
+
+
+def test_unusable_directory_is_a_typed_unknown_adapter_error(tmp_path, make_manager, bad_adapters):
+    shutil.copytree(bad_adapters["invalid_config"], tmp_path / "broken")
+    m = make_manager(root=tmp_path)
+    with pytest.raises(AdapterUnavailableError, match="corrupt adapter_config.json") as err:
+        m.rank("broken")
+    assert isinstance(err.value, UnknownAdapterError)
+    with pytest.raises(UnknownAdapterError, match="unknown adapter 'ghost'"):
+        m.rank("ghost")
+
+
+def test_unregister_in_use_frees_after_release(make_manager, one):
+    m = make_manager(device_adapter_bytes=2 * one)
+    settle(m, ["a0"])
+    m.acquire("a0")
+    m.unregister("a0")
+    m.poll()
+    assert m.failure("a0") == "unknown adapter 'a0'"
+    with pytest.raises(UnknownAdapterError):
+        m.rank("a0")  # the resolver does not bring it back
+    assert m.device_adapter("a0") is not None  # the running request keeps its weights
+    m.release("a0")
+    assert "a0" not in m.cache and m.cache.used_bytes == 0
+    m.register("a0", "a0")
+    assert m.rank("a0") == 8 and m.failure("a0") is None
+
+
+def test_residency_report(make_manager, one):
+    m = make_manager(device_adapter_bytes=2 * one)
+    m.rank("a0")
+    m.prefetch("a0")
+    settle(m, ["a0"])
+    m.prefetch("a0")
+    m.rank("a1")
+    report = m.residency()
+    levels = {a["name"]: a["level"] for a in report["adapters"]}
+    assert levels == {"a0": "device", "a1": "disk"}
+    assert (report["hits"], report["misses"], report["loads"]) == (1, 1, 1)
+    assert report["load_ms"]["count"] == 1 and report["device"]["used_bytes"] == one
+    assert [(i.name, i.level) for i in m.adapter_infos()] == [("a0", "device"), ("a1", "disk")]
+
+
+def test_cached_mode_preloads_everything(make_manager):
+    m = make_manager(cold_start="cached", device_adapter_bytes=1)
+    assert all(m.ready(n) for n in SMALL + ["big"])  # ready at construction, budget unbounded
+    assert m.residency()["device"]["budget_bytes"] is None and m.counters.loads == 0
