@@ -1,8 +1,9 @@
 """Which adapters the engine can serve and where their weights are.
 
 The engine talks to adapters only through :class:`AdapterManager`: it asks whether a
-name is known and its rank, whether its weights are on the device (``ready``), and for
-the device copy of the weights. It marks adapters in use while requests run so a cache
+name is known and its rank, whether its weights are on the device (``ready``), for
+the device copy of the weights, and for a :class:`DeltaSource` that fills in the layers
+not yet resident (the CPU-assisted path). It marks adapters in use while requests run so a cache
 never evicts them. :class:`StaticAdapters` is the simplest manager: every adapter is
 loaded onto the device at start-up (the CACHED mode).
 """
@@ -15,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+from services.gpu_worker.lora_plan import DeltaSource
 from shared.llama_shape import LlamaShape
 from shared.peft_adapter import LoraAdapter, load_adapter
 
@@ -41,6 +43,9 @@ class AdapterManager(Protocol):
 
     def device_adapter(self, name: str) -> LoraAdapter | None:
         """The device-resident weights (possibly only some layers), or None."""
+
+    def delta_source(self, name: str) -> "DeltaSource | None":
+        """Where deltas of non-resident layers come from this step (CPU-assisted prefill), or None."""
 
     def acquire(self, name: str) -> None:
         """A request of this adapter starts running (pins it against eviction)."""
@@ -80,6 +85,9 @@ class StaticAdapters:
 
     def device_adapter(self, name: str) -> LoraAdapter | None:
         return self._adapters.get(name)
+
+    def delta_source(self, name: str) -> None:
+        return None
 
     def acquire(self, name: str) -> None:
         self._get(name)

@@ -90,6 +90,7 @@ class LLMEngine:
         self._known_ids: set[str] = set()
         self._ids_lock = threading.Lock()
         self.steps = 0
+        self.num_preemptions = 0
         self.record_logits = False  # attach each step's float32 logits to outputs (tests, debugging)
 
     def _num_blocks(self) -> int:
@@ -160,6 +161,7 @@ class LLMEngine:
         outputs += self._fail_unservable()
         plan = self.admission.schedule()
         outputs += [self._finish(seq, "error", reason) for seq, reason in plan.rejected]
+        self.num_preemptions += len(plan.preempted)
         if not plan:
             return outputs
         seqs, tokens, logits = self.runner.run(plan)

@@ -19,6 +19,10 @@ The two backends differ in cost, not in result:
 * ``mbgmv`` (S-LoRA): no padding; each adapter's tokens are computed at its own rank:
   cost ~ sum over adapters of tokens x r_u.
 
+Numerics: adapter weights are stored in the model dtype (as vLLM does; PEFT keeps them in
+float32). The native kernel accumulates in float32 and rounds once when adding the delta,
+as PEFT does; the BLAS path for long (prefill) segments rounds ``x @ A`` to the model dtype.
+
 On CPU both run in the native kernel from csrc/lora_cpu.cpp when it builds; on CUDA (or
 without a compiler) they run the torch paths below. :func:`lora_reference` is the plain
 per-token definition every path is tested against.

@@ -60,8 +60,8 @@ class ModelRunner:
                 decode_idx.append(start)
             last.append(len(ids) - 1)
             if seq.adapter is not None:
-                external = seq.prefill_external if prefill else None
-                segments.append(LoraSegment(start, len(ids), self.adapters.device_adapter(seq.adapter), external))
+                segments.append(LoraSegment(start, len(ids), self.adapters.device_adapter(seq.adapter),
+                                            self.adapters.delta_source(seq.adapter)))
         meta = AttentionMetadata(self._tensor(slots), prefill_ranges)
         if decode_idx:
             self._decode_metadata(meta, [e[0] for e in entries if not e[1]], decode_idx)

@@ -35,7 +35,6 @@ class Sequence:
     text: str = ""  # all text generated so far
     emitted_chars: int = 0  # how much of ``text`` was streamed
     num_preemptions: int = 0
-    prefill_external: object | None = None  # a DeltaSource for CPU-assisted prefill, if any
 
     @property
     def all_ids(self) -> list[int]:

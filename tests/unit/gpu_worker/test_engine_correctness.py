@@ -38,19 +38,24 @@ def run_engine(engine: LLMEngine, requests, max_new: int = MAX_NEW, keep_logits:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model_dir, tiny_adapters):
-    return HFReference(tiny_model_dir, tiny_adapters)
+def mixed_requests(tiny_adapters):
+    return _requests((list(tiny_adapters) + [None, None]) * 2, vocab=384)
+
+
+@pytest.fixture(scope="module")
+def reference_results(tiny_model_dir, tiny_adapters, mixed_requests):
+    """transformers+peft, one request at a time (computed once for every backend below)."""
+    reference = HFReference(tiny_model_dir, tiny_adapters)
+    return [reference.generate(ids, adapter, MAX_NEW) for ids, adapter in mixed_requests]
 
 
 @pytest.mark.parametrize("backend", ["bgmv", "mbgmv"])
 @pytest.mark.parametrize("native", [True, False])
-def test_mixed_batch_matches_peft(backend, native, tiny_model_dir, tiny_adapters, reference):
-    names = list(tiny_adapters) + [None, None]
-    requests = _requests(names * 2, vocab=reference.model.config.vocab_size)
+def test_mixed_batch_matches_peft(backend, native, tiny_model_dir, tiny_adapters, mixed_requests,
+                                  reference_results):
     engine = LLMEngine(tiny_model_dir, EngineConfig(backend=backend, dtype="float32", device="cpu",
                                                     native_ops=native), dict(tiny_adapters))
-    got, logits = run_engine(engine, requests, keep_logits=True)
-    for (ids, adapter), tokens, last in zip(requests, got, logits):
-        ref = reference.generate(ids, adapter, MAX_NEW)
+    got, logits = run_engine(engine, mixed_requests, keep_logits=True)
+    for (ids, adapter), tokens, last, ref in zip(mixed_requests, got, logits, reference_results):
         assert tokens == ref.token_ids, f"adapter {adapter}"
         assert torch.allclose(last, ref.last_logits, atol=1e-4, rtol=0), (adapter, (last - ref.last_logits).abs().max())
