@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,7 @@ class RunningInfo:
     rank: int
     prompt_tokens: int
     remaining_tokens: int
+    generated_tokens: int = 0
 
 
 @dataclass
@@ -89,6 +91,8 @@ class LLMEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._known_ids: set[str] = set()
         self._ids_lock = threading.Lock()
+        self._wake = threading.Event()
+        self.idle = True  # the last step had nothing to run
         self.steps = 0
         self.num_preemptions = 0
         self.record_logits = False  # attach each step's float32 logits to outputs (tests, debugging)
@@ -109,10 +113,25 @@ class LLMEngine:
                 raise RequestError(f"duplicate request_id {request.request_id!r}")
             self._known_ids.add(request.request_id)
         self._commands.put(("add", seq))
+        self._wake.set()
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (thread-safe); it finishes with reason ``cancelled``."""
         self._commands.put(("abort", request_id))
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Wake a step loop blocked in :meth:`wait_for_work`."""
+        self._wake.set()
+
+    def wait_for_work(self, timeout: float) -> None:
+        """Block a step loop that had nothing to run until a request arrives, a load
+        progresses or ``timeout`` passes."""
+        if self._residency is not None and self._residency.loads_in_flight():
+            self._residency.wait_for_progress(min(timeout, 0.01))
+        else:
+            self._wake.wait(timeout)
+        self._wake.clear()
 
     def _make_sequence(self, request: EngineRequest) -> Sequence:
         ids = list(request.prompt_token_ids)
@@ -162,8 +181,12 @@ class LLMEngine:
         plan = self.admission.schedule()
         outputs += [self._finish(seq, "error", reason) for seq, reason in plan.rejected]
         self.num_preemptions += len(plan.preempted)
+        self.idle = not plan
         if not plan:
             return outputs
+        now = time.time()
+        for seq in plan.prefill:
+            seq.scheduled_at = seq.scheduled_at or now
         seqs, tokens, logits = self.runner.run(plan)
         self.steps += 1
         for i, (seq, token) in enumerate(zip(seqs, tokens)):
@@ -219,7 +242,8 @@ class LLMEngine:
         text = seq.text[seq.emitted_chars:end]
         seq.emitted_chars = end
         return RequestOutput(seq.request_id, new_ids, text, prompt_tokens=len(seq.prompt_ids),
-                             completion_tokens=len(seq.output_ids), first_token=first)
+                             completion_tokens=len(seq.output_ids), first_token=first,
+                             scheduled_at=seq.scheduled_at if first else None)
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None, first: bool = False,
                 token: int | None = None) -> RequestOutput:
@@ -237,6 +261,7 @@ class LLMEngine:
 
     # ---- state for the worker service --------------------------------------------------
     def stats(self) -> EngineStats:
-        info = lambda s: RunningInfo(s.request_id, s.adapter, s.rank, len(s.prompt_ids), s.remaining_tokens)  # noqa: E731
+        info = lambda s: RunningInfo(s.request_id, s.adapter, s.rank, len(s.prompt_ids), s.remaining_tokens,  # noqa: E731
+                                     len(s.output_ids))
         return EngineStats([info(s) for s in self.admission.running], [info(s) for s in self.admission.waiting],
                            self.blocks.num_free_blocks, self.blocks.num_blocks)

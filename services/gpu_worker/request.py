@@ -72,3 +72,4 @@ class RequestOutput:
     completion_tokens: int = 0
     first_token: bool = False  # True for the output carrying the first generated token
     logits: object | None = None  # float32 [vocab] tensor when the engine records logits
+    scheduled_at: float | None = None  # wall time its prefill was first scheduled (first-token output only)

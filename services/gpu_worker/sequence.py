@@ -35,6 +35,7 @@ class Sequence:
     text: str = ""  # all text generated so far
     emitted_chars: int = 0  # how much of ``text`` was streamed
     num_preemptions: int = 0
+    scheduled_at: float | None = None  # wall time its prefill was first scheduled
 
     @property
     def all_ids(self) -> list[int]:

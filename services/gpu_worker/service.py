@@ -1,0 +1,302 @@
+"""The gpu_worker service: the engine behind ``worker.<id>.submit`` and ``worker.<id>.cancel``.
+
+* A WorkerSubmit is validated, queued in the engine and acknowledged with a SubmitAck
+  whose ``state_seq`` says which published states already account for it.
+* The engine steps on its own thread (:class:`StepThread`); each step's outputs become
+  Chunks published, in order, straight to the request's reply inbox.
+* ``state.<id>`` is published at least every ``state_interval_s`` and after every step
+  that admitted or finished a request: running and queued requests (adapter, rank,
+  prompt and remaining tokens), adapters with their tier, free KV blocks, the model name.
+* Each request gets spans ``worker.queue``, ``worker.prefill`` and ``worker.decode`` under
+  the trace context of its submit, and TTFT/TPOT/e2e/per-adapter metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nats.aio.msg import Msg
+from opentelemetry import context as otel_context
+
+from services.gpu_worker.engine import EngineStats, LLMEngine, RunningInfo
+from services.gpu_worker.engine_config import EngineConfig
+from services.gpu_worker.request import EngineRequest, RequestError, RequestOutput, SamplingParams
+from services.gpu_worker.residency_config import ResidencyConfig
+from services.gpu_worker.step_thread import StepThread
+from services.gpu_worker.worker_config import WorkerConfig
+from shared import subjects
+from shared.bus import Bus
+from shared.config import from_env
+from shared.schemas import (AdapterInfo, CancelRequest, Chunk, RequestLoad, ServiceError, SubmitAck, Usage,
+                            WorkerState, WorkerSubmit, error_info)
+from shared.telemetry import Telemetry, extract_context, setup_telemetry, start_span
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "caraserve-gpu-worker"
+
+
+@dataclass
+class Tracked:
+    """A request this worker accepted, from submit to its final chunk."""
+
+    submit: WorkerSubmit
+    parent: otel_context.Context
+    submitted: float = field(default_factory=time.time)
+    first_token: float | None = None
+    scheduled: float | None = None
+    chunks: int = 0
+
+
+def sampling_params(submit: WorkerSubmit) -> SamplingParams:
+    s = submit.sampling
+    return SamplingParams(max_tokens=submit.remaining_tokens(), temperature=s.temperature, top_p=s.top_p,
+                          top_k=s.top_k, seed=s.seed, stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
+                          ignore_eos=s.ignore_eos)
+
+
+class GpuWorkerService:
+    """One worker: :meth:`start` wires it onto an AsyncExitStack."""
+
+    def __init__(self, worker: WorkerConfig, engine: EngineConfig | None = None,
+                 residency: ResidencyConfig | None = None) -> None:
+        self.config, self.engine_config = worker, engine or EngineConfig()
+        self.residency = residency
+        self.engine: LLMEngine | None = None
+        self.bus: Bus | None = None
+        self.telemetry: Telemetry | None = None
+        self.model_name = ""
+        self.seq = 0
+        self._tracked: dict[str, Tracked] = {}
+        self._stats: EngineStats | None = None
+        self._dirty = asyncio.Event()
+        self._chunks: asyncio.Queue = asyncio.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: StepThread | None = None
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> GpuWorkerService:
+        return cls(from_env(WorkerConfig, environ), from_env(EngineConfig, environ), from_env(ResidencyConfig, environ))
+
+    @staticmethod
+    def config_classes() -> tuple[type, ...]:
+        return (WorkerConfig, EngineConfig, ResidencyConfig)
+
+    @property
+    def healthy(self) -> bool:
+        return (self.bus is not None and self.bus.connected and self._thread is not None and self._thread.alive)
+
+    # ---- start and stop ----------------------------------------------------------------
+    async def start(self, stack: contextlib.AsyncExitStack) -> None:
+        self.telemetry = setup_telemetry(SERVICE_NAME)
+        stack.callback(self.telemetry.shutdown)
+        self._loop = asyncio.get_running_loop()
+        self.engine = await asyncio.to_thread(self._build_engine)
+        self.bus = await Bus.open(self.config.nats_url, f"gpu-worker-{self.config.worker_id}", stack,
+                                  self.config.grace_s)
+        for task in (self._publish_chunks(), self._publish_states()):
+            stack.push_async_callback(_cancel, self._loop.create_task(task))
+        self._thread = StepThread(self.engine, self._on_step_threadsafe)
+        self._thread.start()
+        stack.push_async_callback(self._stop_engine)
+        await self.publish_state()
+        wid = self.config.worker_id
+        await self.bus.serve(subjects.worker_submit(wid), WorkerSubmit, self._on_submit)
+        await self.bus.serve(subjects.worker_cancel(wid), CancelRequest, self._on_cancel)
+        logger.info("gpu_worker %s serving %s (%s, backend %s)", wid, self.model_name,
+                    self.engine_config.resolved_device(), self.engine_config.backend)
+
+    def _build_engine(self) -> LLMEngine:
+        from shared.model_store import resolve_model_dir
+
+        model_dir = resolve_model_dir(None if self.config.model == "default" else self.config.model)
+        self.model_name = self.config.model_name or Path(model_dir).name
+        return LLMEngine(model_dir, self.engine_config, self.config.adapter_paths(), residency=self.residency)
+
+    async def _stop_engine(self) -> None:
+        """Let running requests finish within the grace period, then stop the step thread."""
+        assert self.engine is not None and self._thread is not None
+        deadline = time.monotonic() + self.config.grace_s
+        while self._tracked and time.monotonic() < deadline and self._thread.alive:
+            await asyncio.sleep(0.05)
+        for request_id in list(self._tracked):
+            self.engine.abort(request_id)
+        await asyncio.to_thread(self._thread.stop)
+        close = getattr(self.engine.adapters, "close", None)
+        if close is not None:
+            close()
+
+    # ---- requests in -------------------------------------------------------------------
+    async def _on_submit(self, submit: WorkerSubmit, msg: Msg) -> SubmitAck:
+        assert self.engine is not None
+        if submit.worker_id != self.config.worker_id:
+            raise ServiceError("invalid_request", f"submit for worker {submit.worker_id} reached {self.config.worker_id}")
+        if self._thread is None or not self._thread.alive:
+            raise ServiceError("worker_error", "the engine is not running")
+        request = EngineRequest(submit.request_id, submit.prompt_token_ids + submit.generated_token_ids,
+                                submit.adapter, sampling_params(submit))
+        self._tracked[submit.request_id] = Tracked(submit, extract_context(msg.headers))
+        try:
+            self.engine.add_request(request)
+        except RequestError as exc:
+            self._tracked.pop(submit.request_id, None)
+            code = "model_not_found" if "unknown adapter" in str(exc) else "invalid_request"
+            raise ServiceError(code, str(exc)) from None
+        self._dirty.set()
+        return SubmitAck(request_id=submit.request_id, worker_id=self.config.worker_id, state_seq=self.seq)
+
+    async def _on_cancel(self, cancel: CancelRequest, msg: Msg) -> None:
+        if self.engine is not None and cancel.request_id in self._tracked:
+            self.engine.abort(cancel.request_id)
+        return None
+
+    # ---- outputs out -------------------------------------------------------------------
+    def _on_step_threadsafe(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._on_step, outputs, stats)
+
+    def _on_step(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
+        changed = self._stats is None or _ids(self._stats) != _ids(stats)
+        self._stats = stats
+        for out in outputs:
+            tracked = self._tracked.get(out.request_id)
+            if tracked is None:
+                continue
+            self._chunks.put_nowait((tracked.submit.reply_inbox, self._chunk(tracked, out)))
+            if out.finished:
+                self._tracked.pop(out.request_id, None)
+                self._record(tracked, out)
+                changed = True
+        if changed:
+            self._dirty.set()
+
+    def _chunk(self, tracked: Tracked, out: RequestOutput) -> Chunk:
+        submit = tracked.submit
+        now = time.time()
+        if out.first_token:
+            tracked.first_token, tracked.scheduled = now, out.scheduled_at or now
+        chunk = Chunk(request_id=out.request_id, index=tracked.chunks, token_ids=out.new_token_ids,
+                      text=out.text_delta, finish_reason=out.finish_reason)
+        tracked.chunks += 1
+        if out.finished:
+            prompt = len(submit.prompt_token_ids)
+            completion = len(submit.generated_token_ids) + out.completion_tokens
+            chunk.usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+            if out.finish_reason == "error":
+                chunk.error = error_info("worker_error", out.error or "the request failed")
+        return chunk
+
+    async def _publish_chunks(self) -> None:
+        """The one task that publishes chunks, so each request's chunks stay in order."""
+        assert self.bus is not None
+        while True:
+            inbox, chunk = await self._chunks.get()
+            try:
+                await self.bus.publish(inbox, chunk)
+            except Exception:  # a broken inbox must not stop other requests' streams
+                logger.exception("cannot publish a chunk of %s", chunk.request_id)
+
+    # ---- state -------------------------------------------------------------------------
+    def state(self) -> WorkerState:
+        assert self.engine is not None
+        stats = self._stats or self.engine.stats()
+        known = _ids(stats)
+        queued = [_load(r) for r in stats.waiting]
+        queued += [self._pending_load(t) for rid, t in self._tracked.items() if rid not in known]
+        return WorkerState(worker_id=self.config.worker_id, model=self.model_name, backend=self.engine_config.backend,
+                           running=[_load(r) for r in stats.running], queued=queued, adapters=self._adapter_infos(),
+                           free_kv_blocks=stats.free_kv_blocks, total_kv_blocks=stats.total_kv_blocks,
+                           block_size=self.engine_config.block_size, max_batch_size=self.engine_config.max_batch_size,
+                           max_model_len=self.engine.max_model_len, seq=self.seq, timestamp=time.time())
+
+    def _pending_load(self, tracked: Tracked) -> RequestLoad:
+        s = tracked.submit
+        rank = self._rank(s.adapter)
+        return RequestLoad(request_id=s.request_id, adapter=s.adapter, rank=rank, prompt_tokens=len(s.prompt_token_ids),
+                           generated_tokens=len(s.generated_token_ids), remaining_tokens=s.remaining_tokens())
+
+    def _rank(self, adapter: str | None) -> int:
+        if adapter is None or self.engine is None:
+            return 0
+        try:
+            return self.engine.adapters.rank(adapter)
+        except KeyError:
+            return 0
+
+    def _adapter_infos(self) -> list[AdapterInfo]:
+        assert self.engine is not None
+        infos = getattr(self.engine.adapters, "adapter_infos", None)
+        if infos is not None:
+            return infos()
+        return [AdapterInfo(name=n, rank=self.engine.adapters.rank(n), level="device")
+                for n in self.engine.adapters.names()]
+
+    async def publish_state(self) -> None:
+        assert self.bus is not None
+        self.seq += 1
+        await self.bus.publish(subjects.state(self.config.worker_id), self.state())
+
+    async def _publish_states(self) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), self.config.state_interval_s)
+            self._dirty.clear()
+            try:
+                await self.publish_state()
+            except Exception:
+                logger.exception("cannot publish worker state")
+
+    # ---- telemetry ---------------------------------------------------------------------
+    def _record(self, tracked: Tracked, out: RequestOutput) -> None:
+        assert self.telemetry is not None
+        end = time.time()
+        submit = tracked.submit
+        attrs = {"worker.id": self.config.worker_id, "adapter": submit.adapter or "", "rank": self._rank(submit.adapter),
+                 "request.id": submit.request_id, "prompt_tokens": len(submit.prompt_token_ids),
+                 "completion_tokens": out.completion_tokens, "finish_reason": out.finish_reason or ""}
+        scheduled = tracked.scheduled or end
+        first = tracked.first_token or end
+        for name, start, stop in (("worker.queue", tracked.submitted, scheduled), ("worker.prefill", scheduled, first),
+                                  ("worker.decode", first, end)):
+            span = start_span_at(self.telemetry, name, tracked.parent, attrs, start)
+            span.end(end_time=int(max(stop, start) * 1e9))
+        m = self.telemetry.metrics
+        labels = {"adapter": submit.adapter or "", "worker": self.config.worker_id}
+        m.requests.add(1, {**labels, "finish_reason": out.finish_reason or ""})
+        if tracked.first_token is not None:
+            m.ttft.record(tracked.first_token - tracked.submitted, labels)
+            if out.completion_tokens > 1:
+                m.tpot.record((end - tracked.first_token) / (out.completion_tokens - 1), labels)
+        m.e2e.record(end - tracked.submitted, labels)
+
+
+def start_span_at(telemetry: Telemetry, name: str, parent: otel_context.Context, attrs: dict, start: float):
+    """A span that started at wall time ``start`` (seconds), under ``parent``."""
+    from opentelemetry import trace
+
+    if isinstance(telemetry.tracer, trace.NoOpTracer):
+        return start_span(telemetry.tracer, name, parent, attrs)
+    return telemetry.tracer.start_span(name, context=parent, kind=trace.SpanKind.INTERNAL, attributes=attrs,
+                                       start_time=int(start * 1e9))
+
+
+def _ids(stats: EngineStats) -> set[str]:
+    return {r.request_id for r in stats.running} | {r.request_id for r in stats.waiting}
+
+
+def _load(info: RunningInfo) -> RequestLoad:
+    return RequestLoad(request_id=info.request_id, adapter=info.adapter, rank=info.rank,
+                       prompt_tokens=info.prompt_tokens, generated_tokens=info.generated_tokens,
+                       remaining_tokens=info.remaining_tokens)
+
+
+async def _cancel(task: asyncio.Task) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -1,0 +1,36 @@
+"""Configuration of the gpu_worker service (the engine and residency have their own)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.bus import DEFAULT_NATS_URL
+from shared.config import option, require
+from shared.schemas.names import WORKER_ID_PATTERN
+
+
+@dataclass
+class WorkerConfig:
+    """Identity, bus and model of one gpu_worker."""
+
+    worker_id: str = option("worker-0", "this worker's id (subjects worker.<id>.* and state.<id>)")
+    nats_url: str = option(DEFAULT_NATS_URL, "NATS server URL")
+    model: str = option("default", "HF Llama directory, or 'default' for SmolLM2-135M-Instruct")
+    model_name: str = option("", "the base model's public name (default: the directory name)")
+    adapters: tuple[str, ...] = option((), "adapters to register at start, as NAME=DIR", default_factory=tuple)
+    state_interval_s: float = option(0.1, "publish state.<id> at least this often")
+    grace_s: float = option(5.0, "on shutdown, how long running requests may finish")
+
+    def __post_init__(self) -> None:
+        import re
+
+        require(re.fullmatch(WORKER_ID_PATTERN, self.worker_id) is not None,
+                f"worker_id {self.worker_id!r} must match {WORKER_ID_PATTERN}")
+        require(bool(self.nats_url), "nats_url must not be empty")
+        require(0 < self.state_interval_s <= 1.0, "state_interval_s must be in (0, 1]")
+        require(self.grace_s >= 0, "grace_s must be >= 0")
+        for spec in self.adapters:
+            require("=" in spec and all(spec.partition("=")[::2]), f"adapter {spec!r} must be NAME=DIR")
+
+    def adapter_paths(self) -> dict[str, str]:
+        return dict(spec.split("=", 1) for spec in self.adapters)
