@@ -9,7 +9,7 @@
   answered with ``internal_error``. Nothing a peer sends can stop a service.
 - :func:`run_service` runs a service on uvloop until SIGTERM/SIGINT sets an Event; cleanup goes
   through an AsyncExitStack (the Bus registers its own graceful :meth:`Bus.close`, which stops
-  the subscriptions, lets handlers finish, then drains the connection).
+  taking requests, lets handlers finish, then drains the connection).
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class Bus:
         self.nc = nc
         self.name = name
         self.tasks = TaskSet()
-        self._subs: list[Subscription] = []
+        self._intake: list[Subscription] = []  # serve(): stopped first on close
 
     @classmethod
     async def open(cls, url: str, name: str, stack: contextlib.AsyncExitStack | None = None,
@@ -164,7 +164,9 @@ class Bus:
         async def on_msg(msg: Msg) -> None:
             self.tasks.spawn(self._handle(msg, request_cls, handler, make_error), name=f"serve {subject}")
 
-        return await self._subscribe(subject, queue, on_msg)
+        sub = await self._subscribe(subject, queue, on_msg)
+        self._intake.append(sub)
+        return sub
 
     async def listen(self, subject: str, message_cls: type[M], handler: Callable[[M, Msg], None],
                      *, queue: str = "") -> Subscription:
@@ -185,7 +187,6 @@ class Bus:
     async def _subscribe(self, subject: str, queue: str, cb: Callable[[Msg], Awaitable[None]]) -> Subscription:
         """Subscribe and wait until the server has registered the interest (a PING round trip)."""
         sub = await self.nc.subscribe(subject, queue=queue, cb=cb)
-        self._subs.append(sub)
         await self.nc.flush()
         return sub
 
@@ -211,11 +212,15 @@ class Bus:
             logger.warning("%s: cannot reply to %s: %s", self.name, inbox, exc)
 
     async def close(self, grace_s: float = 5.0) -> None:
-        """Stop receiving, give running handlers ``grace_s`` to finish, then drain the connection."""
-        for sub in self._subs:
+        """Stop taking requests, give running handlers ``grace_s`` to finish, then drain.
+
+        Only the :meth:`serve` subscriptions stop first: what handlers still need to finish
+        (worker states, reply inboxes) keeps flowing until the final drain.
+        """
+        for sub in self._intake:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
-        self._subs.clear()
+        self._intake.clear()
         await self.tasks.close(grace_s)
         if not self.nc.is_closed:
             with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
