@@ -8,7 +8,7 @@
 | ``worker.<id>.submit`` | the worker ``<id>`` | WorkerSubmit -> SubmitAck |
 | ``worker.<id>.cancel`` | the worker ``<id>`` | CancelRequest |
 | ``state.<id>`` | published by the worker ``<id>`` | WorkerState |
-| ``adapters.load`` / ``adapters.unload`` / ``adapters.list`` | workers | AdapterLoad / AdapterUnload / AdapterListRequest |
+| ``adapters.load`` / ``.unload`` / ``.list`` | workers | AdapterLoad / AdapterUnload / AdapterListRequest |
 
 Worker ids are single subject tokens: letters, digits, ``_`` and ``-``.
 """

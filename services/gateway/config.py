@@ -33,7 +33,7 @@ class GatewayConfig:
     stall_timeout_s: float = option(30.0, "a worker silent this long mid-stream is presumed lost")
     worker_timeout_s: float = option(1.0, "a worker whose state is this old is presumed lost")
     max_reroutes: int = option(2, "re-routes after worker losses before a terminal worker_lost error")
-    retry_budget_s: float = option(3.0, "after a worker loss is noticed, give up with an error within this many seconds")
+    retry_budget_s: float = option(3.0, "after noticing a worker loss, give up with an error within this many s")
     adapters_refresh_s: float = option(10.0, "how often to ask workers for their adapters; 0 = never")
     grace_s: float = option(5.0, "on shutdown, how long in-flight requests may finish")
 

@@ -7,8 +7,8 @@ One module per concern: ``wire`` (the format and validation), ``errors``, ``chun
 
 from shared.schemas.adapters import LEVELS, AdapterInfo, AdapterList, AdapterListRequest, AdapterLoad, AdapterUnload
 from shared.schemas.chunk import FINISH_REASONS, Chunk, Usage
-from shared.schemas.errors import (ERROR_CODES, ErrorInfo, ErrorReply, RemoteError, ServiceError, decode_reply, error_info,
-                                   http_status, schema_error_info)
+from shared.schemas.errors import (ERROR_CODES, ErrorInfo, ErrorReply, RemoteError, ServiceError, decode_reply,
+                                   error_info, http_status, schema_error_info)
 from shared.schemas.generate import ChatMessage, CancelRequest, GenerateRequest
 from shared.schemas.route import RequestBody, RouteReply, RouteRequest
 from shared.schemas.sampling import Sampling
@@ -19,7 +19,8 @@ from shared.schemas.worker_state import RequestLoad, WorkerState
 __all__ = [
     "SCHEMA_VERSION", "LEVELS", "FINISH_REASONS", "ERROR_CODES",
     "Message", "Struct", "SchemaError", "spec", "unpack",
-    "ErrorInfo", "ErrorReply", "RemoteError", "ServiceError", "decode_reply", "error_info", "http_status", "schema_error_info",
+    "ErrorInfo", "ErrorReply", "RemoteError", "ServiceError", "decode_reply", "error_info", "http_status",
+    "schema_error_info",
     "Chunk", "Usage", "Sampling", "ChatMessage", "GenerateRequest", "CancelRequest",
     "RequestBody", "RouteRequest", "RouteReply", "WorkerSubmit", "SubmitAck",
     "RequestLoad", "WorkerState", "AdapterInfo", "AdapterLoad", "AdapterUnload", "AdapterListRequest",
