@@ -6,6 +6,7 @@ names the same base model.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -13,7 +14,7 @@ def served_model_name(model_dir: str | Path, override: str = "") -> str:
     """``override`` when set, else the model directory's base name."""
     if override:
         return override
-    name = Path(model_dir).expanduser().resolve().name
+    name = Path(os.path.abspath(Path(model_dir).expanduser())).name  # symlinks keep their own name
     if not name:
         raise ValueError(f"cannot derive a model name from {model_dir!r}; set one explicitly")
     return name
