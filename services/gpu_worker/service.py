@@ -19,7 +19,6 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from nats.aio.msg import Msg
 from opentelemetry import context as otel_context
@@ -33,6 +32,7 @@ from services.gpu_worker.worker_config import WorkerConfig
 from shared import subjects
 from shared.bus import Bus
 from shared.config import from_env
+from shared.served_name import served_model_name
 from shared.schemas import (AdapterInfo, CancelRequest, Chunk, RequestLoad, ServiceError, SubmitAck, Usage,
                             WorkerState, WorkerSubmit, error_info)
 from shared.telemetry import Telemetry, extract_context, setup_telemetry, start_span
@@ -116,7 +116,7 @@ class GpuWorkerService:
         from shared.model_store import resolve_model_dir
 
         model_dir = resolve_model_dir(None if self.config.model == "default" else self.config.model)
-        self.model_name = self.config.model_name or Path(model_dir).name
+        self.model_name = served_model_name(model_dir, self.config.model_name)
         return LLMEngine(model_dir, self.engine_config, self.config.adapter_paths(), residency=self.residency)
 
     async def _stop_engine(self) -> None:
