@@ -1,0 +1,179 @@
+"""Engine benchmark: our multi-LoRA engine against transformers(+peft) on one mixed workload.
+
+Runs five configurations over the same requests (see bench/engine_configs.py), each in a fresh
+process so its peak RSS is its own, and reports useful output tokens/s, TTFT and time per
+output token percentiles, peak RSS, the target ratios, and the achieved FLOP/s of run (a)'s
+decode-only steps as a fraction of a bf16 matmul peak measured in the same run.
+
+    python -m bench.engine                 # full workload (several minutes on 2 cores)
+    python -m bench.engine --quick         # 8 short requests, a smoke run
+    python -m bench.engine --skip-hf       # engine configurations only
+
+It prints the JSON report on stdout, writes ``bench/results/engine-<device>.json`` (or
+``--json OUT``) and a PNG next to it, and shows progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from bench.engine_configs import CONFIGS, DECODE_EFFICIENCY_CONFIG, make_spec, run_configuration
+from bench.engine_report import REFERENCE_TOKENS_PER_S, decode_efficiency, ratios, targets
+from bench.engine_workload import BenchRequest, EngineWorkload, make_requests
+from bench.run_record import load_average
+from shared.config import ConfigError, add_arguments, from_namespace
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
+QUICK = {"num_requests": 8, "output_max": 32}
+
+
+class BenchError(RuntimeError):
+    """A benchmark run failed; the message says which and why."""
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda: no CUDA device is available")
+    return device
+
+
+def device_label(device: str) -> str:
+    """``cpu``, or the CUDA device's name made file-name safe (``nvidia-h100-80gb-hbm3``)."""
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
+
+
+def machine_info(device: str, threads: int) -> dict:
+    import torch
+
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M)
+        cpu = names[0] if names else cpu
+    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+            "python": platform.python_version()}
+    if device != "cpu":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def run_isolated(spec: dict) -> dict:
+    """Run one configuration in a fresh Python process (its stdout goes to our stderr)."""
+    with tempfile.TemporaryDirectory(prefix="caraserve-bench-") as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(json.dumps(spec))
+        proc = subprocess.run([sys.executable, "-m", "bench.engine_configs", str(spec_path), str(out_path)],
+                              cwd=REPO, stdout=sys.stderr, check=False)
+        if proc.returncode != 0 or not out_path.is_file():
+            raise BenchError(f"configuration ({spec['config']}) failed with exit status {proc.returncode}")
+        return json.loads(out_path.read_text())
+
+
+def run_benchmark(model_dir: Path, adapters: dict[str, Path], workload: EngineWorkload, device: str = "cpu",
+                  configs: tuple[str, ...] = tuple(CONFIGS), isolate: bool = True,
+                  requests: list[BenchRequest] | None = None, peak_size: int | None = None) -> dict:
+    """Run ``configs`` over the workload and return the report (see module docstring).
+
+    ``adapters`` maps the workload's adapter names to PEFT dirs; ``requests`` defaults to
+    :func:`make_requests` for the model's vocabulary. ``isolate=False`` runs every
+    configuration in this process (then peak RSS is this process's, cumulative). ``peak_size``
+    is the side of the square matmul that measures the peak (default: 2048 on CPU, 8192 on CUDA).
+    """
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    requests = requests or make_requests(workload, int(config["vocab_size"]))
+    threads = len(os.sched_getaffinity(0))
+    runs = {}
+    load_start = load_average()
+    for key in configs:
+        print(f"[bench] configuration ({key}) {CONFIGS[key].label}", file=sys.stderr, flush=True)
+        spec = make_spec(key, model_dir, adapters, requests, device, threads, workload.hf_batch_size, peak_size)
+        runs[key] = run_isolated(spec) if isolate else run_configuration(spec)
+    return {
+        "bench": "engine", "device": device_label(device), "model": Path(model_dir).name,
+        "machine": machine_info(device, threads), "isolated_processes": isolate,
+        "load_avg": {"start": load_start, "end": load_average()},
+        "workload": workload.to_dict(), "adapter_ranks": workload.adapter_ranks(),
+        "runs": runs, "ratios": ratios(runs), "targets": targets(runs),
+        "decode_efficiency": decode_efficiency(runs.get(DECODE_EFFICIENCY_CONFIG)),
+        "reference_tokens_per_s": REFERENCE_TOKENS_PER_S,
+    }
+
+
+def write_outputs(report: dict, json_path: Path) -> Path:
+    """Write the JSON report and its PNG (same name, ``.png``); returns the PNG path."""
+    from bench.engine_plot import plot_report
+
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    png = json_path.with_suffix(".png")
+    plot_report(report, png)
+    return png
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="8 short requests: a smoke run")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
+    parser.add_argument("--json", type=Path, default=None, help="report path (default bench/results/engine-<device>.json)")
+    parser.add_argument("--skip-hf", action="store_true", help="skip the transformers baselines (d) and (e)")
+    parser.add_argument("--model", type=Path, default=None, help="base model dir (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--configs", default="".join(CONFIGS), help="which configurations to run, e.g. 'ac'")
+    add_arguments(parser, EngineWorkload)
+    return parser.parse_args(argv)
+
+
+def _workload(args: argparse.Namespace) -> EngineWorkload:
+    workload = from_namespace(EngineWorkload, args)
+    return replace(workload, **QUICK) if args.quick else workload
+
+
+def _configs(args: argparse.Namespace) -> tuple[str, ...]:
+    unknown = set(args.configs) - set(CONFIGS)
+    if unknown:
+        raise BenchError(f"--configs: unknown configuration(s) {''.join(sorted(unknown))}")
+    skip = {"d", "e"} if args.skip_hf else set()
+    return tuple(k for k in CONFIGS if k in args.configs and k not in skip)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        workload, configs, device = _workload(args), _configs(args), resolve_device(args.device)
+        from bench.bench_adapters import ensure_bench_adapters
+        from shared.model_store import default_model_dir
+
+        model_dir = args.model or default_model_dir()
+        adapters = ensure_bench_adapters(model_dir, workload.adapter_ranks(), workload.seed)
+        report = run_benchmark(model_dir, adapters, workload, device, configs)
+    except (BenchError, ConfigError) as exc:
+        print(f"bench.engine: {exc}", file=sys.stderr)
+        return 1
+    report["quick"] = args.quick
+    suffix = "-quick" if args.quick else ""
+    json_path = args.json or RESULTS / f"engine-{report['device']}{suffix}.json"
+    png = write_outputs(report, json_path)
+    print(json.dumps(report, indent=2))
+    print(f"[bench] wrote {json_path} and {png}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
