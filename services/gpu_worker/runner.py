@@ -69,7 +69,7 @@ class ModelRunner:
                          self._tensor(positions), meta, self._tensor(last), segments)
 
     def _decode_metadata(self, meta: AttentionMetadata, seqs: list[Sequence], decode_idx: list[int]) -> None:
-        """Cache slots ``[B, L]`` and mask ``[B, 1, 1, L]`` of each decoding sequence's context."""
+        """Cache rows ``[B * KVH * L]`` and mask ``[B, 1, 1, L]`` of each decoding sequence's context."""
         bs = self.blocks.block_size
         lengths = torch.tensor([s.num_tokens for s in seqs])
         width = max(len(self.blocks.tables[s.request_id]) for s in seqs)
@@ -79,8 +79,10 @@ class ModelRunner:
             tables[i, :len(table)] = torch.tensor(table)
         slots = (tables.unsqueeze(-1) * bs + torch.arange(bs)).flatten(1)  # [B, width * bs]
         valid = torch.arange(slots.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
+        kvh = self.kv[0][0].shape[1]
+        rows = slots.masked_fill(~valid, 0).unsqueeze(1) * kvh + torch.arange(kvh).view(1, kvh, 1)  # [B, KVH, L]
         meta.decode_idx = self._tensor(decode_idx)
-        meta.decode_slots = slots.masked_fill(~valid, 0).to(self.device)
+        meta.decode_rows = rows.flatten().to(self.device)
         meta.decode_mask = valid[:, None, None, :].to(self.device)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
