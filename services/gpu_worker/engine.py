@@ -93,6 +93,7 @@ class LLMEngine:
         self._ids_lock = threading.Lock()
         self._wake = threading.Event()
         self.idle = True  # the last step had nothing to run
+        self.last_plan: StepPlan | None = None  # what the last step ran (profiling, inspection)
         self.steps = 0
         self.num_preemptions = 0
         self.record_logits = False  # attach each step's float32 logits to outputs (tests, debugging)
@@ -182,6 +183,7 @@ class LLMEngine:
         outputs += [self._finish(seq, "error", reason) for seq, reason in plan.rejected]
         self.num_preemptions += len(plan.preempted)
         self.idle = not plan
+        self.last_plan = plan
         if not plan:
             return outputs
         now = time.time()

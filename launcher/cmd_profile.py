@@ -1,0 +1,54 @@
+"""`caraserve profile`: measure the engine's batched LoRA steps here and fit the perf model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from launcher.cli import CliError
+from shared.config import ConfigError, add_arguments, from_namespace
+
+
+def register(subparsers) -> None:
+    from services.gpu_worker.profiler import ProfileConfig
+
+    p = subparsers.add_parser("profile", help="profile decode/prefill steps and fit the performance model")
+    p.add_argument("--model", default="default", help="HF Llama directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--backend", default="bgmv", choices=("bgmv", "mbgmv"), help="kernel family to profile")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--out", required=True, help="profile JSON to write")
+    add_arguments(p, ProfileConfig)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from services.gpu_worker.engine_config import EngineConfig
+    from services.gpu_worker.profiler import ProfileConfig, profile
+    from shared.model_store import ModelStoreError, resolve_model_dir
+    from shared.perf_model import ProfileError
+
+    try:
+        config = from_namespace(ProfileConfig, args)
+        engine_config = EngineConfig(backend=args.backend, dtype=args.dtype, device=args.device,
+                                     max_batch_size=max(config.batch_sizes), kv_cache_bytes=1 << 30)
+        model_dir = resolve_model_dir(None if args.model == "default" else args.model)
+    except (ConfigError, ModelStoreError) as exc:
+        raise CliError(str(exc)) from None
+
+    def progress(done: int, total: int) -> None:
+        print(f"\rprofiling {args.backend}: {done}/{total} grid points", end="", file=sys.stderr, flush=True)
+
+    try:
+        model = profile(model_dir, engine_config, config, progress)
+    except ProfileError as exc:
+        raise CliError(f"fit failed: {exc}") from None
+    print(file=sys.stderr)
+    model.save(args.out)
+    summary = {"out": args.out, "backend": args.backend, "device": model.info.device_name,
+               "samples": len(model.samples),
+               "decode": {"terms": list(model.decode.terms), "r2_holdout": model.decode.r2_holdout},
+               "prefill": {"terms": list(model.prefill.terms), "r2_holdout": model.prefill.r2_holdout}}
+    print(json.dumps(summary, indent=1))
+    return 0

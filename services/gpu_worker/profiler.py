@@ -1,0 +1,186 @@
+"""Profiles the engine's real prefill and decode steps and fits the performance model.
+
+For each point of a grid (batch size x rank mix) the profiler submits a batch of
+requests with random prompt lengths, lets the engine prefill them (each prefill step is a
+``prefill`` sample) and then times a few decode steps over the whole batch (``decode``
+samples). Rank mixes are homogeneous (every request at rank r), heterogeneous (ranks
+drawn from the rank list) and base-only (rank 0, the no-LoRA reference the SLO derives
+from). Adapters are synthetic PEFT directories on the profiled model (16 per rank).
+The samples are fitted by :class:`shared.perf_model.PerfModel` and saved as a
+``caraserve.profile/1`` JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from services.gpu_worker.engine import LLMEngine
+from services.gpu_worker.engine_config import EngineConfig
+from services.gpu_worker.request import EngineRequest, SamplingParams
+from shared.config import check_choice, option, require
+from shared.llama_shape import PROJECTIONS, LlamaShape
+from shared.model_store import cache_root
+from shared.perf_model import PerfModel, ProfileInfo, current_device_name
+from shared.synthetic_adapters import write_adapter
+
+log = logging.getLogger(__name__)
+
+ADAPTERS_PER_RANK = 16
+
+
+@dataclass
+class ProfileConfig:
+    """The profiling grid."""
+
+    batch_sizes: tuple[int, ...] = option((1, 2, 4, 8, 16, 32, 64), "decode batch sizes",
+                                          default_factory=lambda: (1, 2, 4, 8, 16, 32, 64))
+    ranks: tuple[int, ...] = option((8, 16, 32, 64), "adapter ranks", default_factory=lambda: (8, 16, 32, 64))
+    mixed_draws: int = option(2, "heterogeneous rank mixes per batch size")
+    decode_steps: int = option(5, "decode steps timed per grid point (their median is one sample)")
+    prompt_min: int = option(32, "shortest prompt (tokens)")
+    prompt_max: int = option(256, "longest prompt (tokens)")
+    targets: tuple[str, ...] = option(PROJECTIONS, "projections the synthetic adapters adapt",
+                                      default_factory=lambda: PROJECTIONS)
+    seed: int = option(0, "seed of prompts and rank mixes")
+    holdout_fraction: float = option(0.25, "share of samples held out for R^2")
+
+    def __post_init__(self) -> None:
+        require(all(b >= 1 for b in self.batch_sizes) and self.batch_sizes, "batch sizes must be >= 1")
+        require(all(r >= 1 for r in self.ranks) and self.ranks, "ranks must be >= 1")
+        require(self.decode_steps >= 1 and self.mixed_draws >= 0, "decode_steps >= 1, mixed_draws >= 0")
+        require(1 <= self.prompt_min <= self.prompt_max, "need 1 <= prompt_min <= prompt_max")
+        for t in self.targets:
+            check_choice("targets", t, PROJECTIONS)
+        require(0.0 < self.holdout_fraction < 1.0, "holdout_fraction must be in (0, 1)")
+
+
+@dataclass
+class GridPoint:
+    batch: int
+    ranks: list[int]  # one per request; 0 = base model
+
+
+@dataclass
+class Profiler:
+    engine: LLMEngine
+    config: ProfileConfig
+    adapters_by_rank: dict[int, list[str]]
+    progress: Callable[[int, int], None] = lambda done, total: None
+    samples: list[dict] = field(default_factory=list)
+    _serial: int = 0
+
+    def grid(self) -> list[GridPoint]:
+        rng = random.Random(self.config.seed)
+        points = []
+        for batch in self.config.batch_sizes:
+            points.append(GridPoint(batch, [0] * batch))
+            points += [GridPoint(batch, [r] * batch) for r in self.config.ranks]
+            points += [GridPoint(batch, [rng.choice(self.config.ranks) for _ in range(batch)])
+                       for _ in range(self.config.mixed_draws)]
+        return points
+
+    def run(self) -> list[dict]:
+        points = self.grid()
+        self._measure(GridPoint(4, [self.config.ranks[-1]] * 4), record=False)  # warm-up
+        for i, point in enumerate(points):
+            self._measure(point, record=True)
+            self.progress(i + 1, len(points))
+        return self.samples
+
+    def _measure(self, point: GridPoint, record: bool) -> None:
+        rng = random.Random(self.config.seed * 7919 + self._serial)
+        ids = []
+        for i, rank in enumerate(point.ranks):
+            self._serial += 1
+            rid = f"profile-{self._serial}"
+            adapter = self.adapters_by_rank[rank][i % ADAPTERS_PER_RANK] if rank else None
+            vocab = self.engine.model.config.vocab_size
+            length = rng.randint(self.config.prompt_min, self.config.prompt_max)
+            prompt = [rng.randrange(3, vocab) for _ in range(length)]
+            params = SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True)
+            self.engine.add_request(EngineRequest(rid, prompt, adapter, params))
+            ids.append(rid)
+        self._run_until_all_decode(point.batch, record)
+        self._decode_sample(record)
+        for rid in ids:
+            self.engine.abort(rid)
+        while self.engine.has_unfinished():
+            self.engine.step()
+
+    def _run_until_all_decode(self, batch: int, record: bool) -> None:
+        while len(self.engine.admission.running) < batch or self.engine.admission.waiting:
+            self._timed_step(record)
+        self._timed_step(record)  # the last prefill's sequences produced their first token; next is decode
+
+    def _timed_step(self, record: bool) -> float:
+        """One engine step; a pure prefill step is recorded as a sample. Returns its µs."""
+        start = time.perf_counter()
+        self.engine.step()
+        elapsed_us = (time.perf_counter() - start) * 1e6
+        plan = self.engine.last_plan
+        if record and plan and plan.prefill and not plan.decode:
+            self.samples.append(_sample("prefill", plan.prefill, elapsed_us))
+        return elapsed_us
+
+    def _decode_sample(self, record: bool) -> None:
+        """Time ``decode_steps`` decode steps of the whole batch; their median is one sample
+        (context lengths grow by one token per step, so the middle step's are recorded)."""
+        times, sample = [], None
+        for i in range(self.config.decode_steps):
+            times.append(self._timed_step(record=False))
+            if i == self.config.decode_steps // 2:
+                sample = _sample("decode", self.engine.last_plan.decode, 0.0)
+        if record and sample:
+            sample["latency_us"] = statistics.median(times)
+            self.samples.append(sample)
+
+
+def _sample(phase: str, seqs: list, latency_us: float) -> dict:
+    return {"phase": phase, "ranks": [s.rank for s in seqs], "tokens": [s.num_tokens for s in seqs],
+            "adapters": [s.adapter for s in seqs], "latency_us": latency_us}
+
+
+def ensure_adapters(model_dir: Path, ranks: tuple[int, ...], targets: tuple[str, ...]) -> dict[int, dict[str, Path]]:
+    """Synthetic adapters for profiling: ADAPTERS_PER_RANK per rank, written once into the cache."""
+    shape = LlamaShape.from_model_dir(model_dir)
+    key = hashlib.sha1(f"{Path(model_dir).resolve()}|{'.'.join(targets)}".encode()).hexdigest()[:10]
+    root = cache_root() / "profile-adapters" / key
+    out: dict[int, dict[str, Path]] = {}
+    for rank in ranks:
+        out[rank] = {}
+        for i in range(ADAPTERS_PER_RANK):
+            name = f"profile-r{rank}-{i}"
+            path = root / name
+            if not (path / "adapter_model.safetensors").is_file():
+                write_adapter(path, shape, rank, targets, seed=rank * 1000 + i, base_model=Path(model_dir).name)
+            out[rank][name] = path
+    return out
+
+
+def model_digest(model_dir: Path) -> str:
+    """Identity of a model's weights: its config and the names and sizes of its weight files."""
+    h = hashlib.sha256((Path(model_dir) / "config.json").read_bytes())
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def profile(model_dir: Path, engine_config: EngineConfig, config: ProfileConfig,
+            progress: Callable[[int, int], None] = lambda d, t: None) -> PerfModel:
+    """Profile ``engine_config.backend`` on this device and fit the performance model."""
+    adapters = ensure_adapters(model_dir, config.ranks, config.targets)
+    paths = {name: path for by_name in adapters.values() for name, path in by_name.items()}
+    engine = LLMEngine(model_dir, engine_config, paths)
+    profiler = Profiler(engine, config, {r: list(names) for r, names in adapters.items()}, progress)
+    samples = profiler.run()
+    device = engine_config.resolved_device()
+    info = ProfileInfo(backend=engine_config.backend, device=device, device_name=current_device_name(device),
+                       model=Path(model_dir).name, model_digest=model_digest(model_dir), dtype=engine_config.dtype)
+    return PerfModel.fit(samples, info, holdout_fraction=config.holdout_fraction, seed=config.seed)

@@ -1,0 +1,47 @@
+"""The profiler measures real engine steps and writes a profile the perf model loads back."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.gpu_worker import profiler as profiler_mod
+from services.gpu_worker.engine_config import EngineConfig
+from services.gpu_worker.profiler import ProfileConfig, profile
+from shared.config import ConfigError
+from shared.perf_model import PerfModel, ProfileMismatchError
+
+
+@pytest.fixture
+def few_adapters(monkeypatch, tmp_path):
+    monkeypatch.setenv("CARASERVE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(profiler_mod, "ADAPTERS_PER_RANK", 2)
+
+
+@pytest.mark.parametrize("backend", ["bgmv", "mbgmv"])
+def test_profile_samples_real_steps_and_round_trips(backend, tiny_model_dir, tmp_path, few_adapters):
+    config = ProfileConfig(batch_sizes=(1, 2, 4), ranks=(8, 32), mixed_draws=1, decode_steps=3, prompt_min=4,
+                           prompt_max=12)
+    seen = []
+    model = profile(tiny_model_dir, EngineConfig(backend=backend, dtype="float32", device="cpu"), config,
+                    lambda done, total: seen.append((done, total)))
+    decode = [s for s in model.samples if s["phase"] == "decode"]
+    assert len(decode) == len(profiler_mod.Profiler.grid(profiler_mod.Profiler(None, config, {}))) == seen[-1][1]
+    assert {len(s["ranks"]) for s in decode} == {1, 2, 4}
+    assert any(set(s["ranks"]) == {0} for s in decode) and any(8 in s["ranks"] and 32 in s["ranks"] for s in decode)
+    assert all(s["latency_us"] > 0 for s in model.samples)
+    assert any(s["phase"] == "prefill" for s in model.samples)
+    path = tmp_path / "p.json"
+    model.save(path)
+    loaded = PerfModel.load(path, expect_model=tiny_model_dir.name, expect_device=model.info.device_name)
+    assert loaded.info.backend == backend and loaded.decode.terms
+    with pytest.raises(ProfileMismatchError):
+        PerfModel.load(path, expect_device="NVIDIA H100 80GB HBM3")
+    with pytest.raises(ProfileMismatchError):
+        PerfModel.load(path, expect_model="Llama-2-7b")
+
+
+def test_bad_grid_is_rejected():
+    with pytest.raises(ConfigError):
+        ProfileConfig(batch_sizes=(0,))
+    with pytest.raises(ConfigError):
+        ProfileConfig(targets=("lm_head",))
