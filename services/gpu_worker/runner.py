@@ -26,7 +26,18 @@ class StepBatch:
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata
     last_index: torch.Tensor  # [N] the token whose logits sample each sequence's next token
-    segments: list[LoraSegment]
+    segments: list[LoraSegment]  # one per request; adjacent requests of one resident adapter share one
+
+
+def _add_segment(segments: list[LoraSegment], seg: LoraSegment) -> None:
+    """Append ``seg``, merging it into the previous segment when both are the same resident adapter
+    on adjacent tokens (the LoRA kernel then reads that adapter's weights once for all of them)."""
+    prev = segments[-1] if segments else None
+    if (prev is not None and prev.end == seg.start and prev.adapter is seg.adapter and prev.adapter is not None
+            and prev.external is None and seg.external is None):
+        prev.end = seg.end
+    else:
+        segments.append(seg)
 
 
 class ModelRunner:
@@ -60,8 +71,8 @@ class ModelRunner:
                 decode_idx.append(start)
             last.append(len(ids) - 1)
             if seq.adapter is not None:
-                segments.append(LoraSegment(start, len(ids), self.adapters.device_adapter(seq.adapter),
-                                            self.adapters.delta_source(seq.adapter)))
+                _add_segment(segments, LoraSegment(start, len(ids), self.adapters.device_adapter(seq.adapter),
+                                                   self.adapters.delta_source(seq.adapter)))
         meta = AttentionMetadata(self._tensor(slots), prefill_ranges)
         if decode_idx:
             self._decode_metadata(meta, [e[0] for e in entries if not e[1]], decode_idx)
