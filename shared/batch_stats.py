@@ -68,6 +68,10 @@ class BatchStats:
         """A copy of the rank histogram {rank: requests}."""
         return dict(self._rank_counts)
 
+    def adapter_counts(self) -> dict[Hashable, int]:
+        """A copy of the adapter histogram {adapter: requests} (requests without one are not counted)."""
+        return dict(self._adapter_counts)
+
     def add(self, rank: int, tokens: int = 0, adapter: Hashable | None = None) -> None:
         """Add one request of ``rank`` holding ``tokens`` tokens, using ``adapter``."""
         if not 0 <= rank <= MAX_RANK:

@@ -24,6 +24,8 @@ class SchedulerConfig:
     submit_timeout_s: float = option(1.0, "how long a worker may take to acknowledge a submit")
     pending_ttl_s: float = option(5.0, "longest a routed request counts as pending on a worker")
     grace_s: float = option(5.0, "on shutdown, how long in-flight routes may finish")
+    decision_log: str = option("", "write every routing decision (policy inputs and choice) to this JSON-lines "
+                                   "file, truncated at start ({name}: the replica's name); empty: off")
 
     def __post_init__(self) -> None:
         require(bool(self.nats_url), "nats_url must not be empty")

@@ -30,6 +30,7 @@ from nats.errors import NoRespondersError
 from opentelemetry import trace
 
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.decision_log import DecisionLog
 from services.scheduler.fleet import Fleet
 from services.scheduler.policies import NoCapacity, Policy, PolicyConfig, make_policy
 from services.scheduler.policies import RouteRequest as PolicyRequest
@@ -88,6 +89,7 @@ class SchedulerService:
         self.bus: Bus | None = None
         self.telemetry: Telemetry | None = None
         self.routed = 0
+        self.decisions: DecisionLog | None = None
         self._changed: ChangeSignal | None = None
 
     @classmethod
@@ -111,6 +113,10 @@ class SchedulerService:
         self.telemetry = setup_telemetry(SERVICE_NAME)
         stack.callback(self.telemetry.shutdown)
         self._changed = ChangeSignal()
+        if self.config.decision_log:
+            self.decisions = DecisionLog.open(self.config.decision_log, self.config.name, self.policy,
+                                              self.config.profile)
+            stack.callback(self.decisions.close)
         self.bus = await Bus.open(self.config.nats_url, self.config.name, stack, self.config.grace_s)
         await self.bus.listen(subjects.STATE_ALL, WorkerState, self._on_state)
         reaper = asyncio.get_running_loop().create_task(self._reap(), name="scheduler reaper")
@@ -169,12 +175,19 @@ class SchedulerService:
                 raise ServiceError(info.code, info.message)
 
     def _choose(self, request: RouteRequest, load: RequestLoad, excluded: set[str]) -> str | NoCapacity:
-        records = self.fleet.candidates(request, self.clock(), excluded)
-        if not records:
-            what = f"model {request.model!r}" + (f" with adapter {request.adapter!r}" if request.adapter else "")
-            return NoCapacity(f"no live worker serves {what}")
+        now = self.clock()
+        records = self.fleet.candidates(request, now, excluded)
         wanted = PolicyRequest(rank=load.rank, prompt_tokens=load.context_tokens, adapter=request.adapter)
-        return self.policy.choose([r.view for r in records], wanted)
+        started = time.perf_counter()
+        if records:
+            choice = self.policy.choose([r.view for r in records], wanted)
+        else:
+            what = f"model {request.model!r}" + (f" with adapter {request.adapter!r}" if request.adapter else "")
+            choice = NoCapacity(f"no live worker serves {what}")
+        if self.decisions is not None:
+            self.decisions.record(request.request_id, request.attempt, wanted, records, excluded, choice, now,
+                                  time.perf_counter() - started)
+        return choice
 
     async def _submit(self, request: RouteRequest, load: RequestLoad, worker_id: str, deadline: float) -> bool:
         """Forward to ``worker_id``; True once it acknowledged, False to try another worker."""
