@@ -151,8 +151,24 @@ class LLMEngine:
                 raise RequestError(str(exc)) from None
         seq = Sequence(request.request_id, ids, request.adapter, request.params, rank=rank)
         seq.generator = make_generator(request.params.seed) if request.params.temperature > 0 else None
-        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids)
+        resumed = request.resumed_tokens
+        if not 0 <= resumed < len(ids):
+            raise RequestError(f"resumed_tokens must be in [0, {len(ids)}) for {len(ids)} prompt tokens")
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, ids[:len(ids) - resumed])
+        self._replay_text(seq, ids[len(ids) - resumed:])
         return seq
+
+    @staticmethod
+    def _replay_text(seq: Sequence, streamed_ids: list[int]) -> None:
+        """Detokenize tokens an earlier engine streamed, one at a time as it did, without emitting.
+
+        Its text becomes this sequence's text, and as much of it counts as emitted as that
+        engine's :meth:`_delta` had released (all but the stop-string hold-back).
+        """
+        for token in streamed_ids:
+            seq.text += seq.detokenizer.step([token])
+        hold = max(len(s) for s in seq.params.stop) - 1 if seq.params.stop else 0
+        seq.emitted_chars = max(0, len(seq.text) - hold)
 
     def _apply_commands(self) -> list[RequestOutput]:
         outputs = []

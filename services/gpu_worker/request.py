@@ -45,12 +45,18 @@ class SamplingParams:
 
 @dataclass
 class EngineRequest:
-    """One generation request as the engine sees it (already tokenized)."""
+    """One generation request as the engine sees it (already tokenized).
+
+    ``resumed_tokens``: how many trailing ``prompt_token_ids`` another engine already generated
+    and streamed (a request re-routed after a worker loss). Their text is not emitted again,
+    but detokenizing and stop matching continue from them as if nothing had happened.
+    """
 
     request_id: str
     prompt_token_ids: list[int]
     adapter: str | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
+    resumed_tokens: int = 0
 
 
 @dataclass

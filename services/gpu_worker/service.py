@@ -140,7 +140,8 @@ class GpuWorkerService:
         if self._thread is None or not self._thread.alive:
             raise ServiceError("worker_error", "the engine is not running")
         request = EngineRequest(submit.request_id, submit.prompt_token_ids + submit.generated_token_ids,
-                                submit.adapter, sampling_params(submit))
+                                submit.adapter, sampling_params(submit),
+                                resumed_tokens=len(submit.generated_token_ids))
         self._tracked[submit.request_id] = Tracked(submit, extract_context(msg.headers))
         try:
             self.engine.add_request(request)
