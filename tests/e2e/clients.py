@@ -13,6 +13,10 @@ from shared import subjects
 from shared.bus import Bus
 from shared.schemas import Chunk, GenerateRequest, WorkerState
 
+OTEL_VARS = ("OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER", "OTEL_SERVICE_NAME",
+             "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+             "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL")  # what the services read
+
 
 def openai_client(http_url: str) -> openai.OpenAI:
     """The official client on the gateway (open mode: any key works); no retries hide failures."""
@@ -90,6 +94,7 @@ class StateWatch:
     def __init__(self) -> None:
         self.latest: dict[str, WorkerState] = {}
         self.placed: dict[str, str] = {}  # request id -> the last worker whose state held it
+        self.blocks_in_use: dict[str, int] = {}  # request id -> most KV blocks in use on its worker meanwhile
         self._changed = asyncio.Event()
 
     async def start(self, bus: Bus) -> StateWatch:
@@ -98,7 +103,10 @@ class StateWatch:
 
     def _on_state(self, state: WorkerState, msg: object) -> None:
         self.latest[state.worker_id] = state
-        self.placed.update((request_id, state.worker_id) for request_id in state.request_ids())
+        in_use = state.total_kv_blocks - state.free_kv_blocks
+        for request_id in state.request_ids():
+            self.placed[request_id] = state.worker_id
+            self.blocks_in_use[request_id] = max(self.blocks_in_use.get(request_id, 0), in_use)
         self._changed.set()
 
     async def wait_for(self, predicate: Callable[[dict[str, WorkerState]], bool], timeout_s: float) -> None:

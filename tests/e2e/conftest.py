@@ -19,13 +19,11 @@ import pytest
 
 from launcher.local_stack import LocalStack, StackConfig
 from shared.bus import Bus
+from tests.e2e.clients import OTEL_VARS
 from tests.service.rotel import RotelCollector
 
 WORKERS = 2
 SCHEDULERS = 2
-OTEL_VARS = ("OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER", "OTEL_SERVICE_NAME",
-             "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-             "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL")
 
 
 def copy_adapters(adapters: dict[str, Path], root: Path) -> Path:
@@ -39,7 +37,7 @@ def copy_adapters(adapters: dict[str, Path], root: Path) -> Path:
 def stack_config(model_dir: Path, adapter_root: Path, run_dir: Path, collector: RotelCollector) -> StackConfig:
     env = {"CARASERVE_DTYPE": "float32", "CARASERVE_NUM_KV_BLOCKS": "256",
            "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "50",
-           "OTEL_METRIC_EXPORT_INTERVAL": "200"}
+           "OTEL_METRIC_EXPORT_INTERVAL": "1000"}
     return StackConfig(model=str(model_dir), adapter_dir=str(adapter_root), http_port=0, nats_port=0,
                        workers=WORKERS, schedulers=SCHEDULERS, ready_timeout_s=120, run_dir=str(run_dir),
                        extra_env=env)

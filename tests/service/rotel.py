@@ -83,6 +83,7 @@ class RotelCollector:
         return parse_spans(self.text())
 
 
+_NOT_SPAN_ATTRIBUTES = ("Events:", "Links:", "ResourceMetrics #", "ResourceLogs #")
 _FIELD = re.compile(r"^\s*(Trace ID|Parent ID|ID|Name)\s*:\s*(.*)$")
 _ATTR = re.compile(r"^\s*-> ([\w.]+): \w+\((.*)\)$")
 
@@ -101,6 +102,8 @@ def parse_spans(text: str) -> list[SpanRecord]:
         elif line.startswith("Span #"):
             current = {"attributes": {}}
             spans.append(current)  # type: ignore[arg-type]
+        elif line.startswith(_NOT_SPAN_ATTRIBUTES):
+            current = None  # what follows (span events, links, metrics) is not the span's own
         elif (attr := _ATTR.match(line)) is not None:
             if in_resource and attr.group(1) == "service.name":
                 service = attr.group(2)

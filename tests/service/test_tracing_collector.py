@@ -12,7 +12,7 @@ from shared import subjects
 from shared.schemas import AdapterInfo, Chunk, GenerateRequest
 from shared.telemetry import ExportSettings, setup_telemetry
 from tests.service.helpers import client, start_gateway, start_scheduler, start_worker, wait_until
-from tests.service.rotel import RotelCollector, SpanRecord
+from tests.service.rotel import RotelCollector, SpanRecord, parse_spans
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -96,3 +96,39 @@ def test_no_endpoint_means_no_op_telemetry():
     assert explicit.service_name == "s"
     assert ExportSettings.from_env({"OTEL_SDK_DISABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://h"}) \
         == ExportSettings()
+
+
+ROTEL_SAMPLE = """\
+ResourceSpans #0
+Resource attributes:
+     -> service.name: Str(caraserve-gateway)
+ScopeSpans #0
+Span #0
+    Trace ID       : 4c872260ac66a4a23eb91f413d63ae92
+    Parent ID      : 
+    ID             : 49c5034d8fc918a9
+    Name           : gateway.request
+Start time: 1795501263045555931
+Attributes:
+     -> request.id: Str(r-1)
+     -> worker.id: Str(worker-1)
+Events:
+SpanEvent #0
+     -> Name: worker_lost
+     -> Attributes::
+          -> worker.id: Str(worker-0)
+ResourceMetrics #0
+Resource attributes:
+     -> service.name: Str(caraserve-worker-1)
+ScopeMetrics #0
+Metric #0
+NumberDataPoints #0
+Data point attributes:
+     -> adapter: Str(sql)
+"""
+
+
+def test_span_parser_keeps_event_and_metric_attributes_out_of_spans():
+    [span] = parse_spans(ROTEL_SAMPLE)
+    assert span.service == "caraserve-gateway" and span.name == "gateway.request" and span.parent_id == ""
+    assert span.attributes == {"request.id": "r-1", "worker.id": "worker-1"}
