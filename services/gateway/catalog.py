@@ -66,6 +66,10 @@ class Catalog:
             added += 1
         return added
 
+    def remove(self, name: str) -> None:
+        """Forget ``name`` (it was unloaded)."""
+        self._adapters.pop(name, None)
+
     def merge(self, listing: AdapterList) -> None:
         """Add the adapters a worker reports."""
         for info in listing.adapters:

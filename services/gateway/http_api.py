@@ -2,8 +2,9 @@
 
 - ``POST /v1/completions`` and ``POST /v1/chat/completions`` (``stream`` true: SSE ending
   with ``data: [DONE]``; false: one JSON object);
-- ``GET /v1/models``: the base model and the adapters (each with ``parent``), filtered to
-  what the caller's tenant may use;
+- ``GET /v1/models``: the base model and the adapters (each with ``parent`` and the
+  ``workers`` holding it, with their tier), filtered to what the caller's tenant may use;
+- ``POST /v1/load_lora_adapter`` / ``/v1/unload_lora_adapter``: see ``adapter_admin.py``;
 - ``GET /health``.
 
 Errors are OpenAI-style ``{"error": {"message", "type", "code"}}`` with the status from
@@ -22,6 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
+from services.gateway.adapter_holders import AdapterHolders
 from services.gateway.openai_format import error_body, generate_request, response_body, sse_events
 from services.gateway.prepare import PreparedRequest, RequestPreparer
 from services.gateway.relay import Relay, RequestStream
@@ -48,10 +50,12 @@ def bearer_key(request: web.Request) -> str | None:
 class HttpApi:
     """Request handlers bound to the gateway's preparer and relay."""
 
-    def __init__(self, preparer: RequestPreparer, relay: Relay, health: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, preparer: RequestPreparer, relay: Relay, health: Callable[[], dict[str, Any]],
+                 holders: AdapterHolders | None = None) -> None:
         self.preparer = preparer
         self.relay = relay
         self.health = health
+        self.holders = holders
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES)
@@ -117,7 +121,7 @@ class HttpApi:
         data = [{"id": base, "object": "model", "created": catalog.created, "owned_by": OWNER, "root": base,
                  "parent": None}]
         data += [{"id": a.name, "object": "model", "created": a.created, "owned_by": OWNER, "root": base,
-                  "parent": base, "rank": a.rank}
+                  "parent": base, "rank": a.rank, "workers": self.holders.holders(a.name) if self.holders else []}
                  for a in catalog.adapters() if tenancy.may_use(tenant, a.name)]
         return web.json_response({"object": "list", "data": data})
 

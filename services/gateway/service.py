@@ -20,6 +20,8 @@ from typing import Any
 from aiohttp import web
 from nats.errors import Error as NatsError
 
+from services.gateway.adapter_admin import AdapterAdmin
+from services.gateway.adapter_holders import AdapterHolders
 from services.gateway.catalog import Catalog
 from services.gateway.config import GatewayConfig
 from services.gateway.http_api import HttpApi
@@ -64,6 +66,7 @@ class GatewayService:
         self.catalog: Catalog | None = None
         self.relay: Relay | None = None
         self.watch = WorkerWatch(config.worker_timeout_s)
+        self.holders = AdapterHolders(config.worker_timeout_s)
         self.http_port: int | None = None
         self.model_name = ""
 
@@ -87,7 +90,7 @@ class GatewayService:
         stack.callback(self.telemetry.shutdown)
         preparer = await self._load_model()
         self.bus = bus = await Bus.open(config.nats_url, config.name, stack, config.grace_s)
-        await bus.listen(subjects.STATE_ALL, WorkerState, self.watch.on_state)
+        await bus.listen(subjects.STATE_ALL, WorkerState, self._on_state)
         _background(stack, self.watch.run(), "worker watch")
         inbox = ChunkInbox(bus)
         await inbox.start()
@@ -99,7 +102,8 @@ class GatewayService:
         if config.adapters_refresh_s > 0:
             _background(stack, self._refresh_adapters(), "adapter refresh")
         if config.http_port >= 0:
-            await self._start_http(stack, HttpApi(preparer, self.relay, self.health))
+            admin = AdapterAdmin(bus, self.catalog, preparer.tenancy, self.watch, self.holders, config.adapter_dir)
+            await self._start_http(stack, HttpApi(preparer, self.relay, self.health, self.holders), admin)
         logger.info("gateway %s serving %s (model %s, %d adapters) and HTTP on %s:%s", config.name,
                     subjects.GENERATE, self.model_name, len(self.catalog or ()), config.http_host, self.http_port)
 
@@ -118,8 +122,14 @@ class GatewayService:
         return RequestPreparer(tokenizer, self.catalog, tenancy, context_length(model_dir, config.max_model_len),
                                config.default_max_tokens)
 
-    async def _start_http(self, stack: contextlib.AsyncExitStack, api: HttpApi) -> None:
-        runner = web.AppRunner(api.app(), handler_cancellation=True, shutdown_timeout=self.config.grace_s,
+    def _on_state(self, state: WorkerState, msg) -> None:
+        self.watch.on_state(state, msg)
+        self.holders.observe(state.worker_id, state.adapters)
+
+    async def _start_http(self, stack: contextlib.AsyncExitStack, api: HttpApi, admin: AdapterAdmin) -> None:
+        app = api.app()
+        admin.add_routes(app)
+        runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=self.config.grace_s,
                                access_log=None)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)

@@ -41,6 +41,10 @@ class Tenancy:
                 return tenant
         raise ServiceError("invalid_api_key", "incorrect API key provided")
 
+    def grant(self, tenant: str, adapter: str) -> None:
+        """Let ``tenant`` use ``adapter`` (it registered it at runtime)."""
+        self._allowed.setdefault(tenant, set()).add(adapter)
+
     def may_use(self, tenant: str, adapter: str | None) -> bool:
         """Whether ``tenant`` may use ``adapter`` (None, the base model, is always allowed)."""
         if adapter is None or self.open:

@@ -11,7 +11,9 @@ transfer, :meth:`send` issues one group's copies and returns a handle, and
   copy is a real memory copy, and the loader thread then sleeps until the time an
   EMULATED link of ``gbps`` GB/s (1e9 bytes/s) and ``latency_ms`` would have delivered
   it: a transfer of ``n`` bytes costs ``latency + n / G``, the latency charged once per
-  adapter load. The sleep is the emulated wire, on the loader thread only.
+  adapter load. The sleep is the emulated wire, on the loader thread only. The copy is a
+  plain single-threaded byte copy (numpy), so the loader never starts a torch intra-op
+  thread team that would compete with the step loop's for the cores.
 """
 
 from __future__ import annotations
@@ -20,11 +22,19 @@ import logging
 import time
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
 
 Weights = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+
+def byte_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of CPU tensor ``t`` made with one single-threaded memcpy (same dtype and shape)."""
+    src = t.contiguous()
+    raw = src.view(torch.uint8) if src.dim() else src.reshape(1).view(torch.uint8)
+    return torch.from_numpy(np.array(raw.numpy(), copy=True)).view(t.dtype).reshape(t.shape)
 
 
 def weights_nbytes(weights: Weights) -> int:
@@ -50,9 +60,9 @@ class Link(Protocol):
 class EmulatedLink:
     """An EMULATED host-to-device link: ``latency + bytes / G`` per adapter load."""
 
-    def __init__(self, gbps: float, latency_ms: float, device: str = "cpu",
+    def __init__(self, gbps: float, latency_ms: float,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
-        self.gbps, self.latency_s, self.device = gbps, latency_ms / 1e3, device
+        self.gbps, self.latency_s = gbps, latency_ms / 1e3
         self._clock, self._sleep = clock, sleep
         self._deadline = 0.0
         self.emulated = gbps > 0 or latency_ms > 0
@@ -68,7 +78,7 @@ class EmulatedLink:
         self._deadline = self._clock() + self.latency_s
 
     def send(self, weights: Weights) -> tuple[Weights, object]:
-        copied = {k: (a.to(self.device, copy=True), b.to(self.device, copy=True)) for k, (a, b) in weights.items()}
+        copied = {k: (byte_copy(a), byte_copy(b)) for k, (a, b) in weights.items()}
         if self.gbps > 0:
             self._deadline += weights_nbytes(weights) / (self.gbps * 1e9)
         return copied, self._deadline
@@ -119,4 +129,4 @@ def make_link(device: str, gbps: float, latency_ms: float) -> Link:
         if gbps > 0 or latency_ms > 0:
             log.warning("--emulate-link-* applies to CPU-only hosts; using the real CUDA link")
         return CudaLink(device)
-    return EmulatedLink(gbps, latency_ms, device)
+    return EmulatedLink(gbps, latency_ms)

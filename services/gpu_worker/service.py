@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from nats.aio.msg import Msg
 from opentelemetry import context as otel_context
 
+from services.gpu_worker.adapter_admin import AdapterAdmin
 from services.gpu_worker.engine import EngineStats, LLMEngine, RunningInfo
 from services.gpu_worker.engine_config import EngineConfig
 from services.gpu_worker.request import EngineRequest, RequestError, RequestOutput, SamplingParams
@@ -109,6 +110,7 @@ class GpuWorkerService:
         wid = self.config.worker_id
         await self.bus.serve(subjects.worker_submit(wid), WorkerSubmit, self._on_submit)
         await self.bus.serve(subjects.worker_cancel(wid), CancelRequest, self._on_cancel)
+        await AdapterAdmin(wid, self.engine.adapters).serve(self.bus)
         logger.info("gpu_worker %s serving %s (%s, backend %s)", wid, self.model_name,
                     self.engine_config.resolved_device(), self.engine_config.backend)
 

@@ -5,8 +5,9 @@
 :class:`AdapterLoader`. How a request whose adapter is not on the device proceeds is the
 serving mode (``ResidencyConfig.cold_start``):
 
-* ``cached``: every adapter known at start-up is preloaded and never evicted; the budget
-  is unbounded (the ideal the paper measures against);
+* ``cached``: every adapter known at start-up is queued for loading at once (served by the
+  loader thread as the step loop polls; :meth:`pending_loads` says how many remain) and
+  never evicted; the budget is unbounded (the ideal the paper measures against);
 * ``on_demand``: the request's arrival (:meth:`prefetch`) queues a load; admission skips
   it until :meth:`ready` says every layer is resident (as S-LoRA does), while running
   requests keep decoding.
@@ -117,35 +118,10 @@ class TieredAdapters:
                  "unbounded" if self.cache.budget_bytes == sys.maxsize else self.cache.budget_bytes,
                  config.host_adapter_bytes, ", EMULATED link" if getattr(self.link, "emulated", False) else "")
         if config.cold_start == "cached":
-            self._preload_all()
-
-    # ---- start-up preloading (cached mode) ---------------------------------------------
-    def _preload_all(self) -> None:
-        records = {r.name: r for r in self.registry.discover()}
-        records.update({r.name: r for r in self.registry.records()})
-        log.info("cached mode: preloading %d adapters onto the device", len(records))
-        for record in records.values():
-            try:
-                self.preload(record)
-            except AdapterError as exc:
-                log.error("cannot preload %s", exc)
-                self._failures[record.name] = str(exc)
-
-    def preload(self, record: AdapterRecord) -> None:
-        """Copy ``record`` onto the device now, synchronously, without the (emulated) link."""
-        with self._lock:
-            if record.name in self.cache:
-                return
-            host = self.host_store.get(record)
-            weights = {k: (a.to(self.device, copy=True), b.to(self.device, copy=True))
-                       for k, (a, b) in host.weights.items()}
-            self.counters.evictions += len(self.cache.reserve(record.name, record.nbytes,
-                                                              self._empty_adapter(record), record.pinned))
-            entry = self.cache.get(record.name)
-            assert entry is not None
-            entry.adapter.weights.update(weights)
-            entry.resident_layers.update(k[0] for k in weights)
-            entry.resident = True
+            self.registry.discover()
+            for record in self.registry.records():
+                self._want(record.name)
+            log.info("cached mode: %d adapters queued for preloading", len(self._pending))
 
     @staticmethod
     def _empty_adapter(record: AdapterRecord) -> LoraAdapter:
@@ -347,6 +323,16 @@ class TieredAdapters:
         entry = self.cache.get(name)
         if entry is not None:
             entry.fresh = False
+
+    def loads_in_flight(self) -> int:
+        """Loads submitted to the loader and not yet fully landed."""
+        with self._lock:
+            return len(self._jobs)
+
+    def pending_loads(self) -> int:
+        """Loads in flight plus loads waiting for device space (cached mode: preloads left)."""
+        with self._lock:
+            return len(self._jobs) + len(self._pending)
 
     def wait_for_progress(self, timeout: float) -> bool:
         """Block until a load makes progress or ``timeout`` passes (idle step loops, benches)."""

@@ -25,12 +25,16 @@ class AdapterInfo(Struct):
 
 @dataclass
 class AdapterLoad(Message):
-    """Load the PEFT adapter directory ``path`` under ``name`` (``pinned`` keeps it on device)."""
+    """Load the PEFT adapter directory ``path`` under ``name`` (``pinned`` keeps it on device).
+
+    ``owner`` is the tenant that registered it (None: registered by the operator).
+    """
 
     KIND = "adapter_load"
     name: str = spec(pattern=NAME_PATTERN)
     path: str = spec(min_len=1, max_len=4096)
     pinned: bool = False
+    owner: str | None = spec(None, min_len=1, max_len=128)
 
 
 @dataclass

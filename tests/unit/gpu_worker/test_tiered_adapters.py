@@ -181,5 +181,11 @@ def test_residency_report(make_manager, one):
 
 def test_cached_mode_preloads_everything(make_manager):
     m = make_manager(cold_start="cached", device_adapter_bytes=1)
-    assert all(m.ready(n) for n in SMALL + ["big"])  # ready at construction, budget unbounded
-    assert m.residency()["device"]["budget_bytes"] is None and m.counters.loads == 0
+    assert m.pending_loads() == len(SMALL) + 1  # queued at construction, loaded as the step loop polls
+    deadline = time.monotonic() + 10
+    while m.pending_loads():
+        assert time.monotonic() < deadline
+        m.poll()
+        m.wait_for_progress(0.02)
+    assert all(m.ready(n) for n in SMALL + ["big"])  # budget unbounded: nothing was evicted
+    assert m.residency()["device"]["budget_bytes"] is None and m.counters.evictions == 0

@@ -1,0 +1,447 @@
+"""Cold-start benchmark: CACHED vs ON-DEMAND adapter residency on the 512-adapter MAF trace.
+
+What it runs, in one process, on ``LLMEngine`` directly:
+
+* **Adapters:** 512 random rank-64 LoRA adapters on q_proj, k_proj and v_proj (the paper's
+  setting), real PEFT directories generated once, seeded (``bench/random_adapters.py``).
+  The cached engine's preload reads all 512 into a host store that the on_demand engine
+  shares, so an on_demand miss costs a host-to-device copy, as in the paper.
+* **Model:** SmolLM2-135M in bf16 (``shared.model_store.default_model_dir()``).
+* **Link:** on a CPU-only host the host-to-device link is EMULATED: the bench measures a
+  256-token prefill with a rank-64 adapter, then sets G so that one adapter load takes
+  ``--load-fraction`` (25%) of it, with ``--latency-ms`` latency: a load costs
+  ``latency + bytes / G``. On CUDA the real link is used and its effective speed reported.
+* **Workload:** the first ``n`` arrivals of ``maf_trace_512_scale_0.4.txt``, rescaled in time
+  so they arrive within ``--window-s`` seconds; adapters drawn from ``popularity_512.npy``;
+  prompt and output lengths uniform in ``--prompt-range`` / ``--output-range``. ``n`` is
+  derived from the measured prefill and decode speed so the engine runs at about
+  ``--utilization`` of its capacity. The scale and ``n`` are printed and recorded.
+* **Modes:** ``cached`` (every adapter preloaded, the ideal) and ``on_demand`` (a device
+  cache of ``--cache-adapters`` adapters; a request waits for its adapter before prefill).
+* **Decode interference:** with the on_demand engine, requests already decoding are timed
+  per step in alternating blocks with and without adapter loads in flight.
+
+The engine steps on its own thread, as in the gpu_worker service (on a busy CPU, torch's
+intra-op thread pool makes small ops on the main thread much slower).
+
+Prints the JSON report on stdout, writes ``bench/results/cold_start-<device>.json`` (or
+``--json OUT``) and a CDF plot next to it (``.png``). Progress goes to stderr.
+
+    python -m bench.cold_start
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import re
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bench.cold_start_workload import (MAF_DIR, POPULARITY_FILE, TRACE_FILE, Arrival, build_workload,
+                                       load_popularity, load_trace, time_scale)
+from bench.random_adapters import adapter_names, ensure_adapters
+from services.gpu_worker.engine import LLMEngine
+from services.gpu_worker.engine_config import EngineConfig
+from services.gpu_worker.host_store import HostStore
+from services.gpu_worker.request import EngineRequest, SamplingParams
+from services.gpu_worker.residency_config import ResidencyConfig
+from services.gpu_worker.tiered_adapters import TieredAdapters
+from shared.adapter_registry import AdapterRegistry
+from shared.llama_shape import LlamaShape
+from shared.model_store import default_model_dir
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODES = ("cached", "on_demand")
+GiB = 1024 ** 3
+_T0 = time.monotonic()
+
+
+def progress(message: str) -> None:
+    """One progress line on stderr (stdout carries only the JSON report)."""
+    print(f"[cold_start {time.monotonic() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", type=Path, default=None, help="report path (default bench/results/cold_start-<device>.json)")
+    p.add_argument("--model", type=Path, default=None, help="model directory (default: SmolLM2-135M, bf16)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--adapters", type=int, default=512, help="number of adapters (the trace has 512)")
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--targets", default="q_proj,k_proj,v_proj", help="LoRA target projections")
+    p.add_argument("--cache-adapters", type=int, default=32, help="on_demand device cache size, in adapters")
+    p.add_argument("--load-fraction", type=float, default=0.25, help="one load / one 256-token prefill (CPU link)")
+    p.add_argument("--latency-ms", type=float, default=1.0, help="emulated link latency per load (CPU)")
+    p.add_argument("--window-s", type=float, default=60.0, help="arrivals are rescaled to span this long")
+    p.add_argument("--run-limit-s", type=float, default=150.0, help="a mode's run is cut off after this long")
+    p.add_argument("--utilization", type=float, default=0.5, help="offered load / estimated engine capacity")
+    p.add_argument("--prompt-range", type=int, nargs=2, default=(32, 128), metavar=("MIN", "MAX"))
+    p.add_argument("--output-range", type=int, nargs=2, default=(8, 32), metavar=("MIN", "MAX"))
+    p.add_argument("--max-requests", type=int, default=400)
+    p.add_argument("--interference-rounds", type=int, default=12)
+    p.add_argument("--interference-block", type=int, default=3, help="steps per with/without-loads block")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def device_label(device: str) -> str:
+    if device == "cpu":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
+
+
+# ---- measuring runs --------------------------------------------------------------------
+@dataclass
+class Timing:
+    """One request's times in seconds from the run start."""
+
+    arrival: float
+    first: float | None = None
+    last: float | None = None
+    tokens: int = 0
+    error: str | None = None
+
+
+def _record(timings: dict[str, Timing], outputs, stamp: float) -> None:
+    for out in outputs:
+        t = timings[out.request_id]
+        if out.new_token_ids:
+            t.first = stamp if t.first is None else t.first
+            t.last, t.tokens = stamp, t.tokens + len(out.new_token_ids)
+        if out.finished and out.error:
+            t.error = out.error
+
+
+def _request(arrival: Arrival) -> EngineRequest:
+    params = SamplingParams(max_tokens=arrival.max_tokens, temperature=0, ignore_eos=True)
+    return EngineRequest(arrival.request_id, arrival.prompt_ids, arrival.adapter, params)
+
+
+@dataclass
+class StepLog:
+    """Duration and batch size of every step that ran a batch."""
+
+    seconds: list[float] = field(default_factory=list)
+    batch: list[int] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        if not self.seconds:
+            return {"count": 0}
+        return {"count": len(self.seconds), "mean_ms": round(statistics.fmean(self.seconds) * 1e3, 2),
+                "mean_batch": round(statistics.fmean(self.batch), 2)}
+
+
+def run_trace(engine: LLMEngine, manager: TieredAdapters, workload: list[Arrival], limit_s: float,
+              label: str) -> tuple[dict[str, Timing], bool, StepLog]:
+    """Replay ``workload`` in real time; returns per-request timings, whether it was cut off, step log."""
+    timings = {a.request_id: Timing(a.time_s) for a in workload}
+    queue, start, next_report, steps_log = list(workload), time.perf_counter(), 0.0, StepLog()
+    while queue or engine.has_unfinished():
+        now = time.perf_counter() - start
+        if now > limit_s:
+            return timings, True, steps_log
+        while queue and queue[0].time_s <= now:
+            engine.add_request(_request(queue.pop(0)))
+        if not engine.has_unfinished():
+            time.sleep(max(0.0, queue[0].time_s - now))
+            continue
+        steps, before = engine.steps, time.perf_counter()
+        _record(timings, engine.step(), time.perf_counter() - start)
+        if engine.steps != steps:
+            steps_log.seconds.append(time.perf_counter() - before)
+            steps_log.batch.append(len(engine.admission.running))
+        else:  # nothing could run: every waiting request waits for a load
+            manager.wait_for_progress(min(0.05, max(0.0, queue[0].time_s - now) if queue else 0.05))
+        if now >= next_report:
+            done = sum(t.last is not None and t.tokens > 0 for t in timings.values())
+            progress(f"{label}: t={now:5.1f}s arrived {len(workload) - len(queue)}/{len(workload)} "
+                     f"running {len(engine.admission.running)} waiting {len(engine.admission.waiting)} "
+                     f"(first tokens {done})")
+            next_report = now + 10.0
+    return timings, False, steps_log
+
+
+def latency_stats(values_s: list[float]) -> dict:
+    """p50/p90/p99/mean in milliseconds (nearest-rank percentiles)."""
+    if not values_s:
+        return {"p50": None, "p90": None, "p99": None, "mean": None}
+    ordered = sorted(values_s)
+
+    def pct(q: float) -> float:
+        return ordered[min(len(ordered) - 1, max(0, int(round(q * len(ordered) + 0.5)) - 1))] * 1e3
+
+    return {"p50": round(pct(0.50), 2), "p90": round(pct(0.90), 2), "p99": round(pct(0.99), 2),
+            "mean": round(statistics.fmean(values_s) * 1e3, 2)}
+
+
+def _counter_deltas(before: dict, after: dict) -> dict:
+    """Residency counters of one run (the preload and the calibration are not counted)."""
+    d = {k: after[k] - before[k] for k in ("hits", "misses", "loads", "evictions")}
+    d["hit_rate"] = round(d["hits"] / max(1, d["hits"] + d["misses"]), 4)
+    d["load_ms"] = after["load_ms"]
+    return d
+
+
+def mode_report(timings: dict[str, Timing], residency: dict, truncated: bool, workload, steps: StepLog) -> dict:
+    wanted = {a.request_id: a.max_tokens for a in workload}
+    done = {rid: t for rid, t in timings.items() if t.tokens == wanted[rid] and t.error is None}
+    ttft = [t.first - t.arrival for t in done.values()]
+    tpot = [(t.last - t.first) / (t.tokens - 1) for t in done.values() if t.tokens > 1]
+    e2e = [t.last - t.arrival for t in done.values()]
+    return {"ttft_ms": latency_stats(ttft), "tpot_ms": latency_stats(tpot), "e2e_ms": latency_stats(e2e),
+            "hit_rate": residency["hit_rate"], "loads": residency["loads"],
+            "hits": residency["hits"], "misses": residency["misses"], "evictions": residency["evictions"],
+            "load_ms": residency["load_ms"], "steps": steps.summary(), "completed": len(done), "requests": len(timings),
+            "errors": sum(t.error is not None for t in timings.values()), "truncated": truncated,
+            "_ttft_s": ttft, "_e2e_s": e2e}
+
+
+# ---- engines ---------------------------------------------------------------------------
+def make_engine(model_dir: Path, device: str, mode: str, root: Path, store: HostStore, shape: LlamaShape,
+                rank: int, device_bytes: int = 0, gbps: float = 0.0, latency_ms: float = 0.0
+                ) -> tuple[LLMEngine, TieredAdapters]:
+    cfg = ResidencyConfig(adapter_dir=str(root), cold_start=mode, device_adapter_bytes=device_bytes,
+                          emulate_link_gbps=gbps, emulate_link_latency_ms=latency_ms)
+    manager = TieredAdapters(cfg, shape, rank, torch.bfloat16, device, base_model=str(model_dir), host_store=store)
+    engine = LLMEngine(model_dir, EngineConfig(dtype="bfloat16", device=device, max_lora_rank=rank), adapters=manager)
+    return engine, manager
+
+
+def wait_for_preload(manager: TieredAdapters) -> None:
+    """Let the cached mode's preload finish (the loader thread reads disk -> host -> device)."""
+    total, next_report = manager.pending_loads(), time.monotonic()
+    while manager.pending_loads():
+        manager.poll()
+        manager.wait_for_progress(0.5)
+        if time.monotonic() >= next_report:
+            left = manager.pending_loads()
+            progress(f"cached: preloaded {total - left}/{total} adapters (host store "
+                     f"{manager.host_store.used_bytes / GiB:.2f} GiB)")
+            next_report = time.monotonic() + 10.0
+    progress(f"cached: all {total} adapters on the device")
+
+
+def _timed_steps(engine: LLMEngine) -> list[float]:
+    times = []
+    while engine.has_unfinished():
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def calibrate(engine: LLMEngine, adapter: str, vocab: int) -> dict:
+    """Median 256-token prefill (with a resident rank-64 adapter) and 4-way decode step times."""
+    prompt = [10 + (i * 37) % (vocab - 20) for i in range(256)]
+    prefills = []
+    for i in range(4):
+        engine.add_request(EngineRequest(f"cal-p{i}", prompt, adapter, SamplingParams(max_tokens=1, temperature=0)))
+        prefills += _timed_steps(engine)
+    for i in range(4):
+        engine.add_request(EngineRequest(f"cal-d{i}", prompt[:64], adapter if i % 2 else None,
+                                         SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)))
+    decode = _timed_steps(engine)[1:]
+    return {"prefill_256_ms": round(statistics.median(prefills[1:]) * 1e3, 2),
+            "decode_step_4_ms": round(statistics.median(decode) * 1e3, 2)}
+
+
+def link_for(calibration: dict, adapter_bytes: int, fraction: float, latency_ms: float) -> tuple[float, float]:
+    """(G in GB/s, target load ms) so one load takes ``fraction`` of a 256-token prefill."""
+    target_ms = fraction * calibration["prefill_256_ms"]
+    wire_s = max(1e-6, (target_ms - latency_ms) / 1e3)
+    return adapter_bytes / wire_s / 1e9, target_ms
+
+
+def requests_for(calibration: dict, args: argparse.Namespace) -> int:
+    """How many arrivals keep the engine at about ``--utilization`` over the arrival window."""
+    per_token = calibration["prefill_256_ms"] / 256 / 1e3
+    mean_prompt = sum(args.prompt_range) / 2
+    mean_output = sum(args.output_range) / 2
+    cost = mean_prompt * per_token + mean_output * calibration["decode_step_4_ms"] / 1e3 / 4
+    return int(max(16, min(args.max_requests, args.utilization * args.window_s / cost)))
+
+
+# ---- decode interference ---------------------------------------------------------------
+def _settle_loads(manager: TieredAdapters) -> None:
+    while manager.loads_in_flight():
+        manager.wait_for_progress(0.05)
+        manager.poll()
+
+
+def decode_interference(engine: LLMEngine, manager: TieredAdapters, cold: list[str], rounds: int,
+                        block: int, vocab: int) -> dict:
+    """Step times of 4 decoding requests with loads in flight vs none, in alternating blocks."""
+    resident = [e.name for e in manager.cache.entries() if e.resident][:2]
+    steps = (2 * block + 1) * rounds + 8
+    for i, adapter in enumerate(resident + [None, None]):
+        prompt = [10 + (i * 53 + j * 31) % (vocab - 20) for j in range(64)]
+        engine.add_request(EngineRequest(f"dec-{i}", prompt, adapter,
+                                         SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)))
+    while len(engine.admission.running) < 4:
+        engine.step()
+    with_loads, without, loads_before, cold_iter = [], [], manager.counters.loads, iter(cold)
+    for _ in range(rounds):
+        _settle_loads(manager)
+        without += [_one_step(engine) for _ in range(block)]
+        name = next(cold_iter)
+        manager.rank(name)
+        manager.prefetch(name)
+        engine.step()  # its poll submits the load (not timed: the load is not in flight yet)
+        for _ in range(block):
+            if not manager.loads_in_flight():
+                name = next(cold_iter)
+                manager.rank(name)
+                manager.prefetch(name)
+            with_loads.append(_one_step(engine))
+    loads = manager.counters.loads - loads_before
+    for i in range(4):
+        engine.abort(f"dec-{i}")
+    while engine.has_unfinished():
+        engine.step()
+    w, wo = statistics.median(with_loads), statistics.median(without)
+    return {"tpot_with_loads_ms": round(w * 1e3, 2), "tpot_without_loads_ms": round(wo * 1e3, 2),
+            "ratio": round(w / wo, 4), "decoding_requests": 4, "steps_per_condition": len(without),
+            "loads_completed_during_measurement": loads}
+
+
+def _one_step(engine: LLMEngine) -> float:
+    start = time.perf_counter()
+    engine.step()
+    return time.perf_counter() - start
+
+
+# ---- report ----------------------------------------------------------------------------
+def plot_cdf(reports: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in ((axes[0], "_ttft_s", "TTFT"), (axes[1], "_e2e_s", "end-to-end latency")):
+        for mode, report in reports.items():
+            values = sorted(v * 1e3 for v in report[key])
+            if values:
+                ax.step(values, [(i + 1) / len(values) for i in range(len(values))], where="post", label=mode)
+        ax.set_xlabel(f"{title} (ms)")
+        ax.set_ylabel("fraction of requests")
+        ax.set_title(f"{title} CDF")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Cold start: cached vs on_demand (512 rank-64 adapters, MAF trace)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _run_mode(label: str, engine: LLMEngine, manager: TieredAdapters, workload, args) -> dict:
+    progress(f"{label}: replaying {len(workload)} requests")
+    before = manager.residency()
+    timings, truncated, steps = run_trace(engine, manager, workload, args.run_limit_s, label)
+    report = mode_report(timings, _counter_deltas(before, manager.residency()), truncated, workload, steps)
+    progress(f"{label}: TTFT p50 {report['ttft_ms']['p50']} ms, hit rate {report['hit_rate']}, loads {report['loads']}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    args = parse_args(argv)
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(report=run(args)), name="engine-step")
+    thread.start()
+    thread.join()
+    if "report" not in result:
+        return 1
+    print(json.dumps(result["report"], indent=2))
+    return 0
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The whole benchmark (on the engine's own thread); returns the report."""
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
+    model_dir = args.model or default_model_dir()
+    shape, targets = LlamaShape.from_model_dir(model_dir), tuple(args.targets.split(","))
+    names = adapter_names(args.adapters)
+    root = ensure_adapters(model_dir, args.adapters, args.rank, targets, args.seed,
+                           lambda i, n: i % 64 == 0 and progress(f"generating adapters {i}/{n}"))
+    times = load_trace(MAF_DIR / TRACE_FILE)
+    popularity = load_popularity(MAF_DIR / POPULARITY_FILE, args.adapters)
+    load_avg_start = [round(x, 2) for x in os.getloadavg()]
+    store = HostStore(8 * GiB, shape, args.rank, torch.bfloat16, pin=device == "cuda")
+    adapter_bytes = AdapterRegistry(root, args.rank, 2).resolve(names[0]).nbytes
+
+    engine, manager = make_engine(model_dir, device, "cached", root, store, shape, args.rank)
+    wait_for_preload(manager)
+    calibration = calibrate(engine, names[0], engine.model.config.vocab_size)
+    gbps, target_ms = link_for(calibration, adapter_bytes, args.load_fraction, args.latency_ms)
+    n = requests_for(calibration, args)
+    scale = time_scale(times, n, args.window_s)
+    progress(f"calibration: 256-token prefill {calibration['prefill_256_ms']} ms, 4-way decode step "
+             f"{calibration['decode_step_4_ms']} ms; adapter {adapter_bytes / 2**20:.2f} MiB")
+    if device == "cpu":
+        progress(f"EMULATED link: G = {gbps:.4f} GB/s, latency {args.latency_ms} ms -> one adapter load "
+                 f"{target_ms:.1f} ms = {args.load_fraction:.0%} of a 256-token prefill")
+    progress(f"workload: first {n} of {len(times)} MAF arrivals ({times[n - 1] - times[0]:.1f} trace s), "
+             f"time scale {scale:.3f} bench s per trace s -> {args.window_s:.0f} s of arrivals")
+    workload = build_workload(times, popularity, names, n, scale, tuple(args.prompt_range),
+                              tuple(args.output_range), engine.model.config.vocab_size, args.seed)
+    load_avg = {"start": load_avg_start}
+    reports = {"cached": _run_mode("cached", engine, manager, workload, args)}
+    load_avg["after_cached"] = [round(x, 2) for x in os.getloadavg()]
+    manager.close()
+    del engine, manager
+    gc.collect()
+
+    emulate = device == "cpu"
+    engine, manager = make_engine(model_dir, device, "on_demand", root, store, shape, args.rank,
+                                  device_bytes=args.cache_adapters * adapter_bytes,
+                                  gbps=gbps if emulate else 0.0, latency_ms=args.latency_ms if emulate else 0.0)
+    reports["on_demand"] = _run_mode("on_demand", engine, manager, workload, args)
+    load_avg["after_on_demand"] = [round(x, 2) for x in os.getloadavg()]
+    progress("decode interference: timing decoding requests with and without loads in flight")
+    cold = [name for name in names if name not in manager.cache]
+    interference = decode_interference(engine, manager, cold, args.interference_rounds, args.interference_block,
+                                       engine.model.config.vocab_size)
+    progress(f"decode interference: ratio {interference['ratio']}")
+    measured_load_ms = (reports["on_demand"]["load_ms"]["sum_ms"] / max(1, reports["on_demand"]["load_ms"]["count"]))
+    manager.close()
+
+    link = {"emulated": emulate, "gbps": round(gbps if emulate else adapter_bytes / (measured_load_ms / 1e3) / 1e9, 6),
+            "latency_ms": args.latency_ms if emulate else 0.0, "gbps_unit": "GB/s (1e9 bytes/s)",
+            "target_load_ms": round(target_ms, 2), "measured_mean_load_ms": round(measured_load_ms, 2),
+            "note": ("EMULATED host-to-device link on a CPU-only host: a load costs latency + bytes / G"
+                     if emulate else "real CUDA host-to-device link (dedicated stream, pinned memory)")}
+    plot_path = (args.json or RESULTS / f"cold_start-{device_label(device)}.json").with_suffix(".png")
+    plot_path.parent.mkdir(parents=True, exist_ok=True)
+    plot_cdf(reports, plot_path)
+    report = {
+        "bench": "cold_start", "device": device_label(device),
+        "modes": {m: {k: v for k, v in r.items() if not k.startswith("_")} for m, r in reports.items()},
+        "decode_interference": interference, "link": link, "calibration": calibration,
+        "workload": {"trace": TRACE_FILE, "popularity": POPULARITY_FILE, "requests": n,
+                     "trace_window_s": round(float(times[n - 1] - times[0]), 3), "time_scale": round(scale, 4),
+                     "arrival_window_s": args.window_s, "prompt_range": list(args.prompt_range),
+                     "output_range": list(args.output_range), "seed": args.seed, "utilization_target": args.utilization},
+        "adapters": {"count": args.adapters, "rank": args.rank, "targets": list(targets), "bytes_each": adapter_bytes,
+                     "device_cache_adapters": args.cache_adapters, "dtype": "bfloat16"},
+        "model": str(Path(model_dir).name), "load_average": load_avg,
+        "plot": str(plot_path),
+    }
+    out = args.json or RESULTS / f"cold_start-{device_label(device)}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    progress(f"wrote {out} and {plot_path}")
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The worker's adapters.load / .unload / .list handlers (called directly, no NATS)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from services.gpu_worker.adapter_admin import AdapterAdmin
+from services.gpu_worker.adapter_manager import StaticAdapters
+from shared.schemas import AdapterListRequest, AdapterLoad, AdapterUnload, ServiceError
+from tests.unit.gpu_worker.residency_fixtures import make_manager, residency_root, tiny_shape  # noqa: F401
+
+
+@pytest.fixture
+def admin(make_manager) -> AdapterAdmin:
+    return AdapterAdmin("w7", make_manager())
+
+
+async def test_load_list_unload(admin):
+    listing = await admin.on_load(AdapterLoad(name="x", path="a0", pinned=True, owner="tenant-a"))
+    assert listing.worker_id == "w7" and [(a.name, a.rank, a.pinned) for a in listing.adapters] == [("x", 8, True)]
+    assert admin.adapters.registry.lookup("x").owner == "tenant-a"
+    assert [a.name for a in (await admin.on_list(AdapterListRequest())).adapters] == ["x"]
+    assert (await admin.on_unload(AdapterUnload(name="x"))).adapters == []
+
+
+@pytest.mark.parametrize("path", ["../a0", "/etc", "a0/../../x"])
+async def test_paths_outside_the_root_are_invalid_requests(admin, path):
+    with pytest.raises(ServiceError) as err:
+        await admin.on_load(AdapterLoad(name="x", path=path))
+    assert err.value.info.code == "invalid_request" and "outside the adapter root" in err.value.info.message
+    assert admin.adapters.names() == []
+
+
+async def test_duplicate_name_with_another_path(admin):
+    await admin.on_load(AdapterLoad(name="x", path="a0"))
+    with pytest.raises(ServiceError, match="already registered"):
+        await admin.on_load(AdapterLoad(name="x", path="a1"))
+
+
+async def test_corrupt_adapter_is_an_invalid_request(tmp_path, make_manager, bad_adapters):
+    shutil.copytree(bad_adapters["corrupt_weights"], tmp_path / "broken")
+    admin = AdapterAdmin("w7", make_manager(root=tmp_path))
+    with pytest.raises(ServiceError) as err:
+        await admin.on_load(AdapterLoad(name="broken", path="broken"))
+    assert err.value.info.code == "invalid_request" and "corrupt" in err.value.info.message
+
+
+async def test_unknown_unload_is_not_found(admin):
+    with pytest.raises(ServiceError) as err:
+        await admin.on_unload(AdapterUnload(name="ghost"))
+    assert err.value.info.code == "model_not_found"
+
+
+async def test_static_adapters_cannot_be_changed(tiny_model_dir, tiny_adapters, tiny_shape):
+    import torch
+
+    admin = AdapterAdmin("w7", StaticAdapters({"qv": tiny_adapters["qv_r8"]}, tiny_shape, 64, torch.float32, "cpu"))
+    with pytest.raises(ServiceError, match="fixed adapter set"):
+        await admin.on_load(AdapterLoad(name="x", path="/tmp"))
+    assert [(a.name, a.level) for a in (await admin.on_list(AdapterListRequest())).adapters] == [("qv", "device")]
