@@ -60,12 +60,11 @@ class DecisionLogError(ValueError):
 
 
 def stats_summary(stats: BatchStats) -> dict[str, Any]:
-    """The sums of ``stats`` the policies read, as JSON-ready values."""
+    """The sums of ``stats`` the policies read (JSON writes the histograms' keys as strings)."""
     return {"count": stats.count, "sum_rank": stats.sum_rank, "max_rank": stats.max_rank,
             "sum_tokens": stats.sum_tokens, "sum_token_rank": stats.sum_token_rank,
             "sum_tokens_sq": stats.sum_tokens_sq, "adapters": stats.adapters,
-            "rank_counts": {str(r): c for r, c in stats.rank_counts().items()},
-            "adapter_counts": {str(a): c for a, c in stats.adapter_counts().items()}}
+            "rank_counts": stats.rank_counts(), "adapter_counts": stats.adapter_counts()}
 
 
 def worker_snapshot(record: WorkerRecord, adapter: str | None, now: float, decided_at: float) -> dict[str, Any]:
@@ -128,7 +127,7 @@ class DecisionLog:
     def _write(self, entry: dict[str, Any]) -> None:
         assert self._stream is not None
         try:
-            self._stream.write(json.dumps(entry, separators=(",", ":")) + "\n")
+            self._stream.write(json.dumps(entry, separators=(",", ":"), check_circular=False) + "\n")
         except OSError as exc:
             logger.error("cannot write the decision log %s (%s); decision logging is off", self.path, exc)
             self.close()

@@ -45,7 +45,8 @@ def stats_from_summary(summary: Mapping[str, Any]) -> BatchStats:
     stats.sum_tokens_sq = int(summary["sum_tokens_sq"])
     for key in SUMMARY_SUMS:
         if getattr(stats, key) != summary[key]:
-            raise DecisionLogError(f"summary {key}={summary[key]} disagrees with its histograms ({getattr(stats, key)})")
+            raise DecisionLogError(f"summary {key}={summary[key]} disagrees with its histograms "
+                                   f"({getattr(stats, key)})")
     return stats
 
 
