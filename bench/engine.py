@@ -8,6 +8,12 @@ decode-only steps as a fraction of a bf16 matmul peak measured in the same run.
     python -m bench.engine                 # full workload (several minutes on 2 cores)
     python -m bench.engine --quick         # 8 short requests, a smoke run
     python -m bench.engine --skip-hf       # engine configurations only
+    python -m bench.engine --repeats 2     # two rounds over all configurations, best round each
+
+On a CPU shared with other work, timings swing with the machine's load: every run records
+the load average and its own CPU time (tokens per CPU second move much less than tokens
+per second), and ``--repeats`` interleaves rounds so that each configuration reports its
+least-disturbed round.
 
 It prints the JSON report on stdout, writes ``bench/results/engine-<device>.json`` (or
 ``--json OUT``) and a PNG next to it, and shows progress on stderr.
@@ -27,6 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench.engine_configs import CONFIGS, DECODE_EFFICIENCY_CONFIG, make_spec, run_configuration
+from bench.engine_options import OMP_WAIT_POLICIES, RunOptions
 from bench.engine_report import REFERENCE_TOKENS_PER_S, decode_efficiency, ratios, targets
 from bench.engine_workload import BenchRequest, EngineWorkload, make_requests
 from bench.run_record import load_average
@@ -75,40 +82,72 @@ def machine_info(device: str, threads: int) -> dict:
     return info
 
 
-def run_isolated(spec: dict) -> dict:
+def child_env(omp_wait_policy: str) -> dict[str, str]:
+    """The environment of a configuration's process: ours, plus OMP_WAIT_POLICY unless ``inherit``.
+
+    On a CPU shared with other work, OpenMP threads that spin between parallel regions
+    compete with the thread that has work, and every small op can stall for a scheduler
+    time slice; ``passive`` makes idle threads sleep instead. Every configuration, the
+    baselines included, gets the same setting.
+    """
+    env = dict(os.environ)
+    if omp_wait_policy != "inherit":
+        env["OMP_WAIT_POLICY"] = omp_wait_policy.upper()
+    return env
+
+
+def run_isolated(spec: dict, env: dict[str, str] | None = None) -> dict:
     """Run one configuration in a fresh Python process (its stdout goes to our stderr)."""
     with tempfile.TemporaryDirectory(prefix="caraserve-bench-") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec))
         proc = subprocess.run([sys.executable, "-m", "bench.engine_configs", str(spec_path), str(out_path)],
-                              cwd=REPO, stdout=sys.stderr, check=False)
+                              cwd=REPO, stdout=sys.stderr, check=False, env=env)
         if proc.returncode != 0 or not out_path.is_file():
             raise BenchError(f"configuration ({spec['config']}) failed with exit status {proc.returncode}")
         return json.loads(out_path.read_text())
 
 
-def run_benchmark(model_dir: Path, adapters: dict[str, Path], workload: EngineWorkload, device: str = "cpu",
-                  configs: tuple[str, ...] = tuple(CONFIGS), isolate: bool = True,
-                  requests: list[BenchRequest] | None = None, peak_size: int | None = None) -> dict:
-    """Run ``configs`` over the workload and return the report (see module docstring).
+def best_of(results: list[dict]) -> dict:
+    """The round with the highest tokens/s, plus every round's throughput and the largest peak RSS."""
+    best = dict(max(results, key=lambda r: r["tokens_per_s"]))
+    best["rounds"] = [{k: r[k] for k in ("tokens_per_s", "tokens_per_cpu_s", "wall_s", "load_avg_start")}
+                      for r in results]
+    best["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in results)
+    return best
+
+
+def _run_rounds(specs: dict[str, dict], options: RunOptions, env: dict[str, str]) -> dict[str, dict]:
+    results: dict[str, list[dict]] = {key: [] for key in specs}
+    for round_index in range(options.repeats):
+        for key, spec in specs.items():
+            print(f"[bench] round {round_index + 1}/{options.repeats}: configuration ({key}) {CONFIGS[key].label}",
+                  file=sys.stderr, flush=True)
+            results[key].append(run_isolated(spec, env) if options.isolate else run_configuration(spec))
+    return {key: best_of(rounds) for key, rounds in results.items()}
+
+
+def run_benchmark(model_dir: Path, adapters: dict[str, Path], workload: EngineWorkload,
+                  options: RunOptions | None = None, requests: list[BenchRequest] | None = None) -> dict:
+    """Run the configurations over the workload and return the report (see module docstring).
 
     ``adapters`` maps the workload's adapter names to PEFT dirs; ``requests`` defaults to
-    :func:`make_requests` for the model's vocabulary. ``isolate=False`` runs every
-    configuration in this process (then peak RSS is this process's, cumulative). ``peak_size``
-    is the side of the square matmul that measures the peak (default: 2048 on CPU, 8192 on CUDA).
+    :func:`make_requests` for the model's vocabulary. With ``options.isolate`` off every
+    configuration runs in this process (then peak RSS is this process's, cumulative).
     """
+    options = options or RunOptions()
     config = json.loads((Path(model_dir) / "config.json").read_text())
     requests = requests or make_requests(workload, int(config["vocab_size"]))
-    threads = len(os.sched_getaffinity(0))
-    runs = {}
+    threads = options.resolved_threads()
+    env = child_env(options.omp_wait_policy) if options.isolate else dict(os.environ)
+    specs = {key: make_spec(key, model_dir, adapters, requests, options.device, threads, workload.hf_batch_size,
+                            options.peak_size) for key in options.configs}
     load_start = load_average()
-    for key in configs:
-        print(f"[bench] configuration ({key}) {CONFIGS[key].label}", file=sys.stderr, flush=True)
-        spec = make_spec(key, model_dir, adapters, requests, device, threads, workload.hf_batch_size, peak_size)
-        runs[key] = run_isolated(spec) if isolate else run_configuration(spec)
+    runs = _run_rounds(specs, options, env)
     return {
-        "bench": "engine", "device": device_label(device), "model": Path(model_dir).name,
-        "machine": machine_info(device, threads), "isolated_processes": isolate,
+        "bench": "engine", "device": device_label(options.device), "model": Path(model_dir).name,
+        "machine": machine_info(options.device, threads), "isolated_processes": options.isolate,
+        "repeats": options.repeats, "omp_wait_policy": env.get("OMP_WAIT_POLICY", "unset (runtime default)"),
         "load_avg": {"start": load_start, "end": load_average()},
         "workload": workload.to_dict(), "adapter_ranks": workload.adapter_ranks(),
         "runs": runs, "ratios": ratios(runs), "targets": targets(runs),
@@ -136,6 +175,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-hf", action="store_true", help="skip the transformers baselines (d) and (e)")
     parser.add_argument("--model", type=Path, default=None, help="base model dir (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--configs", default="".join(CONFIGS), help="which configurations to run, e.g. 'ac'")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over all configurations; each reports its best")
+    parser.add_argument("--omp-wait-policy", default="passive", choices=OMP_WAIT_POLICIES,
+                        help="OMP_WAIT_POLICY of every configuration's process (inherit: leave ours)")
     add_arguments(parser, EngineWorkload)
     return parser.parse_args(argv)
 
@@ -145,24 +187,26 @@ def _workload(args: argparse.Namespace) -> EngineWorkload:
     return replace(workload, **QUICK) if args.quick else workload
 
 
-def _configs(args: argparse.Namespace) -> tuple[str, ...]:
+def _options(args: argparse.Namespace) -> RunOptions:
     unknown = set(args.configs) - set(CONFIGS)
     if unknown:
         raise BenchError(f"--configs: unknown configuration(s) {''.join(sorted(unknown))}")
     skip = {"d", "e"} if args.skip_hf else set()
-    return tuple(k for k in CONFIGS if k in args.configs and k not in skip)
+    configs = tuple(k for k in CONFIGS if k in args.configs and k not in skip)
+    return RunOptions(device=resolve_device(args.device), configs=configs, repeats=args.repeats,
+                      omp_wait_policy=args.omp_wait_policy)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        workload, configs, device = _workload(args), _configs(args), resolve_device(args.device)
+        workload, options = _workload(args), _options(args)
         from bench.bench_adapters import ensure_bench_adapters
         from shared.model_store import default_model_dir
 
         model_dir = args.model or default_model_dir()
         adapters = ensure_bench_adapters(model_dir, workload.adapter_ranks(), workload.seed)
-        report = run_benchmark(model_dir, adapters, workload, device, configs)
+        report = run_benchmark(model_dir, adapters, workload, options)
     except (BenchError, ConfigError) as exc:
         print(f"bench.engine: {exc}", file=sys.stderr)
         return 1

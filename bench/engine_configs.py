@@ -73,7 +73,7 @@ def run_configuration(spec: dict) -> dict:
     if decode is not None:
         result["decode"] = decode
     if config.key == DECODE_EFFICIENCY_CONFIG:
-        result["matmul_peak"] = matmul_peak(spec["device"], spec.get("peak_size"))
+        result["matmul_peak"] = matmul_peak(spec["device"], spec.get("peak_size") or None)
     return result
 
 

@@ -51,8 +51,10 @@ def plot_report(report: dict, path: Path) -> None:
     _latency(axes[1], runs, "ttft_s", "time to first token")
     _latency(axes[2], runs, "tpot_s", "time per output token")
     legend = "   ".join(f"({k}) {r['label']}" for k, r in runs.items())
+    load = report["load_avg"]
     fig.suptitle(f"engine benchmark on {report['device']} ({report['machine']['threads']} threads): "
-                 f"{report['model']}, {report['workload']['num_requests']} requests", fontsize=11)
+                 f"{report['model']}, {report['workload']['num_requests']} requests, best of {report['repeats']} "
+                 f"round(s); load average {load['start'][0]} -> {load['end'][0]}", fontsize=10)
     fig.text(0.5, 0.01, legend, ha="center", fontsize=7)
     fig.tight_layout(rect=(0, 0.04, 1, 0.95))
     fig.savefig(path, dpi=110)

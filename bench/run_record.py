@@ -18,6 +18,12 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all its threads) so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def load_average() -> list[float]:
     """The 1/5/15-minute load averages (other work on the machine skews CPU timings)."""
     return [round(x, 2) for x in os.getloadavg()]
@@ -40,6 +46,7 @@ class RunRecord:
     label: str
     wanted: dict[str, int]
     t0: float = field(default_factory=time.perf_counter)
+    cpu0: float = field(default_factory=cpu_seconds)
     requests: dict[str, RequestTiming] = field(init=False)
     _last_progress: float = field(init=False, default=0.0)
 
@@ -50,6 +57,7 @@ class RunRecord:
     def start(self) -> None:
         """Reset the clock: the requests arrive now."""
         self.t0 = self._last_progress = time.perf_counter()
+        self.cpu0 = cpu_seconds()
 
     def tokens(self, request_id: str, count: int, at: float) -> None:
         """``count`` useful tokens of ``request_id`` became available at ``at`` (perf_counter)."""
@@ -84,12 +92,18 @@ class RunRecord:
             raise RuntimeError(f"{self.label}: requests got the wrong number of tokens (got, wanted): {bad}")
 
     def summary(self) -> dict:
-        """Throughput and TTFT / time-per-output-token summaries (seconds)."""
+        """Throughput and TTFT / time-per-output-token summaries (seconds), taken when the run ends.
+
+        ``cpu_s`` is the process's CPU time over the run: tokens per CPU second depend less on
+        other work sharing the machine than tokens per wall second do.
+        """
+        cpu = cpu_seconds() - self.cpu0
         self.check_complete()
         end = max(t.last for t in self.requests.values())
         wall = end - self.t0
         ttft = [t.first - self.t0 for t in self.requests.values()]
         tpot = [(t.last - t.first) / (t.wanted - 1) for t in self.requests.values()]
         useful = self.useful_tokens()
-        return {"wall_s": wall, "useful_tokens": useful, "tokens_per_s": useful / wall,
+        return {"wall_s": wall, "useful_tokens": useful, "tokens_per_s": useful / wall, "cpu_s": cpu,
+                "tokens_per_cpu_s": useful / cpu if cpu > 0 else None,
                 "ttft_s": summarize(ttft), "tpot_s": summarize(tpot)}

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from bench.engine import run_benchmark, write_outputs
+from bench.engine_options import RunOptions
 from bench.engine_metrics import decode_step_flops, linear_flops_per_token, percentile, summarize
 from bench.engine_workload import EngineWorkload, make_requests
 from shared.config import ConfigError
@@ -23,10 +25,19 @@ def _workload(tiny_adapters) -> tuple[EngineWorkload, dict]:
     return workload, dict(zip(workload.adapter_ranks(), fixtures))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def keep_torch_threads():
+    """The in-process runs set torch's thread count (1 here); give other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def report(tiny_model_dir, tiny_adapters):
     workload, adapters = _workload(tiny_adapters)
-    return run_benchmark(tiny_model_dir, adapters, workload, "cpu", isolate=False, peak_size=256)
+    return run_benchmark(tiny_model_dir, adapters, workload,
+                         RunOptions(isolate=False, peak_size=256, repeats=2, threads=1))
 
 
 def test_report_has_every_run_with_sane_numbers(report, tiny_model_dir):
@@ -42,6 +53,9 @@ def test_report_has_every_run_with_sane_numbers(report, tiny_model_dir):
             assert set(stats) == set(STATS), (key, metric)
             assert 0 <= stats["p50"] <= stats["p90"] <= stats["p99"], (key, metric)
         assert run["ttft_s"]["p99"] <= run["wall_s"]
+        assert run["cpu_s"] > 0 and run["tokens_per_cpu_s"] > 0
+        assert len(run["rounds"]) == 2
+        assert run["tokens_per_s"] == max(r["tokens_per_s"] for r in run["rounds"])
 
 
 def test_report_targets_and_decode_efficiency(report):
@@ -68,7 +82,7 @@ def test_write_outputs(report, tmp_path):
 def test_skipped_baselines_leave_target_undecided(tiny_model_dir, tiny_adapters):
     workload, adapters = _workload(tiny_adapters)
     small = EngineWorkload(**{**workload.to_dict(), "num_requests": 2})
-    out = run_benchmark(tiny_model_dir, adapters, small, "cpu", configs=("a", "c"), isolate=False, peak_size=256)
+    out = run_benchmark(tiny_model_dir, adapters, small, RunOptions(configs=("a", "c"), isolate=False, peak_size=256, threads=1))
     assert out["targets"]["a_vs_d"]["pass"] is None
     assert out["targets"]["best_lora_vs_base"]["pass"] is not None
 
