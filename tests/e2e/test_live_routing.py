@@ -96,7 +96,8 @@ def test_each_decision_is_what_the_policy_function_gives(live_run, live_profile)
 
 
 def _summary(loads) -> dict:
-    return stats_summary(WorkerView.build("w", 1, running=loads).running)
+    """The summary of ``loads`` as it reads back from the log (JSON makes histogram keys strings)."""
+    return json.loads(json.dumps(stats_summary(WorkerView.build("w", 1, running=loads).running)))
 
 
 def test_logged_inputs_are_what_the_workers_published(live_run):
