@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import platform
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import Any
 
 import nats
 import uvloop
@@ -38,6 +41,7 @@ from bench.control_plane_clients import (LoadRun, ReplyRouter, Timed, http_seque
 from bench.control_plane_report import (index_spans, latency_samples, latency_summary, plot,
                                         throughput_summary)
 from bench.otlp_sink import OtlpSink
+from bench.process_cpu import cpu_seconds, per_request_ms, stack_processes
 from launcher.local_stack import LocalStack, StackConfig
 from shared.llama_shape import LlamaShape
 from shared.perf_model import current_device_name
@@ -88,21 +92,31 @@ def http_body(i: int, models: list[str]) -> dict:
 
 
 async def measure(stack: LocalStack, models: list[str], args: argparse.Namespace) -> dict:
-    """Run every phase against the running stack; the raw client records per phase."""
+    """Run every phase against the running stack: the client records, and CPU ms per request per process."""
+    processes = stack_processes(stack.procs)
     nc = await nats.connect(stack.nats_url, name="bench-control-plane")
     try:
         router = await ReplyRouter(nc).start()
         n = args.latency_requests
         await nats_sequential(nc, router, [generate_request(i, "warm", models) for i in range(args.warmup)], 30)
         await http_sequential(stack.http_url, [http_body(i, models) for i in range(args.warmup)], 30)
-        phases: dict = {"nats": await nats_sequential(nc, router, [generate_request(i, "lat", models)
-                                                                    for i in range(n)], 30),
-                        "http": await http_sequential(stack.http_url, [http_body(i, models) for i in range(n)], 30),
-                        "load": []}
+        phases: dict = {"load": [], "cpu_ms_per_request": {}}
+
+        async def phase(name: str, count: int, work: Awaitable) -> Any:
+            before = cpu_seconds(processes)
+            result = await work
+            phases["cpu_ms_per_request"][name] = per_request_ms(before, cpu_seconds(processes), count)
+            return result
+
+        phases["nats"] = await phase("nats", n, nats_sequential(
+            nc, router, [generate_request(i, "lat", models) for i in range(n)], 30))
+        phases["http"] = await phase("http", n, http_sequential(
+            stack.http_url, [http_body(i, models) for i in range(n)], 30))
         for rate in args.rates:
             await asyncio.sleep(1.0)  # let the previous phase settle
-            phases["load"].append(await open_loop(nc, router, lambda i, r=rate: generate_request(i, f"load{r:g}", models),
-                                                  rate, args.duration_s, drain_s=10.0))
+            make = functools.partial(generate_request, tag=f"load{rate:g}", models=models)
+            phases["load"].append(await phase(f"load{rate:g}", int(rate * args.duration_s), open_loop(
+                nc, router, make, rate, args.duration_s, drain_s=10.0)))
         return phases
     finally:
         await nc.close()
@@ -148,7 +162,7 @@ def report(args: argparse.Namespace, phases: dict, spans: list, load_before: flo
         "loadavg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "stack": {"workers": args.workers, "schedulers": 1, "model": "tiny random Llama (3 layers, hidden 64)",
                   "adapters": ADAPTERS, "max_tokens": 1, "span_export": "deferred to shutdown"},
-        "latency": latency, "throughput": throughput,
+        "latency": latency, "throughput": throughput, "cpu_ms_per_request": phases["cpu_ms_per_request"],
         "targets": {"added_p50_ms": TARGET_P50_MS, "added_p99_ms": TARGET_P99_MS, "rps": TARGET_RPS},
         "meets_latency_target": bool(nats_added and nats_added["p50"] <= TARGET_P50_MS
                                      and nats_added["p99"] <= TARGET_P99_MS),
