@@ -36,7 +36,7 @@ from typing import Any
 import nats
 import uvloop
 
-from bench.control_plane_clients import (LoadRun, ReplyRouter, Timed, http_sequential, nats_sequential,
+from bench.control_plane_clients import (LoadRun, ReplyRouter, http_sequential, nats_sequential,
                                          open_loop)
 from bench.control_plane_report import (index_spans, latency_samples, latency_summary, plot,
                                         throughput_summary)

@@ -121,10 +121,6 @@ class StateWatch:
             except asyncio.TimeoutError:
                 pass
 
-    def holder(self, request_id: str) -> str | None:
-        """The worker whose latest state holds ``request_id``."""
-        return next((w for w, s in self.latest.items() if request_id in s.request_ids()), None)
-
 
 def all_blocks_free(states: dict[str, WorkerState]) -> bool:
     return bool(states) and all(s.free_kv_blocks == s.total_kv_blocks and not s.request_ids()
