@@ -21,8 +21,9 @@ What it runs, in one process, on ``LLMEngine`` directly:
 * **Decode interference:** with the on_demand engine, requests already decoding are timed
   per step in alternating blocks with and without adapter loads in flight.
 
-The engine steps on its own thread, as in the gpu_worker service (on a busy CPU, torch's
-intra-op thread pool makes small ops on the main thread much slower).
+The engine steps on its own thread, as in the gpu_worker service, with ``--threads`` torch
+intra-op threads (default 1: on a CPU shared with other work, torch's OpenMP pool stalls
+steps for seconds at a time, which would swamp what is measured here).
 
 Prints the JSON report on stdout, writes ``bench/results/cold_start-<device>.json`` (or
 ``--json OUT``) and a CDF plot next to it (``.png``). Progress goes to stderr.
@@ -62,6 +63,7 @@ from shared.model_store import default_model_dir
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("cached", "on_demand")
+DECODE_BATCH = 8
 GiB = 1024 ** 3
 _T0 = time.monotonic()
 
@@ -73,7 +75,8 @@ def progress(message: str) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", type=Path, default=None, help="report path (default bench/results/cold_start-<device>.json)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="report path (default bench/results/cold_start-<device>.json)")
     p.add_argument("--model", type=Path, default=None, help="model directory (default: SmolLM2-135M, bf16)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--adapters", type=int, default=512, help="number of adapters (the trace has 512)")
@@ -84,12 +87,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--latency-ms", type=float, default=1.0, help="emulated link latency per load (CPU)")
     p.add_argument("--window-s", type=float, default=60.0, help="arrivals are rescaled to span this long")
     p.add_argument("--run-limit-s", type=float, default=150.0, help="a mode's run is cut off after this long")
-    p.add_argument("--utilization", type=float, default=0.5, help="offered load / estimated engine capacity")
+    p.add_argument("--utilization", type=float, default=0.4, help="offered load / estimated engine capacity")
     p.add_argument("--prompt-range", type=int, nargs=2, default=(32, 128), metavar=("MIN", "MAX"))
     p.add_argument("--output-range", type=int, nargs=2, default=(8, 32), metavar=("MIN", "MAX"))
     p.add_argument("--max-requests", type=int, default=400)
-    p.add_argument("--interference-rounds", type=int, default=12)
+    p.add_argument("--interference-rounds", type=int, default=20)
     p.add_argument("--interference-block", type=int, default=3, help="steps per with/without-loads block")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads of the engine (1: steady timings on a shared CPU; 0: torch default)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -208,12 +213,13 @@ def mode_report(timings: dict[str, Timing], residency: dict, truncated: bool, wo
 
 # ---- engines ---------------------------------------------------------------------------
 def make_engine(model_dir: Path, device: str, mode: str, root: Path, store: HostStore, shape: LlamaShape,
-                rank: int, device_bytes: int = 0, gbps: float = 0.0, latency_ms: float = 0.0
+                rank: int, device_bytes: int = 0, gbps: float = 0.0, latency_ms: float = 0.0, threads: int = 0
                 ) -> tuple[LLMEngine, TieredAdapters]:
     cfg = ResidencyConfig(adapter_dir=str(root), cold_start=mode, device_adapter_bytes=device_bytes,
                           emulate_link_gbps=gbps, emulate_link_latency_ms=latency_ms)
     manager = TieredAdapters(cfg, shape, rank, torch.bfloat16, device, base_model=str(model_dir), host_store=store)
-    engine = LLMEngine(model_dir, EngineConfig(dtype="bfloat16", device=device, max_lora_rank=rank), adapters=manager)
+    config = EngineConfig(dtype="bfloat16", device=device, max_lora_rank=rank, num_threads=threads)
+    engine = LLMEngine(model_dir, config, adapters=manager)
     return engine, manager
 
 
@@ -240,19 +246,20 @@ def _timed_steps(engine: LLMEngine) -> list[float]:
     return times
 
 
-def calibrate(engine: LLMEngine, adapter: str, vocab: int) -> dict:
-    """Median 256-token prefill (with a resident rank-64 adapter) and 4-way decode step times."""
+def calibrate(engine: LLMEngine, adapters: list[str], vocab: int) -> dict:
+    """Median 256-token prefill (with a resident rank-64 adapter), and decode step time of
+    ``DECODE_BATCH`` requests on as many distinct adapters."""
     prompt = [10 + (i * 37) % (vocab - 20) for i in range(256)]
     prefills = []
     for i in range(4):
-        engine.add_request(EngineRequest(f"cal-p{i}", prompt, adapter, SamplingParams(max_tokens=1, temperature=0)))
+        engine.add_request(EngineRequest(f"cal-p{i}", prompt, adapters[0], SamplingParams(max_tokens=1, temperature=0)))
         prefills += _timed_steps(engine)
-    for i in range(4):
-        engine.add_request(EngineRequest(f"cal-d{i}", prompt[:64], adapter if i % 2 else None,
+    for i in range(DECODE_BATCH):
+        engine.add_request(EngineRequest(f"cal-d{i}", prompt[:64], adapters[i],
                                          SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)))
     decode = _timed_steps(engine)[1:]
     return {"prefill_256_ms": round(statistics.median(prefills[1:]) * 1e3, 2),
-            "decode_step_4_ms": round(statistics.median(decode) * 1e3, 2)}
+            "decode_step_ms": round(statistics.median(decode) * 1e3, 2), "decode_batch": DECODE_BATCH}
 
 
 def link_for(calibration: dict, adapter_bytes: int, fraction: float, latency_ms: float) -> tuple[float, float]:
@@ -267,7 +274,7 @@ def requests_for(calibration: dict, args: argparse.Namespace) -> int:
     per_token = calibration["prefill_256_ms"] / 256 / 1e3
     mean_prompt = sum(args.prompt_range) / 2
     mean_output = sum(args.output_range) / 2
-    cost = mean_prompt * per_token + mean_output * calibration["decode_step_4_ms"] / 1e3 / 4
+    cost = mean_prompt * per_token + mean_output * calibration["decode_step_ms"] / 1e3 / DECODE_BATCH
     return int(max(16, min(args.max_requests, args.utilization * args.window_s / cost)))
 
 
@@ -278,39 +285,52 @@ def _settle_loads(manager: TieredAdapters) -> None:
         manager.poll()
 
 
-def decode_interference(engine: LLMEngine, manager: TieredAdapters, cold: list[str], rounds: int,
-                        block: int, vocab: int) -> dict:
-    """Step times of 4 decoding requests with loads in flight vs none, in alternating blocks."""
+def _start_decoders(engine: LLMEngine, manager: TieredAdapters, steps: int, vocab: int) -> list[str]:
+    """Four requests decoding (two on resident adapters, two on the base model); returns their ids."""
     resident = [e.name for e in manager.cache.entries() if e.resident][:2]
-    steps = (2 * block + 1) * rounds + 8
+    ids = []
     for i, adapter in enumerate(resident + [None, None]):
         prompt = [10 + (i * 53 + j * 31) % (vocab - 20) for j in range(64)]
-        engine.add_request(EngineRequest(f"dec-{i}", prompt, adapter,
+        ids.append(f"dec-{i}")
+        engine.add_request(EngineRequest(ids[-1], prompt, adapter,
                                          SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)))
-    while len(engine.admission.running) < 4:
+    while len(engine.admission.running) < len(ids):
         engine.step()
+    return ids
+
+
+def _keep_loading(manager: TieredAdapters, cold) -> None:
+    """Start the next cold adapter's load unless one is in flight."""
+    if not manager.loads_in_flight():
+        name = next(cold)
+        manager.rank(name)
+        manager.prefetch(name)
+
+
+def decode_interference(engine: LLMEngine, manager: TieredAdapters, cold: list[str], rounds: int,
+                        block: int, vocab: int) -> dict:
+    """Step times of requests already decoding with loads in flight vs none, in alternating blocks."""
+    ids = _start_decoders(engine, manager, (2 * block + 1) * rounds + 8, vocab)
     with_loads, without, loads_before, cold_iter = [], [], manager.counters.loads, iter(cold)
     for _ in range(rounds):
         _settle_loads(manager)
-        without += [_one_step(engine) for _ in range(block)]
-        name = next(cold_iter)
-        manager.rank(name)
-        manager.prefetch(name)
+        without.append([_one_step(engine) for _ in range(block)])
+        _keep_loading(manager, cold_iter)
         engine.step()  # its poll submits the load (not timed: the load is not in flight yet)
+        with_loads.append([])
         for _ in range(block):
-            if not manager.loads_in_flight():
-                name = next(cold_iter)
-                manager.rank(name)
-                manager.prefetch(name)
-            with_loads.append(_one_step(engine))
+            _keep_loading(manager, cold_iter)
+            with_loads[-1].append(_one_step(engine))
     loads = manager.counters.loads - loads_before
-    for i in range(4):
-        engine.abort(f"dec-{i}")
+    for request_id in ids:
+        engine.abort(request_id)
     while engine.has_unfinished():
         engine.step()
-    w, wo = statistics.median(with_loads), statistics.median(without)
+    w = statistics.median(statistics.median(block_s) for block_s in with_loads)
+    wo = statistics.median(statistics.median(block_s) for block_s in without)
     return {"tpot_with_loads_ms": round(w * 1e3, 2), "tpot_without_loads_ms": round(wo * 1e3, 2),
-            "ratio": round(w / wo, 4), "decoding_requests": 4, "steps_per_condition": len(without),
+            "ratio": round(w / wo, 4), "decoding_requests": len(ids), "rounds": rounds, "steps_per_block": block,
+            "method": "median over rounds of each block's median step time; blocks alternate without/with loads",
             "loads_completed_during_measurement": loads}
 
 
@@ -366,78 +386,123 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> dict:
-    """The whole benchmark (on the engine's own thread); returns the report."""
+@dataclass
+class Setup:
+    """What both modes share: the model, the adapters, the trace and the host store."""
+
+    device: str
+    model_dir: Path
+    shape: LlamaShape
+    targets: tuple[str, ...]
+    names: list[str]
+    root: Path
+    times: object
+    popularity: object
+    store: HostStore
+    adapter_bytes: int
+
+
+def prepare(args: argparse.Namespace) -> Setup:
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
     model_dir = args.model or default_model_dir()
     shape, targets = LlamaShape.from_model_dir(model_dir), tuple(args.targets.split(","))
     names = adapter_names(args.adapters)
     root = ensure_adapters(model_dir, args.adapters, args.rank, targets, args.seed,
                            lambda i, n: i % 64 == 0 and progress(f"generating adapters {i}/{n}"))
-    times = load_trace(MAF_DIR / TRACE_FILE)
-    popularity = load_popularity(MAF_DIR / POPULARITY_FILE, args.adapters)
-    load_avg_start = [round(x, 2) for x in os.getloadavg()]
     store = HostStore(8 * GiB, shape, args.rank, torch.bfloat16, pin=device == "cuda")
-    adapter_bytes = AdapterRegistry(root, args.rank, 2).resolve(names[0]).nbytes
+    return Setup(device, Path(model_dir), shape, targets, names, root, load_trace(MAF_DIR / TRACE_FILE),
+                 load_popularity(MAF_DIR / POPULARITY_FILE, args.adapters), store,
+                 AdapterRegistry(root, args.rank, 2).resolve(names[0]).nbytes)
 
-    engine, manager = make_engine(model_dir, device, "cached", root, store, shape, args.rank)
-    wait_for_preload(manager)
-    calibration = calibrate(engine, names[0], engine.model.config.vocab_size)
-    gbps, target_ms = link_for(calibration, adapter_bytes, args.load_fraction, args.latency_ms)
+
+def plan(setup: Setup, engine: LLMEngine, args: argparse.Namespace) -> dict:
+    """Calibrate on the cached engine, then derive the link speed and the workload."""
+    calibration = calibrate(engine, setup.names, engine.model.config.vocab_size)
+    gbps, target_ms = link_for(calibration, setup.adapter_bytes, args.load_fraction, args.latency_ms)
     n = requests_for(calibration, args)
-    scale = time_scale(times, n, args.window_s)
-    progress(f"calibration: 256-token prefill {calibration['prefill_256_ms']} ms, 4-way decode step "
-             f"{calibration['decode_step_4_ms']} ms; adapter {adapter_bytes / 2**20:.2f} MiB")
-    if device == "cpu":
+    scale = time_scale(setup.times, n, args.window_s)
+    progress(f"calibration: 256-token prefill {calibration['prefill_256_ms']} ms, decode step of {DECODE_BATCH} "
+             f"requests on distinct adapters {calibration['decode_step_ms']} ms; "
+             f"adapter {setup.adapter_bytes / 2**20:.2f} MiB")
+    if setup.device == "cpu":
         progress(f"EMULATED link: G = {gbps:.4f} GB/s, latency {args.latency_ms} ms -> one adapter load "
                  f"{target_ms:.1f} ms = {args.load_fraction:.0%} of a 256-token prefill")
-    progress(f"workload: first {n} of {len(times)} MAF arrivals ({times[n - 1] - times[0]:.1f} trace s), "
+    span = float(setup.times[n - 1] - setup.times[0])
+    progress(f"workload: first {n} of {len(setup.times)} MAF arrivals ({span:.1f} trace s), "
              f"time scale {scale:.3f} bench s per trace s -> {args.window_s:.0f} s of arrivals")
-    workload = build_workload(times, popularity, names, n, scale, tuple(args.prompt_range),
+    workload = build_workload(setup.times, setup.popularity, setup.names, n, scale, tuple(args.prompt_range),
                               tuple(args.output_range), engine.model.config.vocab_size, args.seed)
-    load_avg = {"start": load_avg_start}
-    reports = {"cached": _run_mode("cached", engine, manager, workload, args)}
-    load_avg["after_cached"] = [round(x, 2) for x in os.getloadavg()]
+    return {"calibration": calibration, "gbps": gbps, "target_ms": target_ms, "workload": workload,
+            "info": {"trace": TRACE_FILE, "popularity": POPULARITY_FILE, "requests": n,
+                     "trace_window_s": round(span, 3), "time_scale": round(scale, 4),
+                     "arrival_window_s": args.window_s, "prompt_range": list(args.prompt_range),
+                     "output_range": list(args.output_range), "seed": args.seed,
+                     "utilization_target": args.utilization}}
+
+
+def link_report(setup: Setup, p: dict, on_demand: dict, args: argparse.Namespace) -> dict:
+    emulate = setup.device == "cpu"
+    loads = on_demand["load_ms"]
+    measured_ms = loads["sum_ms"] / max(1, loads["count"])
+    gbps = p["gbps"] if emulate else setup.adapter_bytes / max(measured_ms / 1e3, 1e-9) / 1e9
+    return {"emulated": emulate, "gbps": round(gbps, 6), "latency_ms": args.latency_ms if emulate else 0.0,
+            "gbps_unit": "GB/s (1e9 bytes/s)", "target_load_ms": round(p["target_ms"], 2),
+            "measured_mean_load_ms": round(measured_ms, 2),
+            "note": ("EMULATED host-to-device link on a CPU-only host: a load costs latency + bytes / G"
+                     if emulate else "real CUDA host-to-device link (dedicated stream, pinned memory)")}
+
+
+def _load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The whole benchmark (on the engine's own thread); returns the report."""
+    setup = prepare(args)
+    load_avg = {"start": _load_average()}
+    engine, manager = make_engine(setup.model_dir, setup.device, "cached", setup.root, setup.store, setup.shape,
+                                  args.rank, threads=args.threads)
+    wait_for_preload(manager)
+    p = plan(setup, engine, args)
+    reports = {"cached": _run_mode("cached", engine, manager, p["workload"], args)}
+    load_avg["after_cached"] = _load_average()
     manager.close()
     del engine, manager
     gc.collect()
 
-    emulate = device == "cpu"
-    engine, manager = make_engine(model_dir, device, "on_demand", root, store, shape, args.rank,
-                                  device_bytes=args.cache_adapters * adapter_bytes,
-                                  gbps=gbps if emulate else 0.0, latency_ms=args.latency_ms if emulate else 0.0)
-    reports["on_demand"] = _run_mode("on_demand", engine, manager, workload, args)
-    load_avg["after_on_demand"] = [round(x, 2) for x in os.getloadavg()]
+    emulate = setup.device == "cpu"
+    engine, manager = make_engine(setup.model_dir, setup.device, "on_demand", setup.root, setup.store, setup.shape,
+                                  args.rank, device_bytes=args.cache_adapters * setup.adapter_bytes,
+                                  gbps=p["gbps"] if emulate else 0.0, latency_ms=args.latency_ms if emulate else 0.0,
+                                  threads=args.threads)
+    reports["on_demand"] = _run_mode("on_demand", engine, manager, p["workload"], args)
+    load_avg["after_on_demand"] = _load_average()
     progress("decode interference: timing decoding requests with and without loads in flight")
-    cold = [name for name in names if name not in manager.cache]
+    cold = [name for name in setup.names if name not in manager.cache]
     interference = decode_interference(engine, manager, cold, args.interference_rounds, args.interference_block,
                                        engine.model.config.vocab_size)
     progress(f"decode interference: ratio {interference['ratio']}")
-    measured_load_ms = (reports["on_demand"]["load_ms"]["sum_ms"] / max(1, reports["on_demand"]["load_ms"]["count"]))
     manager.close()
+    return write_report(setup, args, reports, {
+        "decode_interference": interference, "link": link_report(setup, p, reports["on_demand"], args),
+        "calibration": p["calibration"], "workload": p["info"], "load_average": load_avg})
 
-    link = {"emulated": emulate, "gbps": round(gbps if emulate else adapter_bytes / (measured_load_ms / 1e3) / 1e9, 6),
-            "latency_ms": args.latency_ms if emulate else 0.0, "gbps_unit": "GB/s (1e9 bytes/s)",
-            "target_load_ms": round(target_ms, 2), "measured_mean_load_ms": round(measured_load_ms, 2),
-            "note": ("EMULATED host-to-device link on a CPU-only host: a load costs latency + bytes / G"
-                     if emulate else "real CUDA host-to-device link (dedicated stream, pinned memory)")}
-    plot_path = (args.json or RESULTS / f"cold_start-{device_label(device)}.json").with_suffix(".png")
-    plot_path.parent.mkdir(parents=True, exist_ok=True)
+
+def write_report(setup: Setup, args: argparse.Namespace, reports: dict, extra: dict) -> dict:
+    """The JSON report (written to --json or bench/results) and the CDF plot next to it."""
+    out = args.json or RESULTS / f"cold_start-{device_label(setup.device)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot_path = out.with_suffix(".png")
     plot_cdf(reports, plot_path)
     report = {
-        "bench": "cold_start", "device": device_label(device),
+        "bench": "cold_start", "device": device_label(setup.device),
         "modes": {m: {k: v for k, v in r.items() if not k.startswith("_")} for m, r in reports.items()},
-        "decode_interference": interference, "link": link, "calibration": calibration,
-        "workload": {"trace": TRACE_FILE, "popularity": POPULARITY_FILE, "requests": n,
-                     "trace_window_s": round(float(times[n - 1] - times[0]), 3), "time_scale": round(scale, 4),
-                     "arrival_window_s": args.window_s, "prompt_range": list(args.prompt_range),
-                     "output_range": list(args.output_range), "seed": args.seed, "utilization_target": args.utilization},
-        "adapters": {"count": args.adapters, "rank": args.rank, "targets": list(targets), "bytes_each": adapter_bytes,
-                     "device_cache_adapters": args.cache_adapters, "dtype": "bfloat16"},
-        "model": str(Path(model_dir).name), "load_average": load_avg,
-        "plot": str(plot_path),
+        **extra,
+        "adapters": {"count": args.adapters, "rank": args.rank, "targets": list(setup.targets),
+                     "bytes_each": setup.adapter_bytes, "device_cache_adapters": args.cache_adapters,
+                     "dtype": "bfloat16"},
+        "model": setup.model_dir.name, "torch_threads": torch.get_num_threads(), "plot": str(plot_path),
     }
-    out = args.json or RESULTS / f"cold_start-{device_label(device)}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     progress(f"wrote {out} and {plot_path}")
     return report

@@ -97,8 +97,9 @@ def _safetensors_header(name: str, path: Path) -> dict:
         raise AdapterError(name, f"corrupt {WEIGHTS_FILE}: {exc}") from None
     if not isinstance(header, dict):
         raise AdapterError(name, f"corrupt {WEIGHTS_FILE}: header is not a JSON object")
-    ends = [info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"
-            and isinstance(info, dict) and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2]
+    ends = [info["data_offsets"][1] for key, info in header.items()
+            if key != "__metadata__" and isinstance(info, dict) and isinstance(info.get("data_offsets"), list)
+            and len(info["data_offsets"]) == 2]
     if weights.stat().st_size != 8 + size + max(ends, default=0):
         raise AdapterError(name, f"corrupt {WEIGHTS_FILE}: the file is truncated or has trailing bytes")
     return header
