@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import logging
 import math
 import shutil
 import sys
@@ -24,8 +23,6 @@ from pathlib import Path
 
 from shared.llama_shape import PROJECTIONS
 from shared.model_store import cache_root
-
-log = logging.getLogger(__name__)
 
 RELATIVE_DELTA = 0.2  # |scaling * x A B| relative to |x W| for a typical input
 MANIFEST = "bench-adapters.json"

@@ -171,7 +171,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.engine", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="8 short requests: a smoke run")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to run")
-    parser.add_argument("--json", type=Path, default=None, help="report path (default bench/results/engine-<device>.json)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="report path (default bench/results/engine-<device>.json)")
     parser.add_argument("--skip-hf", action="store_true", help="skip the transformers baselines (d) and (e)")
     parser.add_argument("--model", type=Path, default=None, help="base model dir (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--configs", default="".join(CONFIGS), help="which configurations to run, e.g. 'ac'")

@@ -68,7 +68,8 @@ def run_configuration(spec: dict) -> dict:
         from bench.hf_runner import run_hf
 
         record = run_hf(model_dir, requests, adapters, spec["device"], spec["threads"], spec["hf_batch_size"], label)
-    result = {"config": config.key, "label": config.label, "system": config.system, **record.summary(), "peak_rss_bytes": peak_rss_bytes(),
+    result = {"config": config.key, "label": config.label, "system": config.system, **record.summary(),
+              "peak_rss_bytes": peak_rss_bytes(),
               "load_avg_start": start_load, "load_avg_end": load_average()}
     if decode is not None:
         result["decode"] = decode

@@ -82,7 +82,8 @@ def test_write_outputs(report, tmp_path):
 def test_skipped_baselines_leave_target_undecided(tiny_model_dir, tiny_adapters):
     workload, adapters = _workload(tiny_adapters)
     small = EngineWorkload(**{**workload.to_dict(), "num_requests": 2})
-    out = run_benchmark(tiny_model_dir, adapters, small, RunOptions(configs=("a", "c"), isolate=False, peak_size=256, threads=1))
+    options = RunOptions(configs=("a", "c"), isolate=False, peak_size=256, threads=1)
+    out = run_benchmark(tiny_model_dir, adapters, small, options)
     assert out["targets"]["a_vs_d"]["pass"] is None
     assert out["targets"]["best_lora_vs_base"]["pass"] is not None
 
