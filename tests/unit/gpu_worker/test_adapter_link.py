@@ -62,7 +62,7 @@ def test_real_sleep_matches_the_model():
     _, handle = link.send(_weights(250_000))  # 1 MB -> 100 ms
     link.wait(handle)
     elapsed = time.monotonic() - start
-    assert 0.140 <= elapsed < 0.140 + 0.08
+    assert 0.140 <= elapsed < 0.140 + 0.15  # sleeping may overshoot on a busy machine, never undershoot
 
 
 def test_cpu_device_gets_the_emulated_link():

@@ -78,8 +78,8 @@ def test_load_time_is_latency_plus_bytes_over_g(setup):
     loader.submit(record)
     first, last = _collect(loader, 2)
     expected = 0.050 + record.nbytes / 1e6
-    assert expected <= last.load_s < expected + 0.08
-    assert first.load_s == pytest.approx(0.050 + record.nbytes / 2e6, abs=0.04)
+    assert expected <= last.load_s < expected + 0.15
+    assert 0.050 + record.nbytes / 2e6 <= first.load_s < last.load_s
 
 
 def test_corrupt_adapter_fails_alone(tmp_path, setup, residency_root, bad_adapters):
