@@ -117,8 +117,10 @@ class TieredAdapters:
         log.info("adapter residency: mode %s, device budget %s bytes, host budget %d bytes%s", config.cold_start,
                  "unbounded" if self.cache.budget_bytes == sys.maxsize else self.cache.budget_bytes,
                  config.host_adapter_bytes, ", EMULATED link" if getattr(self.link, "emulated", False) else "")
+        # Every adapter in the root is known (at disk level) from the start, so workers
+        # advertise it and the scheduler can route its requests in every mode.
+        self.registry.discover()
         if config.cold_start == "cached":
-            self.registry.discover()
             for record in self.registry.records():
                 self._want(record.name)
             log.info("cached mode: %d adapters queued for preloading", len(self._pending))

@@ -173,10 +173,12 @@ def test_residency_report(make_manager, one):
     m.rank("a1")
     report = m.residency()
     levels = {a["name"]: a["level"] for a in report["adapters"]}
-    assert levels == {"a0": "device", "a1": "disk"}
+    assert levels["a0"] == "device" and levels["a1"] == "disk"
+    assert set(levels.values()) == {"device", "disk"}  # every other adapter of the root is known, on disk
     assert (report["hits"], report["misses"], report["loads"]) == (1, 1, 1)
     assert report["load_ms"]["count"] == 1 and report["device"]["used_bytes"] == one
-    assert [(i.name, i.level) for i in m.adapter_infos()] == [("a0", "device"), ("a1", "disk")]
+    infos = {i.name: i.level for i in m.adapter_infos()}
+    assert infos == levels
 
 
 def test_cached_mode_preloads_everything(make_manager):
@@ -189,3 +191,26 @@ def test_cached_mode_preloads_everything(make_manager):
         m.wait_for_progress(0.02)
     assert all(m.ready(n) for n in SMALL + ["big"])  # budget unbounded: nothing was evicted
     assert m.residency()["device"]["budget_bytes"] is None and m.counters.evictions == 0
+
+
+def test_on_demand_advertises_every_adapter_in_the_root(tiny_model_dir, tiny_adapters, tmp_path):
+    """Workers must list disk-level adapters, or the scheduler cannot route their requests."""
+    import torch
+
+    from services.gpu_worker.residency_config import ResidencyConfig
+    from services.gpu_worker.tiered_adapters import TieredAdapters
+    from shared.llama_shape import LlamaShape
+
+    import shutil
+
+    root = tmp_path / "root"
+    for name, path in tiny_adapters.items():
+        shutil.copytree(path, root / name)
+    manager = TieredAdapters(ResidencyConfig(adapter_dir=str(root), cold_start="on_demand"),
+                             LlamaShape.from_model_dir(tiny_model_dir), 64, torch.float32, "cpu")
+    try:
+        infos = {i.name: i.level for i in manager.adapter_infos()}
+        assert set(infos) == set(tiny_adapters)
+        assert set(infos.values()) == {"disk"}
+    finally:
+        manager.close()
