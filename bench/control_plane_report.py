@@ -144,6 +144,7 @@ def plot(path: Path, latency: dict[str, LatencySamples], runs: list[LoadRun], ta
         left.text(value, 0.02, label, rotation=90, fontsize=7, color="grey")
     left.set(xscale="log", xlabel="ms (1-token requests, one at a time)", ylabel="fraction of requests",
              title="Control-plane latency vs in-engine TTFT")
+    left.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([0.2, 0.5, 1, 2, 5, 10, 20, 50, 100]))
     left.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     left.legend(fontsize=8)
@@ -151,6 +152,7 @@ def plot(path: Path, latency: dict[str, LatencySamples], runs: list[LoadRun], ta
         x, y = completions_per_second(run)
         right.step(x, y, where="post", label=f"offered {run.rate:.0f}/s")
         right.axhline(run.rate, color="grey", linestyle=":", linewidth=1)
+    right.set_ylim(bottom=0)
     right.set(xlabel="s since the load started", ylabel="completed requests / s (0.5 s bins)",
               title="Open-loop load through the gateway (NATS)")
     right.legend(fontsize=8)
