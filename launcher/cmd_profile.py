@@ -18,6 +18,7 @@ def register(subparsers) -> None:
     p.add_argument("--backend", default="bgmv", choices=("bgmv", "mbgmv"), help="kernel family to profile")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0: one per core)")
     p.add_argument("--out", required=True, help="profile JSON to write")
     add_arguments(p, ProfileConfig)
     p.set_defaults(func=run)
@@ -32,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = from_namespace(ProfileConfig, args)
         engine_config = EngineConfig(backend=args.backend, dtype=args.dtype, device=args.device,
-                                     max_batch_size=max(config.batch_sizes), kv_cache_bytes=1 << 30)
+                                     max_batch_size=max(config.batch_sizes), kv_cache_bytes=1 << 30,
+                                     num_threads=args.num_threads)
         model_dir = resolve_model_dir(None if args.model == "default" else args.model)
     except (ConfigError, ModelStoreError) as exc:
         raise CliError(str(exc)) from None
