@@ -28,6 +28,7 @@ from services.gpu_worker.engine import EngineStats, LLMEngine, RunningInfo
 from services.gpu_worker.engine_config import EngineConfig
 from services.gpu_worker.request import EngineRequest, RequestError, RequestOutput, SamplingParams
 from services.gpu_worker.residency_config import ResidencyConfig
+from services.gpu_worker.residency_telemetry import register_residency_metrics
 from services.gpu_worker.step_thread import StepThread
 from services.gpu_worker.worker_config import WorkerConfig
 from shared import subjects
@@ -99,6 +100,9 @@ class GpuWorkerService:
         stack.callback(self.telemetry.shutdown)
         self._loop = asyncio.get_running_loop()
         self.engine = await asyncio.to_thread(self._build_engine)
+        report = getattr(self.engine.adapters, "residency", None)
+        if report is not None:
+            register_residency_metrics(self.telemetry.meter, report, self.config.worker_id)
         self.bus = await Bus.open(self.config.nats_url, f"gpu-worker-{self.config.worker_id}", stack,
                                   self.config.grace_s)
         for task in (self._publish_chunks(), self._publish_states()):
