@@ -14,6 +14,7 @@ import ctypes
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,6 +52,8 @@ class StackConfig:
     profile: str = option("", "performance profile JSON for rank_aware")
     backend: str = option("bgmv", "multi-LoRA kernel family", ("bgmv", "mbgmv"))
     cold_start: str = option("cached", "adapter cold-start mode", ("cached", "on_demand"))
+    emulate_link_gbps: float = option(0.0, "CPU-only hosts: EMULATED host-to-device GB/s for adapter loads (0: off)")
+    emulate_link_latency_ms: float = option(0.0, "CPU-only hosts: EMULATED latency of each adapter load (ms)")
     ready_timeout_s: float = option(600.0, "how long to wait for every service to be ready")
     run_dir: str = option("", "where service logs go (default: a new temporary directory)")
     extra_env: dict = field(default_factory=dict, metadata={"cli": False, "help": "extra CARASERVE_* for all"})
@@ -78,6 +81,7 @@ class LocalStack:
         self.config = config
         self.nats: NatsServer | None = None
         self.procs: dict[str, subprocess.Popen] = {}
+        self._own_run_dir = not config.run_dir
         self.run_dir = Path(config.run_dir or tempfile.mkdtemp(prefix="caraserve-up-"))
         self.http_port = config.http_port
         self.model_dir: Path | None = None
@@ -145,7 +149,9 @@ class LocalStack:
         env = self._common_env(f"worker-{index}")
         env.update({"CARASERVE_WORKER_ID": f"worker-{index}", "CARASERVE_MODEL": str(self.model_dir),
                     "CARASERVE_ADAPTER_DIR": str(self.adapter_dir), "CARASERVE_BACKEND": self.config.backend,
-                    "CARASERVE_COLD_START": self.config.cold_start})
+                    "CARASERVE_COLD_START": self.config.cold_start,
+                    "CARASERVE_EMULATE_LINK_GBPS": str(self.config.emulate_link_gbps),
+                    "CARASERVE_EMULATE_LINK_LATENCY_MS": str(self.config.emulate_link_latency_ms)})
         if self.config.workers > 1:  # share the cores between workers
             env.setdefault("CARASERVE_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.config.workers)))
         return env
@@ -214,6 +220,8 @@ class LocalStack:
         if self.nats is not None:
             self.nats.stop()
             self.nats = None
+        if self._own_run_dir and all(p.returncode == 0 for p in self.procs.values()):
+            shutil.rmtree(self.run_dir, ignore_errors=True)  # kept when a service failed: its logs matter
 
 
 def _free_port() -> int:
