@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass
+class DecodeGroup:
+    """Decoding sequences attended together, their contexts padded to the group's longest ``L``.
+
+    * ``idx: [B]`` batch indices of their decode tokens (one per sequence).
+    * ``rows: [B * KVH * L]`` rows of the cache viewed as ``[slots * KVH, D]`` that hold each
+      sequence's context (current token included), head-major per sequence, so one
+      ``index_select`` gathers a contiguous ``[B, KVH, L, D]``; padding reads slot 0.
+    * ``mask: [B, 1, 1, L]`` marks the real (unpadded) context positions.
+    """
+
+    idx: torch.Tensor
+    rows: torch.Tensor
+    mask: torch.Tensor
 
 
 @dataclass
@@ -14,18 +30,12 @@ class AttentionMetadata:
 
     * ``slot_mapping: [T]`` cache slot written with each token's K/V.
     * ``prefill``: ``(start, end)`` token ranges of sequences prefilled from position 0.
-    * ``decode_idx: [B]`` batch indices of decode tokens (one per decoding sequence).
-    * ``decode_rows: [B * KVH * L]`` rows of the cache viewed as ``[slots * KVH, D]`` that hold
-      each decoding sequence's context (current token included), head-major per sequence, so
-      one ``index_select`` gathers a contiguous ``[B, KVH, L, D]``; padding reads slot 0.
-    * ``decode_mask: [B, 1, 1, L]`` marks the real (unpadded) context positions.
+    * ``decode``: the decoding sequences in groups of similar context length (less padding).
     """
 
     slot_mapping: torch.Tensor
     prefill: list[tuple[int, int]]
-    decode_idx: torch.Tensor | None = None
-    decode_rows: torch.Tensor | None = None
-    decode_mask: torch.Tensor | None = None
+    decode: list[DecodeGroup] = field(default_factory=list)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
@@ -38,20 +48,20 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: 
     """
     cache_k.index_copy_(0, meta.slot_mapping, k)
     cache_v.index_copy_(0, meta.slot_mapping, v)
-    decoding = meta.decode_idx is not None and meta.decode_idx.numel() > 0
-    if decoding and not meta.prefill and meta.decode_idx.numel() == q.shape[0]:
-        return decode_attention(q, cache_k, cache_v, meta).flatten(1)  # a decode-only step
+    if not meta.prefill and len(meta.decode) == 1 and meta.decode[0].idx.numel() == q.shape[0]:
+        # a decode-only step in one group: its tokens are the whole batch, in order
+        return decode_attention(q, cache_k, cache_v, meta.decode[0]).flatten(1)
     out = torch.empty_like(q)
     for start, end in meta.prefill:
         qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
         out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
-    if decoding:
-        out[meta.decode_idx] = decode_attention(q[meta.decode_idx], cache_k, cache_v, meta)
+    for group in meta.decode:
+        out[group.idx] = decode_attention(q[group.idx], cache_k, cache_v, group)
     return out.flatten(1)
 
 
 def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                     meta: AttentionMetadata) -> torch.Tensor:
+                     group: DecodeGroup) -> torch.Tensor:
     """One query token per decoding sequence: ``q: [B, H, D]`` -> ``[B, H, D]``.
 
     The context is gathered head-major into contiguous ``[B, KVH, L, D]``; the ``G = H / KVH``
@@ -59,7 +69,7 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
     needs no repeated K/V and SDPA reads the gathered K/V once per KV head.
     """
     b, kvh, d = q.shape[0], cache_k.shape[1], cache_k.shape[2]
-    kd = cache_k.view(-1, d).index_select(0, meta.decode_rows).view(b, kvh, -1, d)
-    vd = cache_v.view(-1, d).index_select(0, meta.decode_rows).view(b, kvh, -1, d)
-    od = F.scaled_dot_product_attention(q.view(b, kvh, -1, d), kd, vd, attn_mask=meta.decode_mask)
+    kd = cache_k.view(-1, d).index_select(0, group.rows).view(b, kvh, -1, d)
+    vd = cache_v.view(-1, d).index_select(0, group.rows).view(b, kvh, -1, d)
+    od = F.scaled_dot_product_attention(q.view(b, kvh, -1, d), kd, vd, attn_mask=group.mask)
     return od.view(b, -1, d)

@@ -8,7 +8,7 @@ import torch
 
 from services.gpu_worker.adapter_manager import AdapterManager
 from services.gpu_worker.admission import StepPlan
-from services.gpu_worker.attention import AttentionMetadata
+from services.gpu_worker.attention import AttentionMetadata, DecodeGroup
 from services.gpu_worker.kv_cache import BlockManager
 from services.gpu_worker.lora_plan import LoraSegment, LoraStep
 from services.gpu_worker.model import LlamaModel
@@ -27,6 +27,27 @@ class StepBatch:
     meta: AttentionMetadata
     last_index: torch.Tensor  # [N] the token whose logits sample each sequence's next token
     segments: list[LoraSegment]  # one per request; adjacent requests of one resident adapter share one
+
+
+MIN_DECODE_GROUP = 8  # sequences; smaller groups cost more in per-op overhead than they save in padding
+MAX_DECODE_GROUPS = 4
+
+
+def decode_groups(lengths: list[int]) -> list[list[int]]:
+    """Split decoding sequences (by index) into groups of similar context length.
+
+    Each group's attention is padded to its own longest context, so grouping sorted lengths
+    saves the padding a single group would gather and attend over. Groups have equal counts
+    and at least MIN_DECODE_GROUP sequences; one group keeps the batch order.
+    """
+    if not lengths:
+        return []
+    count = min(MAX_DECODE_GROUPS, len(lengths) // MIN_DECODE_GROUP)
+    if count <= 1:
+        return [list(range(len(lengths)))]
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    size = -(-len(order) // count)
+    return [order[i:i + size] for i in range(0, len(order), size)]
 
 
 def _add_segment(segments: list[LoraSegment], seg: LoraSegment) -> None:
@@ -74,27 +95,27 @@ class ModelRunner:
                 _add_segment(segments, LoraSegment(start, len(ids), self.adapters.device_adapter(seq.adapter),
                                                    self.adapters.delta_source(seq.adapter)))
         meta = AttentionMetadata(self._tensor(slots), prefill_ranges)
-        if decode_idx:
-            self._decode_metadata(meta, [e[0] for e in entries if not e[1]], decode_idx)
+        decoding = [e[0] for e in entries if not e[1]]
+        meta.decode = [self._decode_group([decoding[i] for i in g], [decode_idx[i] for i in g])
+                       for g in decode_groups([s.num_tokens for s in decoding])]
         return StepBatch([e[0] for e in entries], [e[1] for e in entries], self._tensor(ids),
                          self._tensor(positions), meta, self._tensor(last), segments)
 
-    def _decode_metadata(self, meta: AttentionMetadata, seqs: list[Sequence], decode_idx: list[int]) -> None:
-        """Cache rows ``[B * KVH * L]`` and mask ``[B, 1, 1, L]`` of each decoding sequence's context."""
+    def _decode_group(self, seqs: list[Sequence], decode_idx: list[int]) -> DecodeGroup:
+        """Cache rows ``[B * KVH * L]`` and mask ``[B, 1, 1, L]`` of these decoding sequences' contexts."""
         bs = self.blocks.block_size
         lengths = torch.tensor([s.num_tokens for s in seqs])
-        width = max(len(self.blocks.tables[s.request_id]) for s in seqs)
+        width = max(self.blocks.blocks_needed(s.num_tokens) for s in seqs)
         tables = torch.zeros(len(seqs), width, dtype=torch.int64)
         for i, s in enumerate(seqs):
-            table = self.blocks.tables[s.request_id]
+            table = self.blocks.tables[s.request_id][:width]
             tables[i, :len(table)] = torch.tensor(table)
-        slots = (tables.unsqueeze(-1) * bs + torch.arange(bs)).flatten(1)  # [B, width * bs]
+        slots = (tables.unsqueeze(-1) * bs + torch.arange(bs)).flatten(1)[:, :int(lengths.max())]  # [B, L]
         valid = torch.arange(slots.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
         kvh = self.kv[0][0].shape[1]
         rows = slots.masked_fill(~valid, 0).unsqueeze(1) * kvh + torch.arange(kvh).view(1, kvh, 1)  # [B, KVH, L]
-        meta.decode_idx = self._tensor(decode_idx)
-        meta.decode_rows = rows.flatten().to(self.device)
-        meta.decode_mask = valid[:, None, None, :].to(self.device)
+        return DecodeGroup(self._tensor(decode_idx), rows.flatten().to(self.device),
+                           valid[:, None, None, :].to(self.device))
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
