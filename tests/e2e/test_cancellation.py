@@ -34,7 +34,7 @@ def abandon_stream(http_url: str, model: str) -> str:
 
 
 async def worker_span(collector: RotelCollector, request_id: str, name: str) -> SpanRecord:
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while True:
         found = [s for s in collector.spans() if s.name == name and s.attributes.get("request.id") == request_id]
         if found:
