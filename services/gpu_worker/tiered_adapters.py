@@ -59,6 +59,12 @@ class ResidencyHooks(Protocol):
     def failure(self, name: str) -> str | None:
         """Why waiting requests of ``name`` can never run, or None."""
 
+    def loads_in_flight(self) -> int:
+        """Loads submitted and not yet fully landed (an idle step loop waits on them)."""
+
+    def wait_for_progress(self, timeout: float) -> bool:
+        """Block until a load makes progress or ``timeout`` passes."""
+
 
 class AdapterUnavailableError(UnknownAdapterError):
     """The adapter name exists on disk but cannot be served (bad path or unusable files)."""
