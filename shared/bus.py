@@ -81,6 +81,17 @@ def _log_event(name: str, event: str) -> Callable[[], Awaitable[None]]:
     return on_event
 
 
+async def yield_to_io() -> None:
+    """Let the loop first run what the current step made ready: the tasks it woke (a chunk's
+    consumer, say) and the NATS flusher those wake in turn, which writes to the socket.
+
+    Bookkeeping that is off the client's path (spans, metrics) awaits this first. asyncio
+    runs ready callbacks in FIFO order, so two passes put us behind both.
+    """
+    for _ in range(2):
+        await asyncio.sleep(0)
+
+
 class TaskSet:
     """Background tasks a service owns: spawned, tracked, and awaited or cancelled on close."""
 

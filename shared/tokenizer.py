@@ -42,6 +42,16 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def encode_prompt(tokenizer: PreTrainedTokenizerFast, text: str, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of ``text``, as ``tokenizer.encode`` gives them, straight from the Rust backend.
+
+    The backend applies the same normalizer, pre-tokenizer, model and post-processor (BOS/EOS)
+    as transformers' wrapper, without its per-call Python overhead (about half the time of a
+    short prompt), which sits on the gateway's path to the first token.
+    """
+    return tokenizer.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+
 def apply_chat_template(tokenizer: PreTrainedTokenizerFast,
                         messages: Sequence[Mapping[str, str]]) -> list[int]:
     """Render ``messages`` ([{role, content}, ...]) with the tokenizer's chat template.
@@ -57,7 +67,7 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerFast,
                                              add_generation_prompt=True)
     except (TemplateError, ValueError, TypeError, KeyError) as exc:
         raise ChatTemplateError(f"chat template failed: {exc}") from exc
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    return encode_prompt(tokenizer, text, add_special_tokens=False)
 
 
 def _check_messages(messages: Sequence[Mapping[str, str]]) -> None:

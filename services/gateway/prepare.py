@@ -17,7 +17,7 @@ from typing import Any
 from services.gateway.catalog import Catalog
 from services.gateway.tenancy import Tenancy
 from shared.schemas import GenerateRequest, Sampling, ServiceError
-from shared.tokenizer import ChatTemplateError, apply_chat_template
+from shared.tokenizer import ChatTemplateError, apply_chat_template, encode_prompt
 
 
 @dataclass
@@ -75,7 +75,7 @@ class RequestPreparer:
         elif isinstance(request.prompt, str):
             if not request.prompt:
                 raise ServiceError("invalid_request", "the prompt must not be empty")
-            ids = list(self.tokenizer.encode(request.prompt))
+            ids = encode_prompt(self.tokenizer, request.prompt)
         else:
             ids = list(request.prompt or [])
             bad = [t for t in ids if t >= self.vocab_size]

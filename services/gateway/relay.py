@@ -32,7 +32,7 @@ from services.gateway.inflight import InflightLimiter
 from services.gateway.prepare import PreparedRequest
 from services.gateway.worker_watch import WorkerWatch
 from shared import subjects
-from shared.bus import Bus
+from shared.bus import Bus, yield_to_io
 from shared.schemas import (CancelRequest, Chunk, ErrorInfo, RemoteError, RouteReply, RouteRequest, SchemaError,
                             ServiceError, Usage, error_info)
 from shared.telemetry import Telemetry, extract_context, start_span
@@ -113,6 +113,7 @@ class RequestStream:
         try:
             with trace.use_span(span, end_on_exit=False):
                 await self._produce(span)
+            await yield_to_io()  # the final chunk goes out before the span and metrics work below
         except asyncio.CancelledError:
             self._finish(error_info("shutting_down", "the gateway is shutting down"))
             raise
@@ -128,6 +129,7 @@ class RequestStream:
             if self.error is not None:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, self.error.code))
             span.end()
+            self.relay.record_metrics(self, self.finish_reason)
             self.relay.forget(self)
 
     async def _produce(self, span: trace.Span) -> None:
@@ -253,7 +255,6 @@ class RequestStream:
                       total_tokens=prompt + len(progress.generated))
         self.out.put_nowait(Chunk(request_id=self.request_id, index=progress.index, token_ids=token_ids or [],
                                   text=text, finish_reason=reason, usage=usage, error=error))
-        self.relay.record_metrics(self, reason)
 
     @property
     def ttft_s(self) -> float | None:

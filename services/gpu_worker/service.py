@@ -32,7 +32,7 @@ from services.gpu_worker.residency_telemetry import register_residency_metrics
 from services.gpu_worker.step_thread import StepThread
 from services.gpu_worker.worker_config import WorkerConfig
 from shared import subjects
-from shared.bus import Bus
+from shared.bus import Bus, yield_to_io
 from shared.config import from_env
 from shared.served_name import served_model_name
 from shared.schemas import (AdapterInfo, CancelRequest, Chunk, RequestLoad, ServiceError, SubmitAck, Usage,
@@ -79,6 +79,7 @@ class GpuWorkerService:
         self._stats: EngineStats | None = None
         self._dirty = asyncio.Event()
         self._chunks: asyncio.Queue = asyncio.Queue()
+        self._finished: list[tuple[Tracked, RequestOutput]] = []  # telemetry still to record
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: StepThread | None = None
 
@@ -178,7 +179,7 @@ class GpuWorkerService:
             self._chunks.put_nowait((tracked.submit.reply_inbox, self._chunk(tracked, out)))
             if out.finished:
                 self._tracked.pop(out.request_id, None)
-                self._record(tracked, out)
+                self._finished.append((tracked, out))
                 changed = True
         if changed:
             self._dirty.set()
@@ -200,14 +201,27 @@ class GpuWorkerService:
         return chunk
 
     async def _publish_chunks(self) -> None:
-        """The one task that publishes chunks, so each request's chunks stay in order."""
-        assert self.bus is not None
+        """The one task that publishes chunks, so each request's chunks stay in order.
+
+        Finished requests' spans and metrics are recorded only after their chunks were handed
+        to the NATS flusher: telemetry stays off the path to the client.
+        """
         while True:
-            inbox, chunk = await self._chunks.get()
-            try:
-                await self.bus.publish(inbox, chunk)
-            except Exception:  # a broken inbox must not stop other requests' streams
-                logger.exception("cannot publish a chunk of %s", chunk.request_id)
+            await self._publish_chunk(*await self._chunks.get())
+            while not self._chunks.empty():
+                await self._publish_chunk(*self._chunks.get_nowait())
+            if self._finished:
+                await yield_to_io()
+                finished, self._finished = self._finished, []
+                for tracked, out in finished:
+                    self._record_safely(tracked, out)
+
+    async def _publish_chunk(self, inbox: str, chunk: Chunk) -> None:
+        assert self.bus is not None
+        try:
+            await self.bus.publish(inbox, chunk)
+        except Exception:  # a broken inbox must not stop other requests' streams
+            logger.exception("cannot publish a chunk of %s", chunk.request_id)
 
     # ---- state -------------------------------------------------------------------------
     def state(self) -> WorkerState:
@@ -260,6 +274,12 @@ class GpuWorkerService:
                 logger.exception("cannot publish worker state")
 
     # ---- telemetry ---------------------------------------------------------------------
+    def _record_safely(self, tracked: Tracked, out: RequestOutput) -> None:
+        try:
+            self._record(tracked, out)
+        except Exception:  # telemetry must never stop the chunk publisher
+            logger.exception("cannot record telemetry of %s", out.request_id)
+
     def _record(self, tracked: Tracked, out: RequestOutput) -> None:
         assert self.telemetry is not None
         end = time.time()

@@ -61,12 +61,19 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _check_number(value: float, meta: dict, path: str) -> None:
-    for key, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-                          ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
-        bound = meta.get(key)
-        if bound is not None and not ok(value, bound):
-            raise SchemaError(f"must be {word} {bound}, got {value!r}", path)
+_BOUNDS = (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+           ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<"))
+
+
+def _number_checker(meta: dict) -> Callable[[float, str], None]:
+    """A check of the numeric bounds ``meta`` declares (built once per field, run per value)."""
+    bounds = [(ok, meta[key], word) for key, ok, word in _BOUNDS if meta.get(key) is not None]
+
+    def check_number(value: float, path: str) -> None:
+        for ok, bound, word in bounds:
+            if not ok(value, bound):
+                raise SchemaError(f"must be {word} {bound}, got {value!r}", path)
+    return check_number
 
 
 def _check_sized(value: str | list, meta: dict, path: str) -> None:
@@ -84,33 +91,45 @@ def _scalar_validator(tp: type, meta: dict) -> Validator:
             return value
         return check_bool
     if tp is int:
+        check_int_bounds = _number_checker(meta)
+
         def check_int(value: Any, path: str) -> int:
-            if not isinstance(value, int) or isinstance(value, bool):
+            if type(value) is not int and (not isinstance(value, int) or isinstance(value, bool)):
                 raise SchemaError(f"expected int, got {_type_name(value)}", path)
-            _check_number(value, meta, path)
+            check_int_bounds(value, path)
             return value
         return check_int
     if tp is float:
+        check_float_bounds = _number_checker(meta)
+
         def check_float(value: Any, path: str) -> float:
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise SchemaError(f"expected number, got {_type_name(value)}", path)
             if not math.isfinite(value):
                 raise SchemaError(f"must be finite, got {value!r}", path)
-            _check_number(value, meta, path)
+            check_float_bounds(value, path)
             return float(value)
         return check_float
     if tp is str:
-        def check_str(value: Any, path: str) -> str:
-            if not isinstance(value, str):
-                raise SchemaError(f"expected string, got {_type_name(value)}", path)
-            _check_sized(value, meta, path)
-            if meta.get("choices") and value not in meta["choices"]:
-                raise SchemaError(f"must be one of {', '.join(meta['choices'])}, got {value!r}", path)
-            if meta.get("pattern") is not None and not meta["pattern"].fullmatch(value):
-                raise SchemaError(f"must match {meta['pattern'].pattern}, got {value!r}", path)
-            return value
-        return check_str
+        return _str_validator(meta)
     raise TypeError(f"unsupported wire type {tp!r}")
+
+
+def _str_validator(meta: dict) -> Validator:
+    sized = meta.get("min_len") is not None or meta.get("max_len") is not None
+    choices, pattern = meta.get("choices"), meta.get("pattern")
+
+    def check_str(value: Any, path: str) -> str:
+        if not isinstance(value, str):
+            raise SchemaError(f"expected string, got {_type_name(value)}", path)
+        if sized:
+            _check_sized(value, meta, path)
+        if choices and value not in choices:
+            raise SchemaError(f"must be one of {', '.join(choices)}, got {value!r}", path)
+        if pattern is not None and not pattern.fullmatch(value):
+            raise SchemaError(f"must match {pattern.pattern}, got {value!r}", path)
+        return value
+    return check_str
 
 
 def _list_validator(tp: Any, meta: dict) -> Validator:
@@ -198,6 +217,7 @@ class Struct:
     """A nested wire structure: a msgpack map of validated fields, without an envelope."""
 
     _plans: ClassVar[dict[type, list[_FieldPlan]]] = {}
+    _known: ClassVar[dict[type, frozenset[str]]] = {}
 
     @classmethod
     def _plan(cls) -> list[_FieldPlan]:
@@ -208,6 +228,7 @@ class Struct:
                                f.default_factory, _holds_struct(hints[f.name]))
                     for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
             Struct._plans[cls] = plan
+            Struct._known[cls] = frozenset(p.name for p in plan)
         return plan
 
     @classmethod
@@ -216,21 +237,19 @@ class Struct:
         if not isinstance(data, dict):
             raise SchemaError(f"expected map, got {_type_name(data)}", path)
         plan = cls._plan()
-        known = {p.name for p in plan}
-        for key in data:
-            if key not in known:
-                raise SchemaError("unknown field", f"{path}.{key}" if path else str(key))
+        if not Struct._known[cls].issuperset(data):
+            key = next(k for k in data if k not in Struct._known[cls])
+            raise SchemaError("unknown field", f"{path}.{key}" if path else str(key))
         values = {}
         for p in plan:
-            where = f"{path}.{p.name}" if path else p.name
             if p.name in data:
-                values[p.name] = p.check(data[p.name], where)
+                values[p.name] = p.check(data[p.name], f"{path}.{p.name}" if path else p.name)
             elif p.default is not dataclasses.MISSING:
                 values[p.name] = p.default
             elif p.factory is not dataclasses.MISSING:
                 values[p.name] = p.factory()
             else:
-                raise SchemaError("required field is missing", where)
+                raise SchemaError("required field is missing", f"{path}.{p.name}" if path else p.name)
         obj = cls(**values)
         obj.check(path)
         return obj

@@ -8,7 +8,7 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from shared.tokenizer import (REPLACEMENT_CHAR, ChatTemplateError, IncrementalDetokenizer, TokenizerError,
-                              apply_chat_template, load_tokenizer)
+                              apply_chat_template, encode_prompt, load_tokenizer)
 
 MIXED_TEXT = "Grüße, señor! 日本語 😀 and caf\u00e9 \U0001f680x"
 
@@ -28,6 +28,15 @@ def test_load_tokenizer_is_fast_and_matches_model(tiny_tokenizer, tiny_model_dir
     assert len(tiny_tokenizer) == config["vocab_size"]
     assert tiny_tokenizer.eos_token_id == config["eos_token_id"]
     assert tiny_tokenizer.bos_token_id == config["bos_token_id"]
+
+
+@pytest.mark.parametrize("text", ["Why is the sky blue?", MIXED_TEXT, "  two  spaces\nand a newline", "x"])
+@pytest.mark.parametrize("special", [True, False])
+def test_encode_prompt_matches_transformers(tiny_tokenizer, text, special):
+    expected = tiny_tokenizer.encode(text, add_special_tokens=special)
+    assert encode_prompt(tiny_tokenizer, text, add_special_tokens=special) == expected
+    if special:
+        assert expected[0] == tiny_tokenizer.bos_token_id  # the post-processor's BOS is kept
 
 
 def test_load_tokenizer_without_tokenizer_json(tmp_path):
