@@ -268,6 +268,7 @@ class GpuWorkerService:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._dirty.wait(), self.config.state_interval_s)
             self._dirty.clear()
+            await yield_to_io()  # a step's chunks are written before the state that follows them
             try:
                 await self.publish_state()
             except Exception:
