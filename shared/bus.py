@@ -163,17 +163,22 @@ class Bus:
         return decode_reply(msg.data, reply_cls)
 
     async def serve(self, subject: str, request_cls: type[M], handler: Handler, *, queue: str = "",
-                    error_reply: ErrorReplyFactory | None = None) -> Subscription:
+                    error_reply: ErrorReplyFactory | None = None, concurrent: bool = True) -> Subscription:
         """Answer requests on ``subject``: decode as ``request_cls``, run ``handler`` in a task.
 
         ``handler(request, msg)`` returns the reply message (or None to send nothing, e.g. when
         it streams to an inbox itself). Errors become ``error_reply(info, payload)`` (default: an
-        ErrorReply) sent to ``msg.reply``.
+        ErrorReply) sent to ``msg.reply``. With ``concurrent`` False the handler runs in the
+        subscription's own task, one message at a time and without a task of its own: for
+        handlers that never wait long, it saves a loop pass per message.
         """
         make_error = error_reply or _default_error_reply
 
         async def on_msg(msg: Msg) -> None:
-            self.tasks.spawn(self._handle(msg, request_cls, handler, make_error), name=f"serve {subject}")
+            if concurrent:
+                self.tasks.spawn(self._handle(msg, request_cls, handler, make_error), name=f"serve {subject}")
+            else:
+                await self._handle(msg, request_cls, handler, make_error)
 
         sub = await self._subscribe(subject, queue, on_msg)
         self._intake.append(sub)

@@ -113,8 +113,8 @@ class GpuWorkerService:
         stack.push_async_callback(self._stop_engine)
         await self.publish_state()
         wid = self.config.worker_id
-        await self.bus.serve(subjects.worker_submit(wid), WorkerSubmit, self._on_submit)
-        await self.bus.serve(subjects.worker_cancel(wid), CancelRequest, self._on_cancel)
+        await self.bus.serve(subjects.worker_submit(wid), WorkerSubmit, self._on_submit, concurrent=False)
+        await self.bus.serve(subjects.worker_cancel(wid), CancelRequest, self._on_cancel, concurrent=False)
         await AdapterAdmin(wid, self.engine.adapters).serve(self.bus)
         logger.info("gpu_worker %s serving %s (%s, backend %s)", wid, self.model_name,
                     self.engine_config.resolved_device(), self.engine_config.backend)

@@ -25,19 +25,21 @@ from tests.service.rotel import free_port
 pytestmark = pytest.mark.timeout(30)
 
 
-async def test_bad_payloads_and_failing_handlers_get_typed_error_replies(nats_server, stack):
+@pytest.mark.parametrize("concurrent", [True, False])
+async def test_bad_payloads_and_failing_handlers_get_typed_error_replies(nats_server, stack, concurrent):
     server = await Bus.open(nats_server.url, "server", stack, grace_s=0.5)
-    calls = []
+    calls, tasks = [], set()
 
     async def handler(request: AdapterUnload, msg):
         calls.append(request.name)
+        tasks.add(asyncio.current_task())
         if request.name == "refused":
             raise ServiceError("model_not_found", "no such adapter")
         if request.name == "crash":
             raise RuntimeError("handler bug")
         return AdapterList(worker_id="w0")
 
-    await server.serve("test.unload", AdapterUnload, handler)
+    await server.serve("test.unload", AdapterUnload, handler, concurrent=concurrent)
     peer = await Bus.open(nats_server.url, "peer", stack, grace_s=0.1)
     for payload, code in ((b"\xff\x00", "bad_payload"), (AdapterListRequest().encode(), "bad_payload"),
                           (b'\x82\xa1v\x07\xa4name\xa1x', "unsupported_version")):
@@ -51,6 +53,7 @@ async def test_bad_payloads_and_failing_handlers_get_typed_error_replies(nats_se
     assert raised.value.info.code == "internal_error"
     reply = await peer.request("test.unload", AdapterUnload(name="fine"), AdapterList, timeout=2)
     assert reply.worker_id == "w0" and calls == ["refused", "crash", "fine"]  # still serving
+    assert len(tasks) == (3 if concurrent else 1)  # a task per message, or all in the subscription's
 
 
 async def test_listen_drops_bad_messages_and_keeps_going(nats_server, stack):
