@@ -3,7 +3,12 @@
 For each point of a grid (batch size x rank mix) the profiler submits a batch of
 requests with random prompt lengths, lets the engine prefill them (each prefill step is a
 ``prefill`` sample) and then times a few decode steps over the whole batch (``decode``
-samples). Rank mixes are homogeneous (every request at rank r), heterogeneous (ranks
+samples, their median).
+
+Timing noise on a shared host is one-sided (other work only ever slows a step down) and
+comes in bursts of seconds. So the whole grid is measured ``repeats`` times, each pass in
+its own shuffled order, with the same prompts for a point in every pass; a point's sample
+is its fastest pass (the minimum over passes of each step's time). Rank mixes are homogeneous (every request at rank r), heterogeneous (ranks
 drawn from the rank list) and base-only (rank 0, the no-LoRA reference the SLO derives
 from). Adapters are synthetic PEFT directories on the profiled model (16 per rank).
 The samples are fitted by :class:`shared.perf_model.PerfModel` and saved as a
@@ -44,6 +49,7 @@ class ProfileConfig:
     ranks: tuple[int, ...] = option((8, 16, 32, 64), "adapter ranks", default_factory=lambda: (8, 16, 32, 64))
     mixed_draws: int = option(2, "heterogeneous rank mixes per batch size")
     decode_steps: int = option(5, "decode steps timed per grid point (their median is one sample)")
+    repeats: int = option(3, "passes over the grid, each in shuffled order; a point keeps its fastest pass")
     prompt_min: int = option(32, "shortest prompt (tokens)")
     prompt_max: int = option(256, "longest prompt (tokens)")
     targets: tuple[str, ...] = option(PROJECTIONS, "projections the synthetic adapters adapt",
@@ -55,6 +61,7 @@ class ProfileConfig:
         require(all(b >= 1 for b in self.batch_sizes) and self.batch_sizes, "batch sizes must be >= 1")
         require(all(r >= 1 for r in self.ranks) and self.ranks, "ranks must be >= 1")
         require(self.decode_steps >= 1 and self.mixed_draws >= 0, "decode_steps >= 1, mixed_draws >= 0")
+        require(self.repeats >= 1, "repeats must be >= 1")
         require(1 <= self.prompt_min <= self.prompt_max, "need 1 <= prompt_min <= prompt_max")
         for t in self.targets:
             check_choice("targets", t, PROJECTIONS)
@@ -88,14 +95,24 @@ class Profiler:
 
     def run(self) -> list[dict]:
         points = self.grid()
-        self._measure(GridPoint(4, [self.config.ranks[-1]] * 4), record=False)  # warm-up
-        for i, point in enumerate(points):
-            self._measure(point, record=True)
-            self.progress(i + 1, len(points))
+        self._measure(GridPoint(4, [self.config.ranks[-1]] * 4), -1)  # warm-up
+        passes: list[list[list[dict]]] = [[] for _ in points]  # point -> pass -> samples
+        order = random.Random(self.config.seed + 1)
+        done, total = 0, len(points) * self.config.repeats
+        for _ in range(self.config.repeats):
+            for i in order.sample(range(len(points)), len(points)):
+                passes[i].append(self._measure(points[i], i))
+                done += 1
+                self.progress(done, total)
+        self.samples = [sample for runs in passes for sample in fastest(runs)]
         return self.samples
 
-    def _measure(self, point: GridPoint, record: bool) -> None:
-        rng = random.Random(self.config.seed * 7919 + self._serial)
+    def _measure(self, point: GridPoint, index: int) -> list[dict]:
+        """One pass over ``point``: its prefill samples in step order, then its decode sample.
+
+        The prompts depend only on the point's ``index``, so every pass prefills the same steps.
+        """
+        rng = random.Random(self.config.seed * 7919 + index)
         ids = []
         for i, rank in enumerate(point.ranks):
             self._serial += 1
@@ -107,39 +124,58 @@ class Profiler:
             params = SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True)
             self.engine.add_request(EngineRequest(rid, prompt, adapter, params))
             ids.append(rid)
-        self._run_until_all_decode(point.batch, record)
-        self._decode_sample(record)
+        samples = self._run_until_all_decode(point.batch)
+        samples.append(self._decode_sample())
         for rid in ids:
             self.engine.abort(rid)
         while self.engine.has_unfinished():
             self.engine.step()
+        return samples
 
-    def _run_until_all_decode(self, batch: int, record: bool) -> None:
+    def _run_until_all_decode(self, batch: int) -> list[dict]:
+        """Step until the whole batch decodes; the pure prefill steps' samples."""
+        samples: list[dict] = []
         while len(self.engine.admission.running) < batch or self.engine.admission.waiting:
-            self._timed_step(record)
-        self._timed_step(record)  # the last prefill's sequences produced their first token; next is decode
+            self._timed_step(samples)
+        self._timed_step(samples)  # the last prefill's sequences produced their first token; next is decode
+        return samples
 
-    def _timed_step(self, record: bool) -> float:
-        """One engine step; a pure prefill step is recorded as a sample. Returns its µs."""
+    def _timed_step(self, samples: list[dict]) -> float:
+        """One engine step; a pure prefill step is appended to ``samples``. Returns its µs."""
         start = time.perf_counter()
         self.engine.step()
         elapsed_us = (time.perf_counter() - start) * 1e6
         plan = self.engine.last_plan
-        if record and plan and plan.prefill and not plan.decode:
-            self.samples.append(_sample("prefill", plan.prefill, elapsed_us))
+        if plan and plan.prefill and not plan.decode:
+            samples.append(_sample("prefill", plan.prefill, elapsed_us))
         return elapsed_us
 
-    def _decode_sample(self, record: bool) -> None:
+    def _decode_sample(self) -> dict:
         """Time ``decode_steps`` decode steps of the whole batch; their median is one sample
         (context lengths grow by one token per step, so the middle step's are recorded)."""
         times, sample = [], None
         for i in range(self.config.decode_steps):
-            times.append(self._timed_step(record=False))
+            times.append(self._timed_step([]))
             if i == self.config.decode_steps // 2:
                 sample = _sample("decode", self.engine.last_plan.decode, 0.0)
-        if record and sample:
-            sample["latency_us"] = statistics.median(times)
-            self.samples.append(sample)
+        assert sample is not None
+        sample["latency_us"] = statistics.median(times)
+        return sample
+
+
+def fastest(runs: list[list[dict]]) -> list[dict]:
+    """One point's samples from its passes: each sample at its fastest pass.
+
+    Passes are expected to step identically; a pass whose steps differ from the first's
+    (same phase, ranks and tokens in the same order) is left out of the minimum.
+    """
+    first = runs[0]
+    same = [run for run in runs if [_shape(s) for s in run] == [_shape(s) for s in first]]
+    return [{**sample, "latency_us": min(run[i]["latency_us"] for run in same)} for i, sample in enumerate(first)]
+
+
+def _shape(sample: dict) -> tuple:
+    return sample["phase"], tuple(sample["ranks"]), tuple(sample["tokens"])
 
 
 def _sample(phase: str, seqs: list, latency_us: float) -> dict:

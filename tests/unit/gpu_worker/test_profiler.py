@@ -19,13 +19,14 @@ def few_adapters(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("backend", ["bgmv", "mbgmv"])
 def test_profile_samples_real_steps_and_round_trips(backend, tiny_model_dir, tmp_path, few_adapters):
-    config = ProfileConfig(batch_sizes=(1, 2, 4), ranks=(8, 32), mixed_draws=1, decode_steps=3, prompt_min=4,
-                           prompt_max=12)
+    config = ProfileConfig(batch_sizes=(1, 2, 4), ranks=(8, 32), mixed_draws=1, decode_steps=3, repeats=2,
+                           prompt_min=4, prompt_max=12)
     seen = []
     model = profile(tiny_model_dir, EngineConfig(backend=backend, dtype="float32", device="cpu"), config,
                     lambda done, total: seen.append((done, total)))
     decode = [s for s in model.samples if s["phase"] == "decode"]
-    assert len(decode) == len(profiler_mod.Profiler.grid(profiler_mod.Profiler(None, config, {}))) == seen[-1][1]
+    points = len(profiler_mod.Profiler.grid(profiler_mod.Profiler(None, config, {})))
+    assert len(decode) == points and seen[-1][1] == 2 * points  # one sample per point, from two passes
     assert {len(s["ranks"]) for s in decode} == {1, 2, 4}
     assert any(set(s["ranks"]) == {0} for s in decode) and any(8 in s["ranks"] and 32 in s["ranks"] for s in decode)
     assert all(s["latency_us"] > 0 for s in model.samples)
@@ -40,8 +41,22 @@ def test_profile_samples_real_steps_and_round_trips(backend, tiny_model_dir, tmp
         PerfModel.load(path, expect_model="Llama-2-7b")
 
 
+def test_a_point_keeps_its_fastest_pass_among_identical_ones():
+    def sample(phase, latency, tokens=(5, 7)):
+        return {"phase": phase, "ranks": [8, 8], "tokens": list(tokens), "adapters": ["a", "b"], "latency_us": latency}
+
+    runs = [[sample("prefill", 900.0), sample("decode", 300.0)],
+            [sample("prefill", 700.0), sample("decode", 450.0)],
+            [sample("prefill", 100.0, tokens=(5, 8)), sample("decode", 50.0)]]  # stepped differently: ignored
+    merged = profiler_mod.fastest(runs)
+    assert [s["latency_us"] for s in merged] == [700.0, 300.0]
+    assert merged[0]["tokens"] == [5, 7] and merged[1]["phase"] == "decode"
+
+
 def test_bad_grid_is_rejected():
     with pytest.raises(ConfigError):
         ProfileConfig(batch_sizes=(0,))
     with pytest.raises(ConfigError):
         ProfileConfig(targets=("lm_head",))
+    with pytest.raises(ConfigError):
+        ProfileConfig(repeats=0)
