@@ -152,6 +152,7 @@ class LocalStack:
                     "CARASERVE_COLD_START": self.config.cold_start,
                     "CARASERVE_EMULATE_LINK_GBPS": str(self.config.emulate_link_gbps),
                     "CARASERVE_EMULATE_LINK_LATENCY_MS": str(self.config.emulate_link_latency_ms)})
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep instead of spinning on shared cores
         if self.config.workers > 1:  # share the cores between workers
             env.setdefault("CARASERVE_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.config.workers)))
         return env
