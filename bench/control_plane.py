@@ -10,6 +10,8 @@ with two LoRA adapters, so the engine's own work is a sliver of a millisecond.
    when it receives the submit; its ``worker.prefill`` span ends at the first token). The spans
    reach a loopback OTLP receiver (bench/otlp_sink.py); span export is deferred to shutdown
    so it does not run during the measurement. Targets: p50 <= 2 ms, p99 <= 10 ms.
+   The same run first measures the bare-transport floor (bench/nats_floor.py: the same five
+   NATS messages through minimal relays) and reports the added latency over it.
 2. **Throughput.** An open-loop NATS load at each ``--rates`` value (default 200 requests/s)
    for ``--duration-s``; every request must complete without error.
 
@@ -38,8 +40,9 @@ import uvloop
 
 from bench.control_plane_clients import (LoadRun, ReplyRouter, http_sequential, nats_sequential,
                                          open_loop)
-from bench.control_plane_report import (index_spans, latency_samples, latency_summary, plot,
+from bench.control_plane_report import (index_spans, latency_samples, latency_summary, percentiles_ms, plot,
                                         throughput_summary)
+from bench.nats_floor import RELAYS, measure_floor
 from bench.otlp_sink import OtlpSink
 from bench.process_cpu import cpu_seconds, per_request_ms, stack_processes
 from launcher.local_stack import LocalStack, StackConfig
@@ -148,13 +151,15 @@ def _spans_cover(sink: OtlpSink, phases: dict) -> bool:
     return ids <= seen
 
 
-def report(args: argparse.Namespace, phases: dict, spans: list, load_before: float) -> tuple[dict, dict]:
+def report(args: argparse.Namespace, phases: dict, spans: list, load_before: float,
+           floor_ms: list[float]) -> tuple[dict, dict]:
     indexed = index_spans(spans)
     samples = {name: latency_samples(phases[name], indexed) for name in ("nats", "http")}
     latency = {name: latency_summary(samples[name], sum(not t.ok for t in phases[name])) for name in samples}
     load: list[LoadRun] = phases["load"]
     throughput = [throughput_summary(run) for run in load]
     nats_added = latency["nats"]["added_ms"]
+    floor = percentiles_ms([x * 1e6 for x in floor_ms])
     at_target = next((t for t in throughput if t["offered_rps"] >= TARGET_RPS), None)
     result = {
         "bench": "control_plane", "device": "cpu", "device_name": current_device_name("cpu"),
@@ -162,7 +167,11 @@ def report(args: argparse.Namespace, phases: dict, spans: list, load_before: flo
         "loadavg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "stack": {"workers": args.workers, "schedulers": 1, "model": "tiny random Llama (3 layers, hidden 64)",
                   "adapters": ADAPTERS, "max_tokens": 1, "span_export": "deferred to shutdown"},
-        "latency": latency, "throughput": throughput, "cpu_ms_per_request": phases["cpu_ms_per_request"],
+        "latency": latency,
+        "transport_floor": {"messages": RELAYS + 1, "round_trip_ms": floor,
+                            "what": "the same five NATS messages through bare nats-py relays (bench/nats_floor.py)"},
+        "nats_added_over_floor_p50": round(nats_added["p50"] / floor["p50"], 2) if nats_added and floor else None,
+        "throughput": throughput, "cpu_ms_per_request": phases["cpu_ms_per_request"],
         "targets": {"added_p50_ms": TARGET_P50_MS, "added_p99_ms": TARGET_P99_MS, "rps": TARGET_RPS},
         "meets_latency_target": bool(nats_added and nats_added["p50"] <= TARGET_P50_MS
                                      and nats_added["p99"] <= TARGET_P99_MS),
@@ -185,13 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.latency_requests < 1 or args.duration_s <= 0 or any(r <= 0 for r in args.rates):
         parser.error("--latency-requests, --duration-s and --rates must be positive")
     load_before = os.getloadavg()[0]
+    print("measuring the bare-transport floor ...", file=sys.stderr)
+    floor_ms = measure_floor(args.latency_requests)
     with tempfile.TemporaryDirectory(prefix="caraserve-bench-cp-") as tmp:
         phases, spans = run_stack(args, Path(tmp))
-    result, samples = report(args, phases, spans, load_before)
+    result, samples = report(args, phases, spans, load_before, floor_ms)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    plot(out.with_suffix(".png"), samples, phases["load"], (TARGET_P50_MS, TARGET_P99_MS))
+    plot(out.with_suffix(".png"), samples, phases["load"], (TARGET_P50_MS, TARGET_P99_MS), floor_ms)
     print(json.dumps(result, indent=1))
     return 0
 

@@ -126,8 +126,10 @@ def completions_per_second(run: LoadRun, bin_s: float = 0.5) -> tuple[np.ndarray
     return edges[:-1], counts / bin_s
 
 
-def plot(path: Path, latency: dict[str, LatencySamples], runs: list[LoadRun], targets: tuple[float, float]) -> None:
-    """Left: CDFs of the added latency and of the engine's TTFT; right: completions/s under load."""
+def plot(path: Path, latency: dict[str, LatencySamples], runs: list[LoadRun], targets: tuple[float, float],
+         floor_ms: list[float]) -> None:
+    """Left: CDFs of the added latency, the engine's TTFT and the bare-transport floor; right:
+    completions/s under load."""
     import matplotlib
     import matplotlib.ticker
 
@@ -139,6 +141,9 @@ def plot(path: Path, latency: dict[str, LatencySamples], runs: list[LoadRun], ta
         for label, values in ((f"{name}: added by the path", samples.added), (f"{name}: engine TTFT", samples.engine)):
             x = np.sort(values) / 1e6
             left.plot(x, np.arange(1, x.size + 1) / max(x.size, 1), label=label)
+    x = np.sort(np.asarray(floor_ms))
+    left.plot(x, np.arange(1, x.size + 1) / max(x.size, 1), color="black", linestyle="--",
+              label="bare NATS, same 5 messages (floor)")
     for value, label in zip(targets, ("p50 target", "p99 target")):
         left.axvline(value, color="grey", linestyle=":", linewidth=1)
         left.text(value, 0.02, label, rotation=90, fontsize=7, color="grey")
