@@ -23,8 +23,8 @@ Default term sets (``DEFAULT_TERMS``), the paper's models plus what real steps n
 - cold start (one request): ``b + a*rank + u*tokens*rank`` (a load grows with the
   rank; CPU-assisted LoRA with tokens * rank)
 
-Fitting is least squares on a seeded training split; R^2 is reported on the
-held-out rest. A term whose coefficient comes out negative (other than ``const``) is
+Fitting is least squares on all samples; R^2 is reported on held-out samples by
+k-fold cross-validation (``fit_linear``). A term whose coefficient comes out negative (other than ``const``) is
 dropped and the fit repeated, so every cost grows with load (routing relies on it).
 
 Profile JSON schema (``caraserve.profile/1``)::
@@ -39,7 +39,7 @@ Profile JSON schema (``caraserve.profile/1``)::
       "created": iso8601 str,
       "synthetic": bool,                # optional: true for made-up profiles
       "decode":  {"terms": [str], "coef": [float], "r2_holdout": float,   # null: undefined
-                  "r2_train": float, "n_train": int, "n_holdout": int,
+                  "r2_train": float, "n_train": int, "n_holdout": int,   # r2_holdout: k-fold CV
                   "dropped_terms": [str]},
       "prefill": {same keys},
       "cold_start": {"host": {same keys}, "disk": {...}},   # optional
@@ -180,6 +180,12 @@ class LinearCost:
                  + c6 * (str_ + tokens * rank) + c7 * (stq + tokens * tokens) + c8 * na)
         return before, after
 
+    def padding(self, n: int, tokens: float, from_rank: int, to_rank: int) -> float:
+        """Extra cost of ``n`` requests holding ``tokens`` when the set's max rank rises from
+        ``from_rank`` to ``to_rank`` (the BGMV padding terms; 0 for a model without them)."""
+        c2, c5 = self._c[2], self._c[5]
+        return (c2 * n + c5 * tokens) * (to_rank - from_rank)
+
     def step_growth(self, s: BatchStats) -> tuple[float, float]:
         """(alpha, beta) with cost(s advanced by j tokens each) = cost(s) + alpha*j + beta*j^2."""
         if s.count == 0:
@@ -264,24 +270,33 @@ def _lstsq_nonneg(x: np.ndarray, y: np.ndarray, terms: list[str]) -> tuple[list[
 
 def fit_linear(stats: Sequence[BatchStats], latency_us: Sequence[float], terms: Sequence[str],
                holdout_fraction: float = 0.25, seed: int = 0) -> LinearCost:
-    """Fit ``terms`` to (stats, latency) pairs on a seeded split; R^2 on the held-out part."""
+    """Fit ``terms`` to (stats, latency) pairs; R^2 on held-out samples by k-fold cross-validation.
+
+    The samples are split (seeded) into ``k = round(1 / holdout_fraction)`` folds; each fold
+    is predicted by the fit on the other folds, so every sample is held out exactly once, and
+    ``r2_holdout`` is the R^2 of those out-of-fold predictions. A single split of a few dozen
+    samples would let one unlucky fold decide the figure. The coefficients are the fit on
+    all samples.
+    """
     n = len(stats)
     if n != len(latency_us):
         raise ProfileError("stats and latencies must have the same length")
     if not 0.0 < holdout_fraction < 1.0:
         raise ProfileError("holdout_fraction must be in (0, 1)")
-    n_hold = max(1, int(round(holdout_fraction * n)))
+    folds = max(2, int(round(1.0 / holdout_fraction)))
+    n_hold = -(-n // folds)  # the largest fold
     if n - n_hold < len(terms) + 1:
-        raise ProfileError(f"{n} samples are too few to fit {len(terms)} terms with a held-out split")
+        raise ProfileError(f"{n} samples are too few to fit {len(terms)} terms with {folds}-fold cross-validation")
     x = np.array([stats_features(s) for s in stats], dtype=np.float64)
     y = np.asarray(latency_us, dtype=np.float64)
-    order = np.random.default_rng(seed).permutation(n)
-    hold, train = order[:n_hold], order[n_hold:]
-    keep, coef, dropped = _lstsq_nonneg(x[train], y[train], list(terms))
-    cols = [TERMS.index(t) for t in keep]
-    r2_train = r2_score(y[train], x[train][:, cols] @ coef)
-    r2_hold = r2_score(y[hold], x[hold][:, cols] @ coef)
-    return LinearCost(keep, coef.tolist(), r2_hold, r2_train, len(train), len(hold), dropped)
+    out_of_fold = np.empty(n)
+    for hold in np.array_split(np.random.default_rng(seed).permutation(n), folds):
+        train = np.setdiff1d(np.arange(n), hold)
+        keep, coef, _ = _lstsq_nonneg(x[train], y[train], list(terms))
+        out_of_fold[hold] = x[hold][:, [TERMS.index(t) for t in keep]] @ coef
+    keep, coef, dropped = _lstsq_nonneg(x, y, list(terms))
+    r2_train = r2_score(y, x[:, [TERMS.index(t) for t in keep]] @ coef)
+    return LinearCost(keep, coef.tolist(), r2_score(y, out_of_fold), r2_train, n, n, dropped)
 
 
 def sample_stats(sample: Mapping[str, Any], where: str = "sample") -> BatchStats:
