@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -257,9 +258,17 @@ def stop_on_signals(stop: asyncio.Event,
 
 async def serve_until_stopped(start: Callable[[contextlib.AsyncExitStack], Awaitable[None]],
                               stop: asyncio.Event) -> None:
-    """Run ``start(stack)``, wait for ``stop``, then unwind the stack (cleanup in reverse order)."""
+    """Run ``start(stack)``, wait for ``stop``, then unwind the stack (cleanup in reverse order).
+
+    Once started, everything the service has allocated so far (imported libraries, the
+    model, the tokenizer: hundreds of thousands of objects) is moved out of the garbage
+    collector's sight with :func:`gc.freeze`. A full collection then scans only what serving
+    allocates, instead of stalling the loop for a tenth of a second or more.
+    """
     async with contextlib.AsyncExitStack() as stack:
         await start(stack)
+        gc.freeze()
+        stack.callback(gc.unfreeze)
         await stop.wait()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import subprocess
@@ -141,16 +142,21 @@ async def _echo(request, msg):
 
 
 async def test_serve_until_stopped_unwinds_in_reverse_order():
-    order = []
+    order, frozen = [], []
     stop = asyncio.Event()
+
+    def check_and_stop() -> None:
+        frozen.append(gc.get_freeze_count())
+        stop.set()
 
     async def start(stack: contextlib.AsyncExitStack) -> None:
         stack.callback(order.append, "first registered")
         stack.callback(order.append, "last registered")
-        asyncio.get_running_loop().call_later(0.05, stop.set)
+        asyncio.get_running_loop().call_later(0.05, check_and_stop)
 
     await serve_until_stopped(start, stop)
     assert order == ["last registered", "first registered"]
+    assert frozen[0] > 1000 and gc.get_freeze_count() == 0  # the startup heap was frozen while serving
 
 
 async def test_service_process_stops_cleanly_on_sigterm(nats_server, stack):
