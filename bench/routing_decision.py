@@ -62,13 +62,24 @@ def make_cluster(workers: int, running: int, seed: int) -> tuple[list[WorkerView
     return views, lists
 
 
+def _naive_padding_extension(perf: PerfModel, everything: list[RequestLoad], rank: int) -> float:
+    """RankAware's padding_lifetime term, from the request list."""
+    lower = [r for r in everything if r.rank < rank]
+    if not lower or max(r.rank for r in everything) < rank:
+        return 0.0
+    at_least = len(everything) - len(lower)
+    tokens = sum(r.tokens for r in everything) * len(lower) / len(everything)
+    return perf.decode.padding(len(lower), tokens, max(r.rank for r in lower), rank) / (at_least + 1)
+
+
 def naive_rank_aware(perf: PerfModel, lists: list[dict], req: RouteRequest, slo_us: float, avg_len: float,
-                     max_batch: int) -> int:
-    """Algorithm 1 as in policies.RankAware, re-aggregating every request on every decision."""
+                     max_batch: int, typical_prompt: float) -> int:
+    """Algorithm 1 as in policies.RankAware (default terms), re-aggregating every request on every decision."""
     inv_len = 1.0 / avg_len
     solo = perf.prefill.cost(BatchStats.from_requests([req.rank], [req.prompt_tokens], [req.adapter]))
-    best = [[-1, float("inf"), float("inf")], [-1, float("inf"), float("inf")]]  # feasible, any with room
-    full, full_key = -1, 1 << 62
+    typical = perf.prefill.cost_of(1, req.rank, req.rank, typical_prompt, typical_prompt * req.rank,
+                                   typical_prompt ** 2, 1)
+    best = [[-1, float("inf"), float("inf")] for _ in range(3)]  # feasible with room, with room, full
     for i, worker in enumerate(lists):
         everything = worker["running"] + worker["waiting"]
         exists = BatchStats.from_requests([r.rank for r in everything], [r.tokens for r in everything],
@@ -76,24 +87,23 @@ def naive_rank_aware(perf: PerfModel, lists: list[dict], req: RouteRequest, slo_
         queue = BatchStats.from_requests([r.rank for r in worker["waiting"]], [r.tokens for r in worker["waiting"]],
                                          [r.adapter for r in worker["waiting"]])
         n = exists.count
-        if n + 1 > max_batch:
-            if n < full_key:
-                full, full_key = i, n
-            continue
         before, after = perf.decode.cost(exists), perf.decode.cost_with(exists, req.rank, req.prompt_tokens,
                                                                         req.adapter)
-        predicted = after + (n + 1) * inv_len * solo
+        d_decode = after - before + _naive_padding_extension(perf, everything, req.rank)
+        room = n + 1 <= max_batch
+        wait = 0.0 if room else max(1, n + 1 - max_batch) * avg_len * before / n
+        predicted = after + (n * typical + solo) * inv_len + wait * inv_len
         d_prefill = (perf.prefill.cost_with(queue, req.rank, req.prompt_tokens, req.adapter) - perf.prefill.cost(queue)
                      if queue.count else solo)
         if req.adapter not in worker["resident"]:
             level = "host" if req.adapter in worker["host"] else "disk"
             d_prefill += perf.cold_start_us(req.rank, req.prompt_tokens, level)
-        total = (d_prefill * inv_len + after - before) * n
-        for tier in (best[0], best[1]) if predicted <= slo_us else (best[1],):
+        total = (d_prefill * inv_len + d_decode) * n + wait * inv_len
+        for tier in ((best[0], best[1]) if predicted <= slo_us else (best[1],)) if room else (best[2],):
             tie = 1e-6 * (1.0 + tier[1]) if tier[0] >= 0 else 0.0
             if total < tier[1] - tie or total <= tier[1] + tie and predicted < tier[2]:
                 tier[0], tier[1], tier[2] = i, total, predicted
-    return next(c for c in (best[0][0], best[1][0], full, 0) if c >= 0)
+    return next(c for c in (best[0][0], best[1][0], best[2][0], 0) if c >= 0)
 
 
 def _percentiles(samples_ns: list[int]) -> dict[str, float]:
@@ -127,7 +137,7 @@ def run(decisions: int, workers: int, running: int, perf: PerfModel, seed: int) 
     wall[naive], cpu[naive], agree = [], [], True
     for req, chosen in zip(requests, picks["rank_aware"]):
         start, start_cpu = time.perf_counter_ns(), time.thread_time_ns()
-        index = naive_rank_aware(perf, lists, req, slo_us, avg_len, 64)
+        index = naive_rank_aware(perf, lists, req, slo_us, avg_len, 64, PolicyConfig().reference_prompt_tokens)
         cpu[naive].append(time.thread_time_ns() - start_cpu)
         wall[naive].append(time.perf_counter_ns() - start)
         agree &= views[index].worker_id == chosen

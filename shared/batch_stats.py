@@ -15,7 +15,8 @@ queue, or a profiled batch) by the sums the perf model's terms are built from:
 costs O(#distinct ranks) (a sorted list of the ranks present keeps ``max_rank``
 exact under removal). ``advance(k)`` adds k tokens to every member in O(1).
 ``with_request`` style what-if questions are answered by the perf model from these
-sums without looping over requests.
+sums without looping over requests; ``rank_split`` answers what the max rank falls
+back to when the higher ranks leave.
 """
 
 from __future__ import annotations
@@ -63,6 +64,21 @@ class BatchStats:
 
     def has_adapter(self, adapter: Hashable | None) -> bool:
         return adapter is not None and adapter in self._adapter_counts
+
+    def rank_split(self, rank: int) -> tuple[int, int]:
+        """(requests of rank >= ``rank``, the largest rank present below ``rank`` or 0 if none).
+
+        O(#distinct ranks): what a BGMV batch's max rank falls back to once the
+        requests at or above ``rank`` have left.
+        """
+        ranks = self._ranks
+        i = bisect.bisect_left(ranks, rank)
+        if i == 0:
+            return self.count, 0
+        counts, below = self._rank_counts, 0
+        for j in range(i):
+            below += counts[ranks[j]]
+        return self.count - below, ranks[i - 1]
 
     def rank_counts(self) -> dict[int, int]:
         """A copy of the rank histogram {rank: requests}."""

@@ -5,7 +5,8 @@ configure the policies the same way:
 
 - the SLO is ``slo_ms`` when given, else ``policies.default_slo_us`` at the
   cluster's max batch and the workload's mean prompt/output lengths;
-- rank_aware's ``avg_response_len`` is the workload's mean output length.
+- rank_aware's ``avg_response_len`` is the workload's mean output length and its
+  ``reference_prompt_tokens`` (the typical prefill) the mean prompt length.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def run_policies(perf: PerfModel, workload: Workload, names: Sequence[str], sim:
 
 
 def policy_template(workload: WorkloadConfig, slo_ms: float, seed: int) -> PolicyConfig:
-    return PolicyConfig(slo_ms=slo_ms, avg_response_len=max(1.0, mean_lengths(workload)[1]), seed=seed)
+    prompt, output = mean_lengths(workload)
+    return PolicyConfig(slo_ms=slo_ms, avg_response_len=max(1.0, output), reference_prompt_tokens=prompt, seed=seed)
 
 
 def load_sweep(perf: PerfModel, workload: WorkloadConfig, rates: Sequence[float], names: Sequence[str],

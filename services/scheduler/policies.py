@@ -13,20 +13,41 @@ Call signature (the scheduler service, the simulator and the tests all use it)::
   ``exists`` = its running + waiting requests and ``queue`` = its waiting ones::
 
       d_prefill = Pre(queue + req) - Pre(queue) + cold_start(req's adapter residency)
-      d_decode  = Dec(exists + req) - Dec(exists)
+      d_decode  = Dec(exists + req) - Dec(exists) + padding_extension
       cost      = d_prefill / avg_response_len + d_decode
       total     = cost * |exists|               (an idle worker scores 0 and wins)
+                  + slot_wait / avg_response_len   (full workers only)
 
-  A worker is SLO-infeasible when its predicted time per token after taking the
-  request exceeds the SLO: ``Dec(exists + req)`` plus, with ``prefill_in_slo``, the
-  prefill stalls a request sees per token at that batch size
-  (``(|exists| + 1) / avg_response_len * Pre(req)``); ``slo_penalty`` = False turns
-  this check off. It is full when the batch (or
-  the KV cache, when reported) has no room. The request goes to the feasible worker
-  with the least total; if none is feasible (the SLO cannot be kept anywhere), to the
-  worker with room and the least total; if all are full, to the least loaded one.
+  A worker is SLO-infeasible when the predicted time per token of its requests after
+  taking this one exceeds the SLO; ``slo_penalty`` = False turns the check off. It is
+  full when the batch (or the KV cache, when reported) has no room. The request goes
+  to the feasible worker with the least total; if none is feasible (the SLO cannot be
+  kept anywhere), to the worker with room and the least total; if all are full, to
+  the full worker with the least total (``queue_delay``) or the least loaded one.
   Among equal totals (e.g. several idle workers) the lower predicted time per token
   wins.
+
+  Terms the paper's model leaves out (each documented in ``PolicyConfig``):
+
+  - predicted time per token = ``Dec(exists + req)`` plus, with ``prefill_in_slo``,
+    the prefill stalls a request there sees per token: the newcomer's own prefill and
+    one typical prefill (``reference_prompt_tokens``) for each request already there
+    (each is replaced by a new one about once per ``avg_response_len`` tokens), i.e.
+    ``(|exists| * Pre(typical) + Pre(req)) / avg_response_len``; plus ``slot_wait /
+    avg_response_len`` on a full worker;
+  - ``queue_delay``: when every worker is full, the choice among them keeps Algorithm
+    1's total instead of falling back to the least loaded one (which mixes ranks
+    exactly when capacity is scarcest), plus the newcomer's wait for a slot, spread
+    over its tokens: it waits until ``ahead = |exists| + 1 - max_batch`` (at least
+    1) requests have left, and each step ends about ``|exists| / avg_response_len``
+    of them, so ``slot_wait = ahead * avg_response_len * Dec(exists) / |exists|``;
+  - ``padding_lifetime`` (BGMV; zero for a model without padding terms): a request that
+    does not raise the max rank still keeps the batch padded to its rank after the
+    higher-or-equal ranks leave. With ``j`` requests of rank >= its rank (memoryless
+    lifetimes: it outlives them all with probability ``1 / (j + 1)``) and ``below``
+    the largest rank under its own, the expected padding it adds to each step is
+    ``padding(|exists| - j requests, below -> rank) / (j + 1)``. Algorithm 1 counts the
+    padding of a request that raises the max rank (in ``d_decode``) but not this.
 - ``random``: uniform over the workers (seeded).
 - ``round_robin``: the workers in turn.
 - ``least_loaded`` (MostIdle): fewest running + waiting requests.
@@ -84,9 +105,18 @@ class PolicyConfig:
     slo_ms: float = option(0.0, "time-per-token SLO in ms; 0 derives 1.5x the profile's no-LoRA time per token")
     avg_response_len: float = option(128.0, "expected output tokens per request (rank_aware's prefill amortisation)")
     reference_batch: int = option(32, "batch size at which the default SLO's no-LoRA time per token is taken")
-    reference_prompt_tokens: float = option(128.0, "prompt tokens assumed by the default SLO")
+    reference_prompt_tokens: float = option(
+        128.0, "typical prompt tokens: the default SLO's, and rank_aware's typical prefill stall")
     slo_penalty: bool = option(True, "rank_aware: avoid workers whose predicted time per token would exceed the SLO")
-    prefill_in_slo: bool = option(True, "rank_aware: count expected prefill stalls in the predicted time per token")
+    prefill_in_slo: bool = option(
+        True, "rank_aware: predicted time per token counts the newcomer's prefill and one typical prefill per "
+              "request there, each spread over avg_response_len tokens")
+    queue_delay: bool = option(
+        True, "rank_aware: when every worker is full, pick by Algorithm 1's total plus the newcomer's expected "
+              "wait for a slot (ahead x avg_response_len x step / batch) per token; off: the least loaded one")
+    padding_lifetime: bool = option(
+        True, "rank_aware (BGMV): charge a request that does not raise the max rank the padding it is expected "
+              "to keep after the higher ranks leave (padding of the lower-rank requests / (requests at or above + 1))")
     affinity_overload: float = option(1.0, "adapter_affinity: a worker is overloaded at this fraction of max batch")
     max_waiting: int = option(0, "answer no-capacity when every worker has this many waiting requests; 0: never")
     seed: int = option(0, "seed of the random policy")
@@ -138,7 +168,7 @@ def _least_loaded(workers: Sequence[WorkerView]) -> int:
 
 
 class RankAware(Policy):
-    """Algorithm 1 with the SLO penalty and cold-start costs (module docstring)."""
+    """Algorithm 1 with the SLO penalty, cold-start costs and the added terms (module docstring)."""
 
     name = "rank_aware"
 
@@ -148,45 +178,76 @@ class RankAware(Policy):
             raise PolicyError(f"rank_aware needs a positive SLO, got {slo_us!r} us")
         self.perf = perf
         self.slo_us = float(slo_us)
+        self._dec, self._pre = perf.decode, perf.prefill
+        self._inv_len = 1.0 / config.avg_response_len
+        self._padding = perf.decode.padding
+        self._pads = config.padding_lifetime and self._padding(1, 1, 0, 1) > 0  # a model with padding terms
 
     def pick(self, workers: Sequence[WorkerView], request: RouteRequest) -> int:
-        dec, pre, perf = self.perf.decode, self.perf.prefill, self.perf
         rank, tokens, adapter = request.rank, request.prompt_tokens, request.adapter
-        inv_len = 1.0 / self.config.avg_response_len
-        solo_prefill = pre.cost_of(1, rank, rank, tokens, tokens * rank, tokens * tokens,
-                                   0 if adapter is None else 1)
-        stall = inv_len * solo_prefill if self.config.prefill_in_slo else 0.0
+        own, typical = self._prefills(rank, tokens, adapter)
         slo = self.slo_us if self.config.slo_penalty else float("inf")
         # the best worker (least total, then least predicted time per token) among the
-        # feasible ones [0] and among all with room [1]; the least loaded full one
-        best = [[-1, float("inf"), float("inf")], [-1, float("inf"), float("inf")]]
+        # feasible ones with room [0], all with room [1] and the full ones [2]
+        best = [[-1, float("inf"), float("inf")] for _ in range(3)]
         full, full_load = -1, 1 << 62
+        queue_delay = self.config.queue_delay
         for i, view in enumerate(workers):
-            exists = view.total
-            n = exists.count
-            if not view.has_room(tokens):
-                if n < full_load:
-                    full, full_load = i, n
+            room = view.has_room(tokens)
+            if not room and not queue_delay:
+                if view.total.count < full_load:
+                    full, full_load = i, view.total.count
                 continue
-            before, after = dec.cost_and_with(exists, rank, tokens, adapter)
-            predicted = after + (n + 1) * stall
-            queue = view.waiting
-            if queue.count:
-                queued, with_req = pre.cost_and_with(queue, rank, tokens, adapter)
-                d_prefill = with_req - queued
-            else:
-                d_prefill = solo_prefill
-            if adapter is not None and adapter not in view.resident:
-                d_prefill += perf.cold_start_us(rank, tokens, view.residency(adapter))
-            total = (d_prefill * inv_len + after - before) * n
-            for tier in (best[0], best[1]) if predicted <= slo else (best[1],):
+            total, predicted = self._score(view, request, own, typical, room)
+            tiers = ((best[0], best[1]) if predicted <= slo else (best[1],)) if room else (best[2],)
+            for tier in tiers:
                 tie = 1e-6 * (1.0 + tier[1]) if tier[0] >= 0 else 0.0  # rounding noise of after - before
                 if total < tier[1] - tie or total <= tier[1] + tie and predicted < tier[2]:
                     tier[0], tier[1], tier[2] = i, total, predicted
-        for choice in (best[0][0], best[1][0], full):
+        for choice in (best[0][0], best[1][0], best[2][0], full):
             if choice >= 0:
                 return choice
         return 0
+
+    def _prefills(self, rank: int, tokens: int, adapter: Hashable | None) -> tuple[float, float]:
+        """(the newcomer's solo prefill, a typical request's prefill at its rank), in us."""
+        pre, typical = self.perf.prefill, self.config.reference_prompt_tokens
+        own = pre.cost_of(1, rank, rank, tokens, tokens * rank, tokens * tokens, 0 if adapter is None else 1)
+        return own, pre.cost_of(1, rank, rank, typical, typical * rank, typical * typical, 1)
+
+    def _score(self, view: WorkerView, request: RouteRequest, own: float, typical: float,
+               room: bool) -> tuple[float, float]:
+        """(Algorithm 1's total plus the added terms, predicted time per token) on ``view``."""
+        config, inv_len = self.config, self._inv_len
+        rank, tokens, adapter = request.rank, request.prompt_tokens, request.adapter
+        exists = view.total
+        n = exists.count
+        before, after = self._dec.cost_and_with(exists, rank, tokens, adapter)
+        d_decode = after - before
+        if self._pads and n and rank <= exists.max_rank:
+            at_least, below = exists.rank_split(rank)
+            if at_least < n:  # the padding extension (module docstring)
+                lower = n - at_least
+                d_decode += self._padding(lower, exists.sum_tokens * lower / n, below, rank) / (at_least + 1)
+        queue = view.waiting
+        if queue.count:
+            queued, with_req = self._pre.cost_and_with(queue, rank, tokens, adapter)
+            d_prefill = with_req - queued
+        else:
+            d_prefill = own
+        if adapter is not None and adapter not in view.resident:
+            d_prefill += self.perf.cold_start_us(rank, tokens, view.residency(adapter))
+        wait = 0.0 if room else self._slot_wait(view, before) * inv_len
+        stalls = (n * typical + own) * inv_len if config.prefill_in_slo else 0.0
+        return (d_prefill * inv_len + d_decode) * n + wait, after + stalls + wait
+
+    def _slot_wait(self, view: WorkerView, step_us: float) -> float:
+        """Expected wait (us) of a request on a full worker until a slot frees for it."""
+        n = view.total.count
+        if n == 0:
+            return float("inf")
+        ahead = max(1, n + 1 - view.max_batch)
+        return ahead * self.config.avg_response_len * step_us / n
 
 
 class RandomPolicy(Policy):

@@ -166,6 +166,18 @@ def test_incremental_stats_match_brute_force_under_random_add_remove_advance():
             live = [(r, t + k, a) for r, t, a in live]
             stats.advance(k)
         assert _fields(stats) == _fields(_brute(live))
+        probe = rng.choice([0, 1, 8, 16, 20, 64, 1024, 2000])
+        lower = [r for r, _, _ in live if r < probe]
+        assert stats.rank_split(probe) == (len(live) - len(lower), max(lower, default=0))
+
+
+def test_padding_is_the_cost_of_raising_the_max_rank():
+    cost = LinearCost.from_mapping({"const": 100.0, "requests": 3.0, "batch_max_rank": 0.7, "sum_rank": 0.2,
+                                    "tokens": 0.05, "tokens_max_rank": 0.001})
+    s = _brute([(8, 40, "x"), (16, 10, "y"), (16, 25, None)])
+    raised = cost.cost_of(s.count, s.sum_rank, 64, s.sum_tokens, s.sum_token_rank, s.sum_tokens_sq, s.adapters)
+    assert cost.padding(s.count, s.sum_tokens, 16, 64) == pytest.approx(raised - cost.cost(s))
+    assert LinearCost.from_mapping({"const": 100.0, "sum_rank": 0.2}).padding(3, 75, 16, 64) == 0.0
 
 
 def test_what_if_cost_equals_cost_of_the_grown_batch():

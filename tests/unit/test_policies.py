@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -113,6 +115,62 @@ def test_rank_aware_when_nothing_is_feasible_or_free():
     assert make_policy(PolicyConfig(), model, 1e9).choose(full, RouteRequest(16, 50, "a")) == "w0"
     full[0].add_waiting(16, 50, "a")
     assert make_policy(PolicyConfig(), model, 1e9).choose(full, RouteRequest(16, 50, "a")) == "w1"
+
+
+def _bgmv_model(prefill: dict[str, float] | None = None) -> PerfModel:
+    return PerfModel.from_coefficients("bgmv", {"const": 10_000.0, "requests": 100.0, "batch_max_rank": 10.0},
+                                       prefill or {})
+
+
+def _ranked_view(worker_id: str, ranks: list[int], max_batch: int = 32) -> WorkerView:
+    return WorkerView.build(worker_id, max_batch, running=[RequestLoad(r, 0, f"{worker_id}-{i}")
+                                                           for i, r in enumerate(ranks)])
+
+
+def test_rank_aware_padding_lifetime_keeps_high_ranks_together():
+    model = _bgmv_model()
+    # w0: one rank-64 request pads nine rank-8 ones; w1: eleven rank-64 requests
+    views = [_ranked_view("w0", [64] + [8] * 9), _ranked_view("w1", [64] * 11)]
+    req = RouteRequest(64, 0)
+    # Algorithm 1 alone: the same step increase on both, so the worker with fewer requests
+    assert make_policy(PolicyConfig(padding_lifetime=False), model, 1e9).choose(views, req) == "w0"
+    # on w0 the newcomer outlives the lone rank-64 request with probability 1/2 and keeps
+    # the rank-8 ones padded to 64: 10 * 9 * (64 - 8) / 2 = 2520 us a step
+    assert make_policy(PolicyConfig(), model, 1e9).choose(views, req) == "w1"
+    # a request below every rank present pads nothing
+    assert make_policy(PolicyConfig(), model, 1e9).choose(views, RouteRequest(8, 0)) == "w0"
+
+
+def test_rank_aware_queue_delay_picks_among_full_workers_by_cost_and_wait():
+    model = _bgmv_model()
+    views = [_ranked_view("w0", [64] * 4, max_batch=4), _ranked_view("w1", [8] * 4, max_batch=4)]
+    views[0].add_waiting(64, 0, "q")
+    req = RouteRequest(64, 0)
+    # every worker is full: the least loaded one would pad w1's four rank-8 requests to 64
+    assert make_policy(PolicyConfig(queue_delay=False), model, 1e9).choose(views, req) == "w1"
+    policy = make_policy(PolicyConfig(avg_response_len=100), model, 1e9)
+    # w0: 740 us a step * 5 + 2 ahead * 13.7 ms / 5 = 9180; w1: 2980 * 4 + 10.72 ms / 4 = 14600
+    assert policy.choose(views, req) == "w0"
+    for _ in range(3):
+        views[0].add_waiting(64, 0, "q")
+    # three more ahead on w0: 740 * 8 + 5 * 15.92 ms / 8 = 15870 > 14600
+    assert policy.choose(views, req) == "w1"
+
+
+def test_rank_aware_predicted_time_per_token_counts_a_long_prefill_once():
+    model = _bgmv_model({"tokens": 100.0})  # a 1000-token prompt: 100 ms; a typical 10-token one: 1 ms
+    views = [_ranked_view("w0", [64] * 10), _ranked_view("w1", [8] * 5)]
+    req = RouteRequest(64, 1000)
+    config = PolicyConfig(avg_response_len=100, reference_prompt_tokens=10)
+    after = [model.decode_us_with(v.total, 64, 1000) for v in views]
+    # w0 has the lower total; its predicted time per token is 18.14 + (10 * 1 + 100) / 100 ms,
+    # not 18.14 + 11 * 100 / 100 as if every request there had the long prompt
+    assert after[0] + (10 * 1_000 + 100_000) / 100 == pytest.approx(19_240)
+    assert after[0] + 11 * 100_000 / 100 > 21_000
+    assert make_policy(config, model, 21_000).choose(views, req) == "w0"
+    # a tighter SLO rules w0 out; w1 (14.44 + 1.05 ms) still meets it
+    assert make_policy(config, model, 19_000).choose(views, req) == "w1"
+    assert make_policy(dataclasses.replace(config, prefill_in_slo=False), model, 19_000).choose(views, req) == "w0"
 
 
 def test_rank_aware_counts_cold_start_cost_by_residency_level():
