@@ -145,7 +145,8 @@ def record_cost_us(workers: int, running: int, decisions: int = 300, seed: int =
 def _profile(model: Path, adapter_dir: Path, backend: str, out: Path) -> Path:
     """A small profile of ``model`` over the served adapters' ranks (progress on stderr)."""
     from services.gpu_worker.engine_config import EngineConfig
-    from services.gpu_worker.profiler import ProfileConfig, profile
+    from services.gpu_worker.profile_config import ProfileConfig
+    from services.gpu_worker.profiler import profile
     from shared.peft_adapter import read_adapter_config
 
     dirs = [p for p in adapter_dir.iterdir() if p.is_dir()]

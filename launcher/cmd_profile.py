@@ -11,7 +11,7 @@ from shared.config import ConfigError, add_arguments, from_namespace
 
 
 def register(subparsers) -> None:
-    from services.gpu_worker.profiler import ProfileConfig
+    from services.gpu_worker.profile_config import ProfileConfig
 
     p = subparsers.add_parser("profile", help="profile decode/prefill steps and fit the performance model")
     p.add_argument("--model", default="default", help="HF Llama directory (default: SmolLM2-135M-Instruct)")
@@ -26,7 +26,8 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from services.gpu_worker.engine_config import EngineConfig
-    from services.gpu_worker.profiler import ProfileConfig, profile
+    from services.gpu_worker.profile_config import ProfileConfig
+    from services.gpu_worker.profiler import profile
     from shared.model_store import ModelStoreError, resolve_model_dir
     from shared.perf_model import ProfileError
 

@@ -28,9 +28,9 @@ from typing import Callable
 
 from services.gpu_worker.engine import LLMEngine
 from services.gpu_worker.engine_config import EngineConfig
+from services.gpu_worker.profile_config import ProfileConfig
 from services.gpu_worker.request import EngineRequest, SamplingParams
-from shared.config import check_choice, option, require
-from shared.llama_shape import PROJECTIONS, LlamaShape
+from shared.llama_shape import LlamaShape
 from shared.model_store import cache_root
 from shared.perf_model import PerfModel, ProfileInfo, current_device_name
 from shared.synthetic_adapters import write_adapter
@@ -38,34 +38,6 @@ from shared.synthetic_adapters import write_adapter
 log = logging.getLogger(__name__)
 
 ADAPTERS_PER_RANK = 16
-
-
-@dataclass
-class ProfileConfig:
-    """The profiling grid."""
-
-    batch_sizes: tuple[int, ...] = option((1, 2, 4, 8, 16, 32, 64), "decode batch sizes",
-                                          default_factory=lambda: (1, 2, 4, 8, 16, 32, 64))
-    ranks: tuple[int, ...] = option((8, 16, 32, 64), "adapter ranks", default_factory=lambda: (8, 16, 32, 64))
-    mixed_draws: int = option(2, "heterogeneous rank mixes per batch size")
-    decode_steps: int = option(5, "decode steps timed per grid point (their median is one sample)")
-    repeats: int = option(3, "passes over the grid, each in shuffled order; a point keeps its fastest pass")
-    prompt_min: int = option(32, "shortest prompt (tokens)")
-    prompt_max: int = option(256, "longest prompt (tokens)")
-    targets: tuple[str, ...] = option(PROJECTIONS, "projections the synthetic adapters adapt",
-                                      default_factory=lambda: PROJECTIONS)
-    seed: int = option(0, "seed of prompts and rank mixes")
-    holdout_fraction: float = option(0.25, "share of samples held out for R^2")
-
-    def __post_init__(self) -> None:
-        require(all(b >= 1 for b in self.batch_sizes) and self.batch_sizes, "batch sizes must be >= 1")
-        require(all(r >= 1 for r in self.ranks) and self.ranks, "ranks must be >= 1")
-        require(self.decode_steps >= 1 and self.mixed_draws >= 0, "decode_steps >= 1, mixed_draws >= 0")
-        require(self.repeats >= 1, "repeats must be >= 1")
-        require(1 <= self.prompt_min <= self.prompt_max, "need 1 <= prompt_min <= prompt_max")
-        for t in self.targets:
-            check_choice("targets", t, PROJECTIONS)
-        require(0.0 < self.holdout_fraction < 1.0, "holdout_fraction must be in (0, 1)")
 
 
 @dataclass
