@@ -24,8 +24,9 @@ Default term sets (``DEFAULT_TERMS``), the paper's models plus what real steps n
   rank; CPU-assisted LoRA with tokens * rank)
 
 Fitting is least squares on all samples; R^2 is reported on held-out samples by
-k-fold cross-validation (``fit_linear``). A term whose coefficient comes out negative (other than ``const``) is
-dropped and the fit repeated, so every cost grows with load (routing relies on it).
+k-fold cross-validation (``fit_linear``). A term whose coefficient comes out negative
+(``const`` included) is dropped and the fit repeated, so every cost grows with load and
+no set costs less than nothing (routing relies on both).
 
 Profile JSON schema (``caraserve.profile/1``)::
 
@@ -252,15 +253,17 @@ def r2_score(y: np.ndarray, pred: np.ndarray) -> float:
 
 
 def _lstsq_nonneg(x: np.ndarray, y: np.ndarray, terms: list[str]) -> tuple[list[str], np.ndarray, list[str]]:
-    """Least squares on column-scaled features, dropping negative non-const terms one at a time."""
+    """Least squares on column-scaled features, dropping negative terms (``const`` too) one at a time."""
     keep, dropped = list(terms), []
     while True:
+        if not keep:
+            raise ProfileError(f"no term of {list(terms)} fits with a non-negative coefficient")
         cols = [TERMS.index(t) for t in keep]
         a = x[:, cols]
         scale = np.abs(a).max(axis=0)
         scale[scale == 0] = 1.0
         coef = np.linalg.lstsq(a / scale, y, rcond=None)[0] / scale
-        negative = [(c, t) for c, t in zip(coef, keep) if t != "const" and c < 0]
+        negative = [(c, t) for c, t in zip(coef, keep) if c < 0]
         if not negative:
             return keep, coef, dropped
         worst = min(negative)[1]

@@ -84,6 +84,15 @@ def test_negative_terms_are_dropped_so_costs_grow_with_load():
     assert all(c >= 0 for t, c in zip(fit.terms, fit.coef) if t != "const")
 
 
+def test_a_negative_intercept_is_dropped_so_tiny_sets_never_cost_less_than_nothing():
+    stats = [sample_stats({"ranks": [8] * b}) for b in range(1, 40)]
+    fit = fit_linear(stats, [-500.0 + 90.0 * s.count for s in stats], ("const", "requests"))
+    assert fit.terms == ("requests",) and fit.dropped_terms == ("const",)
+    assert fit.cost(sample_stats({"ranks": [8]})) > 0
+    with pytest.raises(ProfileError, match="non-negative"):
+        fit_linear(stats, [-1.0] * len(stats), ("const",))
+
+
 def test_too_few_samples_is_a_clear_error():
     stats = [sample_stats({"ranks": [8]}) for _ in range(4)]
     with pytest.raises(ProfileError, match="too few"):
