@@ -5,12 +5,13 @@ Each accepted request becomes a :class:`RequestStream`, a producer task (span
 one final chunk:
 
 1. ask the scheduler (``route``) to place the request, with a fresh inbox per attempt;
-2. relay the worker's chunks, renumbering ``index`` across attempts and counting the
-   generated tokens;
+2. relay the chunks of the worker the scheduler named (a worker whose submit timed out and
+   was cancelled may still have sent a few; they are dropped), renumbering ``index`` across
+   attempts and counting the generated tokens;
 3. if the worker goes quiet (its state stops, or no chunk arrives for ``stall_timeout_s``),
    route again with the prompt plus the tokens already generated, excluding that worker,
    up to ``max_reroutes`` times and within ``retry_budget_s``; otherwise end with a
-   ``worker_lost`` error;
+   ``worker_lost`` error. The quiet worker is told to cancel, in case it was only slow;
 4. a cancel (HTTP disconnect or ``caraserve.v1.cancel``) ends the stream with
    ``cancelled`` and tells the worker on ``worker.<id>.cancel``.
 """
@@ -141,6 +142,7 @@ class RequestStream:
                 return
             exclude.append(lost.worker_id)
             span.add_event("worker_lost", {"worker.id": lost.worker_id, "attempt": attempt})
+            await self.relay.cancel_on(lost.worker_id, self.request_id)  # in case it is only slow
             progress = self._progress
             progress.lost_at = progress.lost_at or time.monotonic()
             if len(progress.generated) >= self.prepared.sampling.max_tokens:
@@ -222,8 +224,8 @@ class RequestStream:
                 await self.relay.cancel_on(worker_id, self.request_id)
                 self._finish(None, "cancelled")
                 return None
-            if item.request_id != self.request_id:
-                continue
+            if item.request_id != self.request_id or item.worker_id not in (None, worker_id):
+                continue  # another worker's chunks: a submit the scheduler gave up on and cancelled
             self._emit(item)
             if item.final:
                 return None

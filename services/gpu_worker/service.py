@@ -190,7 +190,7 @@ class GpuWorkerService:
         if out.first_token:
             tracked.first_token, tracked.scheduled = now, out.scheduled_at or now
         chunk = Chunk(request_id=out.request_id, index=tracked.chunks, token_ids=out.new_token_ids,
-                      text=out.text_delta, finish_reason=out.finish_reason)
+                      text=out.text_delta, finish_reason=out.finish_reason, worker_id=self.config.worker_id)
         tracked.chunks += 1
         if out.finished:
             prompt = len(submit.prompt_token_ids)

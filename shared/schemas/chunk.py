@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shared.schemas.errors import ErrorInfo
-from shared.schemas.names import REQUEST_ID_PATTERN
+from shared.schemas.names import REQUEST_ID_PATTERN, WORKER_ID_PATTERN
 from shared.schemas.wire import Message, SchemaError, Struct, spec
 
 FINISH_REASONS = ("stop", "length", "error", "cancelled")
@@ -30,7 +30,9 @@ class Chunk(Message):
     ``index`` counts this request's chunks from 0. ``token_ids`` are the tokens generated
     since the previous chunk and ``text`` their detokenized text. The final chunk, and only
     it, has ``finish_reason``; a final chunk with ``finish_reason == "error"`` carries
-    ``error``. ``usage`` accompanies the final chunk.
+    ``error``. ``usage`` accompanies the final chunk. ``worker_id`` names the gpu_worker that
+    produced the chunk (None from the scheduler and the gateway): a gateway relays only the
+    chunks of the worker its request was placed on.
     """
 
     KIND = "chunk"
@@ -41,6 +43,7 @@ class Chunk(Message):
     finish_reason: str | None = spec(None, choices=FINISH_REASONS)
     usage: Usage | None = None
     error: ErrorInfo | None = None
+    worker_id: str | None = spec(None, pattern=WORKER_ID_PATTERN)
 
     @property
     def final(self) -> bool:

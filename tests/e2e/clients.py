@@ -94,6 +94,7 @@ class StateWatch:
     def __init__(self) -> None:
         self.latest: dict[str, WorkerState] = {}
         self.placed: dict[str, str] = {}  # request id -> the last worker whose state held it
+        self.held_by: dict[str, set[str]] = {}  # request id -> every worker whose state held it
         self.blocks_in_use: dict[str, int] = {}  # request id -> most KV blocks in use on its worker meanwhile
         self._changed = asyncio.Event()
 
@@ -106,6 +107,7 @@ class StateWatch:
         in_use = state.total_kv_blocks - state.free_kv_blocks
         for request_id in state.request_ids():
             self.placed[request_id] = state.worker_id
+            self.held_by.setdefault(request_id, set()).add(state.worker_id)
             self.blocks_in_use[request_id] = max(self.blocks_in_use.get(request_id, 0), in_use)
         self._changed.set()
 

@@ -20,7 +20,7 @@ from shared.bus import Bus
 from shared.schemas import (AdapterInfo, CancelRequest, Chunk, RequestLoad, ServiceError, SubmitAck, Usage,
                             WorkerState, WorkerSubmit)
 
-MODES = ("ok", "mute", "refuse", "stall")
+MODES = ("ok", "mute", "refuse", "stall", "late")
 
 
 def token_for(context_len: int) -> int:
@@ -29,7 +29,8 @@ def token_for(context_len: int) -> int:
 
 @dataclass
 class FakeWorker:
-    """``mode``: ok (ack and stream), mute (never ack), refuse (answer ``refuse_code``), stall (ack, never stream)."""
+    """``mode``: ok (ack and stream), mute (never ack), refuse (answer ``refuse_code``), stall (ack, never
+    stream), late (stream at once, ack after ``ack_delay_s``: a worker too busy to answer in time)."""
 
     url: str
     worker_id: str
@@ -41,6 +42,7 @@ class FakeWorker:
     step_s: float = 0.002
     mode: str = "ok"
     refuse_code: str = "overloaded"
+    ack_delay_s: float = 1.0
     publish_states: bool = True
     submits: list[WorkerSubmit] = field(default_factory=list)
     cancels: list[str] = field(default_factory=list)
@@ -89,9 +91,11 @@ class FakeWorker:
                            remaining_tokens=submit.remaining_tokens())
         self._running[submit.request_id] = load
         ack = SubmitAck(request_id=submit.request_id, worker_id=self.worker_id, state_seq=self.seq)
-        if self.mode == "ok":
+        if self.mode in ("ok", "late"):
             task = asyncio.get_running_loop().create_task(self._generate(submit))
             self._tasks[submit.request_id] = task
+        if self.mode == "late":
+            await asyncio.sleep(self.ack_delay_s)
         return ack
 
     async def _generate(self, submit: WorkerSubmit) -> None:
@@ -107,7 +111,7 @@ class FakeWorker:
                 usage = Usage(prompt_tokens=len(submit.prompt_token_ids), completion_tokens=generated,
                               total_tokens=len(submit.prompt_token_ids) + generated) if final else None
                 chunk = Chunk(request_id=submit.request_id, index=index, token_ids=[token], text=f" t{token}",
-                              finish_reason="length" if final else None, usage=usage)
+                              finish_reason="length" if final else None, usage=usage, worker_id=self.worker_id)
                 await self._bus.publish(submit.reply_inbox, chunk)
         finally:
             self._running.pop(submit.request_id, None)

@@ -251,6 +251,38 @@ async def test_worker_lost_mid_stream_is_rerouted_with_the_generated_tokens(nats
     assert len(resubmit.generated_token_ids) >= 3
 
 
+async def test_chunks_of_a_submit_the_scheduler_gave_up_on_are_dropped(nats_server, stack, tiny_model_dir,
+                                                                        adapter_dir):
+    """A worker too busy to ack in time already streams; the scheduler cancels it and routes elsewhere."""
+    await start_scheduler(stack, nats_server.url, submit_timeout_s=0.3)
+    gateway = await start_gateway(stack, nats_server.url, tiny_model_dir, adapter_dir=str(adapter_dir))
+    busy = await add_worker(stack, nats_server, gateway, "busy", mode="late", ack_delay_s=2.0, step_s=0.01)
+    bus = await client(stack, nats_server.url)
+    pending = asyncio.ensure_future(nats_generate(bus, GenerateRequest(model="sql", prompt=[1, 2, 3, 4], max_tokens=40,
+                                                                       request_id="late-ack"), limit_s=10))
+    await wait_until(lambda: busy.submits)
+    spare = await add_worker(stack, nats_server, gateway, "spare")
+    chunks = await pending
+    assert busy.cancels == ["late-ack"] and spare.submits[0].request_id == "late-ack"
+    assert all(c.worker_id in (None, "spare") for c in chunks), [c.worker_id for c in chunks]
+    tokens = [t for c in chunks for t in c.token_ids]
+    assert tokens == [token_for(4 + i) for i in range(40)]  # none of the busy worker's tokens
+    assert [c.index for c in chunks] == list(range(len(chunks))) and chunks[-1].finish_reason == "length"
+
+
+async def test_a_silent_worker_is_told_to_cancel_when_its_request_moves_on(nats_server, stack, stack_with_gateway):
+    gateway, _ = await stack_with_gateway(stall_timeout_s=0.5)
+    silent = await add_worker(stack, nats_server, gateway, "silent", mode="stall")
+    bus = await client(stack, nats_server.url)
+    pending = asyncio.ensure_future(nats_generate(bus, GenerateRequest(model="sql", prompt=[1, 2], max_tokens=5,
+                                                                       request_id="moved-on"), limit_s=10))
+    await wait_until(lambda: silent.submits)
+    await add_worker(stack, nats_server, gateway, "spare")
+    chunks = await pending
+    assert [t for c in chunks for t in c.token_ids] == [token_for(2 + i) for i in range(5)]
+    await wait_until(lambda: silent.cancels == ["moved-on"] and not silent.running_ids)
+
+
 async def test_worker_lost_with_no_other_worker_ends_with_an_error_within_5s(nats_server, stack, stack_with_gateway):
     gateway, base = await stack_with_gateway(worker_timeout_s=0.5, route_deadline_ms=500)
     doomed = await add_worker(stack, nats_server, gateway, "doomed", step_s=0.05)

@@ -66,6 +66,7 @@ async def test_submit_streams_every_token_then_one_final_chunk(nats_server, stac
     await asyncio.wait_for(inbox.done.wait(), 30)
     assert len(inbox.token_ids) == 6
     assert [c.index for c in inbox.chunks] == list(range(len(inbox.chunks)))
+    assert {c.worker_id for c in inbox.chunks} == {"w1"}  # the gateway relays only its routed worker's chunks
     final = inbox.chunks[-1]
     assert final.finish_reason == "length" and final.usage.completion_tokens == 6 and final.usage.prompt_tokens == 4
     assert sum(c.final for c in inbox.chunks) == 1
