@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         slo_ms = experiment.resolve_slo_ms(perf, args.slo_ms, sim_config, workload_config)
         template = experiment.policy_template(workload_config, slo_ms, workload_config.seed)
         runs = experiment.run_policies(perf, workload, names, sim_config, template, slo_ms)
-        sweep = experiment.load_sweep(perf, workload_config, rates, names, sim_config, slo_ms) if rates else None
+        sweep = experiment.load_sweep(perf, workload_config, rates, names, sim_config, slo_ms,
+                                      experiment.print_progress("sweep")) if rates else None
     except (ProfileError, WorkloadError, PolicyError, ConfigError) as exc:
         raise CliError(str(exc)) from exc
 

@@ -12,8 +12,9 @@ configure the policies the same way:
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,17 +78,37 @@ def policy_template(workload: WorkloadConfig, slo_ms: float, seed: int) -> Polic
     return PolicyConfig(slo_ms=slo_ms, avg_response_len=max(1.0, output), reference_prompt_tokens=prompt, seed=seed)
 
 
+SweepProgress = Callable[[int, int, float, dict[str, PolicyRun]], None]
+
+
 def load_sweep(perf: PerfModel, workload: WorkloadConfig, rates: Sequence[float], names: Sequence[str],
-               sim: SimulatorConfig, slo_ms: float) -> dict[str, list[dict[str, float]]]:
-    """Metrics per policy at each Poisson rate (the workload's duration and seed kept)."""
+               sim: SimulatorConfig, slo_ms: float,
+               progress: SweepProgress | None = None) -> dict[str, list[dict[str, float]]]:
+    """Metrics per policy at each Poisson rate (the workload's duration and seed kept).
+
+    ``progress(done, total, rate, runs)`` is called after each rate.
+    """
     template = policy_template(workload, slo_ms, workload.seed)
     points: dict[str, list[dict[str, float]]] = {name: [] for name in names}
-    for rate in rates:
+    for i, rate in enumerate(rates):
         config = dataclasses.replace(workload, rate=float(rate), trace="")
         runs = run_policies(perf, generate(config), names, sim, template, slo_ms)
         for name in names:
             points[name].append({"rate": float(rate), **runs[name].metrics})
+        if progress is not None:
+            progress(i + 1, len(rates), float(rate), runs)
     return points
+
+
+def print_progress(label: str) -> SweepProgress:
+    """A SweepProgress that prints one line per rate (attainment per policy) to stderr."""
+    started = time.perf_counter()
+
+    def report(done: int, total: int, rate: float, runs: dict[str, PolicyRun]) -> None:
+        shares = " ".join(f"{name} {run.metrics['slo_attainment']:.3f}" for name, run in runs.items())
+        print(f"[{label}] {done}/{total} {rate:.2f} rps: {shares} ({time.perf_counter() - started:.0f} s)",
+              file=sys.stderr, flush=True)
+    return report
 
 
 def highest_rate_meeting(points: Sequence[dict[str, float]], target: float) -> float:

@@ -12,7 +12,7 @@ from shared.batch_stats import BatchStats, BatchStatsError
 from shared.perf_model import (SCHEMA, LinearCost, PerfModel, ProfileError, ProfileInfo, ProfileMismatchError,
                                fit_linear, sample_stats)
 
-TRUE_DECODE = {"const": 5000.0, "requests": 120.0, "batch_max_rank": 2.0, "tokens": 0.5}
+TRUE_DECODE = {"const": 5000.0, "requests": 120.0, "batch_max_rank": 2.0, "tokens": 0.5, "adapters": 60.0}
 
 
 def _decode_samples(truth: dict[str, float], n: int, noise: float, seed: int) -> list[dict]:
@@ -24,8 +24,9 @@ def _decode_samples(truth: dict[str, float], n: int, noise: float, seed: int) ->
         pool = [8, 16, 32, 64] if rng.random() < 0.5 else [int(rng.choice([8, 16, 32, 64]))]  # mixed or not
         ranks = rng.choice(pool, size=batch).tolist()
         tokens = rng.integers(16, 2048, size=batch).tolist()
-        clean = cost.cost(sample_stats({"ranks": ranks, "tokens": tokens}))
-        samples.append({"phase": "decode", "ranks": ranks, "tokens": tokens,
+        adapters = [f"r{rank}-{rng.integers(0, 6)}" for rank in ranks]  # requests share adapters
+        clean = cost.cost(sample_stats({"ranks": ranks, "tokens": tokens, "adapters": adapters}))
+        samples.append({"phase": "decode", "ranks": ranks, "tokens": tokens, "adapters": adapters,
                         "latency_us": clean * (1 + noise * rng.standard_normal())})
     return samples
 

@@ -1,0 +1,40 @@
+"""The scheduling sweep bench on synthetic profiles: its report, progress and parallel profiles."""
+
+from __future__ import annotations
+
+import json
+
+from bench import sched_sweep, synthetic_profile
+
+
+def _run(tmp_path, capsys, jobs: int) -> tuple[dict, str]:
+    profiles = {}
+    for backend in ("bgmv", "mbgmv"):
+        profiles[backend] = tmp_path / f"{backend}.json"
+        assert synthetic_profile.main(["--backend", backend, "--out", str(profiles[backend])]) == 0
+    out = tmp_path / f"sweep-{jobs}.json"
+    code = sched_sweep.main(["--profile-bgmv", str(profiles["bgmv"]), "--profile-mbgmv", str(profiles["mbgmv"]),
+                             "--workers", "2", "--duration", "30", "--rates", "1,3,6", "--policy",
+                             "rank_aware,least_loaded", "--jobs", str(jobs), "--out", str(out)])
+    assert code == 0
+    return json.loads(out.read_text()), capsys.readouterr().err
+
+
+def _simulated(points: list[dict]) -> list[dict]:
+    """The points without their wall-clock time."""
+    return [{k: v for k, v in p.items() if k != "sim_seconds"} for p in points]
+
+
+def test_the_sweep_reports_each_profile_the_same_whether_swept_in_parallel_or_not(tmp_path, capsys):
+    serial, progress = _run(tmp_path, capsys, jobs=1)
+    parallel, _ = _run(tmp_path, capsys, jobs=2)
+    assert serial["synthetic"] and serial["workers"] == 2
+    for backend in ("bgmv", "mbgmv"):
+        result = serial["profiles"][backend]
+        assert result["rates"] == [1.0, 3.0, 6.0] and set(result["policies"]) == {"rank_aware", "least_loaded"}
+        assert all(len(points) == 3 for points in result["policies"].values())
+        assert set(result["highest_rate_at_99"]) == {"rank_aware", "least_loaded"}
+        assert f"[{backend}] 3/3 6.00 rps: rank_aware" in progress
+        for name, points in result["policies"].items():
+            assert _simulated(points) == _simulated(parallel["profiles"][backend]["policies"][name])
+    assert (tmp_path / "sweep-1.png").stat().st_size > 0
