@@ -8,6 +8,9 @@ of the paper's simulation (60 instances): a policy that groups ranks has many wo
 per rank to balance load over, and each adapter has enough requests in flight for
 co-locating them to pay. ``--workers 8`` is the paper's testbed size. The SLO is
 ``--slo-ms`` or the default (1.5x the profile's no-LoRA time per token at max batch).
+By default every adapter is resident on every worker. ``--adapter-slots N`` gives each
+worker an LRU cache of N adapters instead, so adapter_affinity has residency to follow
+(a load is free with a profile that has no cold-start data, like the CPU ones).
 Per profile it reports:
 
 - each policy's highest load up to which attainment stays >= 99%;
@@ -83,7 +86,7 @@ def judge(points: dict[str, list[dict]]) -> dict:
 def sweep_profile(path: str, args: argparse.Namespace, names: tuple[str, ...]) -> dict:
     perf = PerfModel.load(path)
     workload = WorkloadConfig(rate=1.0, duration=args.duration, adapters=512, ranks=(8, 16, 32, 64), seed=args.seed)
-    sim = SimulatorConfig(workers=args.workers, max_batch=32)
+    sim = SimulatorConfig(workers=args.workers, max_batch=32, adapter_slots=args.adapter_slots)
     slo_ms = resolve_slo_ms(perf, args.slo_ms, sim, workload)
     capacity = capacity_rps(perf, workload, sim)
     bound = grouping_bound(perf, workload.ranks, sim.max_batch, *mean_lengths(workload))
@@ -117,6 +120,8 @@ def plot(path: Path, report: dict) -> None:
     fig, axes = plt.subplots(1, len(profiles), figsize=(5.5 * len(profiles), 4.2), squeeze=False)
     for ax, (backend, result) in zip(axes[0], profiles.items()):
         label = " (SYNTHETIC profile)" if result["synthetic"] else ""
+        if report.get("adapter_slots"):
+            label += f", {report['adapter_slots']} adapter slots/worker"
         plot_attainment(ax, result["policies"], f"{backend}: SLO {result['slo_ms']:.1f} ms/token{label}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -129,9 +134,10 @@ def _output_path(args: argparse.Namespace, synthetic: bool) -> Path:
         if synthetic and RESULTS.resolve() in out.parents:
             raise SystemExit("refusing to write results of a synthetic profile under bench/results")
         return out
+    slots = f"-slots{args.adapter_slots}" if args.adapter_slots else ""
     if synthetic:
-        return Path(tempfile.gettempdir()) / "caraserve-sched_sweep-synthetic.json"
-    return RESULTS / "sched_sweep-cpu.json"
+        return Path(tempfile.gettempdir()) / f"caraserve-sched_sweep{slots}-synthetic.json"
+    return RESULTS / f"sched_sweep{slots}-cpu.json"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,14 +149,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rates", default="", help="comma-separated rates (default: a grid around capacity)")
     parser.add_argument("--points", type=int, default=71, help="grid points when --rates is not given")
     parser.add_argument("--slo-ms", type=float, default=0.0, help="SLO (default: 1.5x no-LoRA time per token)")
+    parser.add_argument("--adapter-slots", type=int, default=0,
+                        help="adapters each worker caches (LRU); 0: every adapter always resident")
     parser.add_argument("--policy", default="all")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="", help="JSON path (a PNG is written next to it)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="profiles swept at once, one process each (results do not depend on it)")
     args = parser.parse_args(argv)
-    if args.workers < 1 or args.duration <= 0 or args.points < 2 or args.slo_ms < 0 or args.jobs < 1:
-        parser.error("need --workers >= 1, --duration > 0, --points >= 2, --slo-ms >= 0, --jobs >= 1")
+    if (args.workers < 1 or args.duration <= 0 or args.points < 2 or args.slo_ms < 0 or args.jobs < 1
+            or args.adapter_slots < 0):
+        parser.error("need --workers >= 1, --duration > 0, --points >= 2, --slo-ms >= 0, --jobs >= 1, "
+                     "--adapter-slots >= 0")
     try:
         names = parse_policies(args.policy)
         profiles = sweep_profiles({"bgmv": args.profile_bgmv, "mbgmv": args.profile_mbgmv}, args, names)
@@ -159,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     synthetic = any(p["synthetic"] for p in profiles.values())
     report = {"bench": "sched_sweep", "synthetic": synthetic, "workers": args.workers, "max_batch": 32,
-              "ranks": [8, 16, 32, 64], "adapters": 512, "duration_s": args.duration, "seed": args.seed,
-              "cores": os.cpu_count(), "profiles": profiles}
+              "ranks": [8, 16, 32, 64], "adapters": 512, "adapter_slots": args.adapter_slots,
+              "duration_s": args.duration, "seed": args.seed, "cores": os.cpu_count(), "profiles": profiles}
     out = _output_path(args, synthetic)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

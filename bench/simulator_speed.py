@@ -3,9 +3,12 @@
 Simulates a Poisson workload of ``--requests`` requests on ``--workers`` workers
 (max batch 32, ranks {8, 16, 32, 64}, 512 uniform adapters) once per policy and
 reports the wall time of each run. ``rank_aware`` is the slowest policy (it
-evaluates the perf model four times per worker per decision).
+evaluates the perf model four times per worker per decision). The default rate,
+50 rps, is just under what rank_aware holds on 64 workers with the CPU profiles
+(bench/sched_sweep.py), so the run times a cluster at work rather than a queue that
+grows without bound.
 
-    python -m bench.simulator_speed --profile FILE [--requests 100000] [--workers 64] [--rate 240]
+    python -m bench.simulator_speed --profile FILE [--requests 100000] [--workers 64] [--rate 50]
 
 Prints JSON; writes bench/results/simulator_speed-cpu.json. The JSON records whether
 the profile was synthetic.
@@ -35,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", required=True, help="perf profile JSON")
     parser.add_argument("--requests", type=int, default=TARGET_REQUESTS, help="expected number of requests")
     parser.add_argument("--workers", type=int, default=TARGET_WORKERS)
-    parser.add_argument("--rate", type=float, default=240.0, help="Poisson rate (requests/s)")
+    parser.add_argument("--rate", type=float, default=50.0, help="Poisson rate (requests/s)")
     parser.add_argument("--policy", default="rank_aware,least_loaded", help="comma-separated policies, or all")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS / "simulator_speed-cpu.json"))

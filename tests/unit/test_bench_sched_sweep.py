@@ -7,7 +7,7 @@ import json
 from bench import sched_sweep, synthetic_profile
 
 
-def _run(tmp_path, capsys, jobs: int) -> tuple[dict, str]:
+def _run(tmp_path, capsys, jobs: int, *extra: str, policy: str = "rank_aware,least_loaded") -> tuple[dict, str]:
     profiles = {}
     for backend in ("bgmv", "mbgmv"):
         profiles[backend] = tmp_path / f"{backend}.json"
@@ -15,7 +15,7 @@ def _run(tmp_path, capsys, jobs: int) -> tuple[dict, str]:
     out = tmp_path / f"sweep-{jobs}.json"
     code = sched_sweep.main(["--profile-bgmv", str(profiles["bgmv"]), "--profile-mbgmv", str(profiles["mbgmv"]),
                              "--workers", "2", "--duration", "30", "--rates", "1,3,6", "--policy",
-                             "rank_aware,least_loaded", "--jobs", str(jobs), "--out", str(out)])
+                             policy, "--jobs", str(jobs), "--out", str(out), *extra])
     assert code == 0
     return json.loads(out.read_text()), capsys.readouterr().err
 
@@ -38,3 +38,16 @@ def test_the_sweep_reports_each_profile_the_same_whether_swept_in_parallel_or_no
         for name, points in result["policies"].items():
             assert _simulated(points) == _simulated(parallel["profiles"][backend]["policies"][name])
     assert (tmp_path / "sweep-1.png").stat().st_size > 0
+
+
+def test_with_adapter_slots_adapter_affinity_follows_residency(tmp_path, capsys):
+    """With every adapter resident everywhere adapter_affinity routes like least_loaded; with slots it does not."""
+    policy = "adapter_affinity,least_loaded"
+    everywhere, _ = _run(tmp_path, capsys, 1, "--workers", "8", policy=policy)
+    cached, _ = _run(tmp_path, capsys, 1, "--workers", "8", "--adapter-slots", "4", policy=policy)
+    assert everywhere["adapter_slots"] == 0 and cached["adapter_slots"] == 4
+    for backend in ("bgmv", "mbgmv"):
+        alike = everywhere["profiles"][backend]["policies"]
+        assert _simulated(alike["adapter_affinity"]) == _simulated(alike["least_loaded"])
+        apart = cached["profiles"][backend]["policies"]
+        assert _simulated(apart["adapter_affinity"]) != _simulated(apart["least_loaded"])
