@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -45,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from services.scheduler.experiment import (highest_rate_meeting, load_sweep, mean_lengths, parse_policies,
-                                           print_progress, resolve_slo_ms)
+                                           log_progress, resolve_slo_ms)
 from services.scheduler.grouping_bound import grouping_bound
 from services.scheduler.simulator import SimulatorConfig
 from services.scheduler.workload import WorkloadConfig
@@ -92,7 +93,7 @@ def sweep_profile(path: str, args: argparse.Namespace, names: tuple[str, ...]) -
     bound = grouping_bound(perf, workload.ranks, sim.max_batch, *mean_lengths(workload))
     rates = [float(r) for r in args.rates.split(",")] if args.rates else default_rates(capacity, args.points)
     start = time.perf_counter()
-    points = load_sweep(perf, workload, rates, names, sim, slo_ms, print_progress(perf.backend))
+    points = load_sweep(perf, workload, rates, names, sim, slo_ms, log_progress(perf.backend))
     return {"path": path, "backend": perf.backend, "model": perf.info.model, "device_name": perf.info.device_name,
             "synthetic": perf.info.synthetic, "slo_ms": slo_ms, "estimated_capacity_rps": capacity,
             "grouping_bound": bound.to_dict(sim.workers),
@@ -157,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="profiles swept at once, one process each (results do not depend on it)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if (args.workers < 1 or args.duration <= 0 or args.points < 2 or args.slo_ms < 0 or args.jobs < 1
             or args.adapter_slots < 0):
         parser.error("need --workers >= 1, --duration > 0, --points >= 2, --slo-ms >= 0, --jobs >= 1, "

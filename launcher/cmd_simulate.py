@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -94,8 +95,9 @@ def run(args: argparse.Namespace) -> int:
         slo_ms = experiment.resolve_slo_ms(perf, args.slo_ms, sim_config, workload_config)
         template = experiment.policy_template(workload_config, slo_ms, workload_config.seed)
         runs = experiment.run_policies(perf, workload, names, sim_config, template, slo_ms)
+        logging.getLogger(experiment.__name__).setLevel(logging.INFO)  # a sweep's progress shows at any --log-level
         sweep = experiment.load_sweep(perf, workload_config, rates, names, sim_config, slo_ms,
-                                      experiment.print_progress("sweep")) if rates else None
+                                      experiment.log_progress("sweep")) if rates else None
     except (ProfileError, WorkloadError, PolicyError, ConfigError) as exc:
         raise CliError(str(exc)) from exc
 

@@ -12,7 +12,7 @@ configure the policies the same way:
 from __future__ import annotations
 
 import dataclasses
-import sys
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +24,8 @@ from services.scheduler.sim_metrics import summarize, tpt_ms
 from services.scheduler.simulator import SimulatorConfig, simulate
 from services.scheduler.workload import Workload, WorkloadConfig, generate, mean_length
 from shared.perf_model import PerfModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -100,14 +102,14 @@ def load_sweep(perf: PerfModel, workload: WorkloadConfig, rates: Sequence[float]
     return points
 
 
-def print_progress(label: str) -> SweepProgress:
-    """A SweepProgress that prints one line per rate (attainment per policy) to stderr."""
+def log_progress(label: str) -> SweepProgress:
+    """A SweepProgress that logs one INFO line per rate (attainment per policy)."""
     started = time.perf_counter()
 
     def report(done: int, total: int, rate: float, runs: dict[str, PolicyRun]) -> None:
         shares = " ".join(f"{name} {run.metrics['slo_attainment']:.3f}" for name, run in runs.items())
-        print(f"[{label}] {done}/{total} {rate:.2f} rps: {shares} ({time.perf_counter() - started:.0f} s)",
-              file=sys.stderr, flush=True)
+        log.info("[%s] %d/%d %.2f rps: %s (%.0f s)", label, done, total, rate, shares,
+                 time.perf_counter() - started)
     return report
 
 

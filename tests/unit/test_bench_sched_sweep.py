@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 
 from bench import sched_sweep, synthetic_profile
 
 
-def _run(tmp_path, capsys, jobs: int, *extra: str, policy: str = "rank_aware,least_loaded") -> tuple[dict, str]:
+def _run(tmp_path, caplog, jobs: int, *extra: str, policy: str = "rank_aware,least_loaded") -> tuple[dict, str]:
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="services.scheduler.experiment")
     profiles = {}
     for backend in ("bgmv", "mbgmv"):
         profiles[backend] = tmp_path / f"{backend}.json"
@@ -17,7 +20,7 @@ def _run(tmp_path, capsys, jobs: int, *extra: str, policy: str = "rank_aware,lea
                              "--workers", "2", "--duration", "30", "--rates", "1,3,6", "--policy",
                              policy, "--jobs", str(jobs), "--out", str(out), *extra])
     assert code == 0
-    return json.loads(out.read_text()), capsys.readouterr().err
+    return json.loads(out.read_text()), caplog.text
 
 
 def _simulated(points: list[dict]) -> list[dict]:
@@ -25,9 +28,9 @@ def _simulated(points: list[dict]) -> list[dict]:
     return [{k: v for k, v in p.items() if k != "sim_seconds"} for p in points]
 
 
-def test_the_sweep_reports_each_profile_the_same_whether_swept_in_parallel_or_not(tmp_path, capsys):
-    serial, progress = _run(tmp_path, capsys, jobs=1)
-    parallel, _ = _run(tmp_path, capsys, jobs=2)
+def test_the_sweep_reports_each_profile_the_same_whether_swept_in_parallel_or_not(tmp_path, caplog):
+    serial, progress = _run(tmp_path, caplog, jobs=1)
+    parallel, _ = _run(tmp_path, caplog, jobs=2)
     assert serial["synthetic"] and serial["workers"] == 2
     for backend in ("bgmv", "mbgmv"):
         result = serial["profiles"][backend]
@@ -40,11 +43,11 @@ def test_the_sweep_reports_each_profile_the_same_whether_swept_in_parallel_or_no
     assert (tmp_path / "sweep-1.png").stat().st_size > 0
 
 
-def test_with_adapter_slots_adapter_affinity_follows_residency(tmp_path, capsys):
+def test_with_adapter_slots_adapter_affinity_follows_residency(tmp_path, caplog):
     """With every adapter resident everywhere adapter_affinity routes like least_loaded; with slots it does not."""
     policy = "adapter_affinity,least_loaded"
-    everywhere, _ = _run(tmp_path, capsys, 1, "--workers", "8", policy=policy)
-    cached, _ = _run(tmp_path, capsys, 1, "--workers", "8", "--adapter-slots", "4", policy=policy)
+    everywhere, _ = _run(tmp_path, caplog, 1, "--workers", "8", policy=policy)
+    cached, _ = _run(tmp_path, caplog, 1, "--workers", "8", "--adapter-slots", "4", policy=policy)
     assert everywhere["adapter_slots"] == 0 and cached["adapter_slots"] == 4
     for backend in ("bgmv", "mbgmv"):
         alike = everywhere["profiles"][backend]["policies"]
