@@ -45,8 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
-from services.scheduler.experiment import (highest_rate_meeting, load_sweep, mean_lengths, parse_policies,
-                                           log_progress, resolve_slo_ms)
+from services.scheduler.experiment import (highest_rate_meeting, load_sweep, log_progress, mean_lengths,
+                                           parse_policies, resolve_slo_ms)
 from services.scheduler.grouping_bound import grouping_bound
 from services.scheduler.simulator import SimulatorConfig
 from services.scheduler.workload import WorkloadConfig
