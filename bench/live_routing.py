@@ -154,7 +154,7 @@ def _profile(model: Path, adapter_dir: Path, backend: str, out: Path) -> Path:
     config = ProfileConfig(batch_sizes=(1, 2, 4, 8, 16), ranks=ranks, mixed_draws=1, decode_steps=3,
                            prompt_min=8, prompt_max=64)
     profile(model, EngineConfig(backend=backend, device="cpu"), config,
-            lambda done, total: print(f"profile {done}/{total}", file=sys.stderr)).save(out)
+            lambda stage, done, total: print(f"profile {stage} {done}/{total}", file=sys.stderr)).save(out)
     return out
 
 

@@ -20,6 +20,9 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0: one per core)")
     p.add_argument("--out", required=True, help="profile JSON to write")
+    p.add_argument("--add-cold-starts", metavar="PROFILE", default=None,
+                   help="measure only the cold starts and add them to this existing profile (made here, for this "
+                        "model and backend); its decode and prefill samples and fits are kept")
     add_arguments(p, ProfileConfig)
     p.set_defaults(func=run)
 
@@ -27,9 +30,9 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from services.gpu_worker.engine_config import EngineConfig
     from services.gpu_worker.profile_config import ProfileConfig
-    from services.gpu_worker.profiler import profile
+    from services.gpu_worker.profiler import add_cold_starts, profile
     from shared.model_store import ModelStoreError, resolve_model_dir
-    from shared.perf_model import ProfileError
+    from shared.perf_model import PerfModel, ProfileError
 
     try:
         config = from_namespace(ProfileConfig, args)
@@ -40,18 +43,34 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, ModelStoreError) as exc:
         raise CliError(str(exc)) from None
 
-    def progress(done: int, total: int) -> None:
-        print(f"\rprofiling {args.backend}: {done}/{total} grid points", end="", file=sys.stderr, flush=True)
+    stages: list[str] = []
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stages and stages[-1] != stage:
+            print(file=sys.stderr)
+        if not stages or stages[-1] != stage:
+            stages.append(stage)
+        print(f"\rprofiling {args.backend} {stage}: {done}/{total} grid points", end="", file=sys.stderr,
+              flush=True)
 
     try:
-        model = profile(model_dir, engine_config, config, progress)
+        if args.add_cold_starts:
+            existing = PerfModel.load(args.add_cold_starts)
+            model = add_cold_starts(existing, model_dir, engine_config, config, progress)
+        else:
+            model = profile(model_dir, engine_config, config, progress)
     except ProfileError as exc:
-        raise CliError(f"fit failed: {exc}") from None
+        raise CliError(str(exc)) from None
     print(file=sys.stderr)
     model.save(args.out)
-    summary = {"out": args.out, "backend": args.backend, "device": model.info.device_name,
-               "samples": len(model.samples),
-               "decode": {"terms": list(model.decode.terms), "r2_holdout": model.decode.r2_holdout},
-               "prefill": {"terms": list(model.prefill.terms), "r2_holdout": model.prefill.r2_holdout}}
-    print(json.dumps(summary, indent=1))
+    print(json.dumps(summary(args.out, model), indent=1))
     return 0
+
+
+def summary(out: str, model) -> dict:
+    """What `caraserve profile` prints: where the profile went and how well each phase fits."""
+    phases = {"decode": model.decode, "prefill": model.prefill,
+              **{f"cold_{level}": cost for level, cost in model.cold_start.items()}}
+    return {"out": out, "backend": model.info.backend, "device": model.info.device_name,
+            "samples": len(model.samples), "cold_start_link": model.info.cold_start_link,
+            **{name: {"terms": list(cost.terms), "r2_holdout": cost.r2_holdout} for name, cost in phases.items()}}

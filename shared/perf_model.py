@@ -41,6 +41,8 @@ Profile JSON schema (``caraserve.profile/1``)::
       "dtype": str, "backend": "bgmv" | "mbgmv",
       "created": iso8601 str,
       "synthetic": bool,                # optional: true for made-up profiles
+      "cold_start_link": str,           # optional: how cold-start loads reached the device
+                                        # (e.g. "EMULATED link: 16 GB/s, 0.5 ms per load")
       "decode":  {"terms": [str], "coef": [float], "r2_holdout": float,   # null: undefined
                   "r2_train": float, "n_train": int, "n_holdout": int,   # r2_holdout: k-fold CV
                   "dropped_terms": [str]},
@@ -341,6 +343,7 @@ class ProfileInfo:
     dtype: str = ""
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     synthetic: bool = False
+    cold_start_link: str = ""  # how the cold-start samples' loads reached the device
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -477,7 +480,11 @@ class PerfModel:
         for key in info_keys:
             if not isinstance(d.get(key), str):
                 raise ProfileError(f"{where}: field {key!r} must be a string")
-        info = ProfileInfo(**{k: d[k] for k in info_keys}, synthetic=bool(d.get("synthetic", False)))
+        link = d.get("cold_start_link", "")
+        if not isinstance(link, str):
+            raise ProfileError(f"{where}: field 'cold_start_link' must be a string")
+        info = ProfileInfo(**{k: d[k] for k in info_keys}, synthetic=bool(d.get("synthetic", False)),
+                           cold_start_link=link)
         cold_raw = d.get("cold_start") or {}
         if not isinstance(cold_raw, Mapping):
             raise ProfileError(f"{where}: cold_start must be an object")

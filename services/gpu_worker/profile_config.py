@@ -24,6 +24,11 @@ class ProfileConfig:
                                       default_factory=lambda: PROJECTIONS)
     seed: int = option(0, "seed of prompts and rank mixes")
     holdout_fraction: float = option(0.25, "share of samples held out for R^2")
+    cold_start: bool = option(True, "also profile cold starts: the extra time to first token of a request whose "
+                                    "adapter starts in host memory or on disk (on_demand loading)")
+    emulate_link_gbps: float = option(0.0, "CPU-only hosts: EMULATED host-to-device bandwidth for the cold-start "
+                                           "loads, as the workers' residency config sets it; 0: memory copy")
+    emulate_link_latency_ms: float = option(0.0, "CPU-only hosts: EMULATED latency of each cold-start load (ms)")
 
     def __post_init__(self) -> None:
         require(all(b >= 1 for b in self.batch_sizes) and self.batch_sizes, "batch sizes must be >= 1")
@@ -34,3 +39,5 @@ class ProfileConfig:
         for t in self.targets:
             check_choice("targets", t, PROJECTIONS)
         require(0.0 < self.holdout_fraction < 1.0, "holdout_fraction must be in (0, 1)")
+        require(self.emulate_link_gbps >= 0 and self.emulate_link_latency_ms >= 0,
+                "emulate_link_gbps and emulate_link_latency_ms must be >= 0")

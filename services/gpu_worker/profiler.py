@@ -11,8 +11,9 @@ its own shuffled order, with the same prompts for a point in every pass; a point
 is its fastest pass (the minimum over passes of each step's time). Rank mixes are homogeneous (every request at rank r), heterogeneous (ranks
 drawn from the rank list) and base-only (rank 0, the no-LoRA reference the SLO derives
 from). Adapters are synthetic PEFT directories on the profiled model (16 per rank).
-The samples are fitted by :class:`shared.perf_model.PerfModel` and saved as a
-``caraserve.profile/1`` JSON.
+Cold starts are profiled after the grid, on a second engine in on_demand residency
+mode (``cold_start_profiler.py``). The samples are fitted by
+:class:`shared.perf_model.PerfModel` and saved as a ``caraserve.profile/1`` JSON.
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ import logging
 import random
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from services.gpu_worker.cold_start_profiler import ColdStartProfiler, link_label, prompt_lengths
 from services.gpu_worker.engine import LLMEngine
 from services.gpu_worker.engine_config import EngineConfig
 from services.gpu_worker.profile_config import ProfileConfig
 from services.gpu_worker.request import EngineRequest, SamplingParams
+from services.gpu_worker.residency_config import ResidencyConfig
 from shared.llama_shape import LlamaShape
 from shared.model_store import cache_root
 from shared.perf_model import PerfModel, ProfileInfo, current_device_name
@@ -172,6 +175,13 @@ def ensure_adapters(model_dir: Path, ranks: tuple[int, ...], targets: tuple[str,
     return out
 
 
+def profiling_adapters(model_dir: Path, config: ProfileConfig) -> tuple[dict[str, Path], dict[int, list[str]]]:
+    """(adapter paths by name, adapter names by rank) of the synthetic profiling adapters."""
+    adapters = ensure_adapters(model_dir, config.ranks, config.targets)
+    paths = {name: path for by_name in adapters.values() for name, path in by_name.items()}
+    return paths, {rank: list(names) for rank, names in adapters.items()}
+
+
 def model_digest(model_dir: Path) -> str:
     """Identity of a model's weights: its config and the names and sizes of its weight files."""
     h = hashlib.sha256((Path(model_dir) / "config.json").read_bytes())
@@ -180,15 +190,58 @@ def model_digest(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
 def profile(model_dir: Path, engine_config: EngineConfig, config: ProfileConfig,
-            progress: Callable[[int, int], None] = lambda d, t: None) -> PerfModel:
-    """Profile ``engine_config.backend`` on this device and fit the performance model."""
-    adapters = ensure_adapters(model_dir, config.ranks, config.targets)
-    paths = {name: path for by_name in adapters.values() for name, path in by_name.items()}
+            progress: Progress = lambda stage, done, total: None) -> PerfModel:
+    """Profile ``engine_config.backend`` on this device and fit the performance model.
+
+    Stages reported to ``progress``: "steps" (the decode/prefill grid), then "cold starts"
+    unless ``config.cold_start`` is off.
+    """
+    paths, by_rank = profiling_adapters(model_dir, config)
     engine = LLMEngine(model_dir, engine_config, paths)
-    profiler = Profiler(engine, config, {r: list(names) for r, names in adapters.items()}, progress)
-    samples = profiler.run()
+    samples = Profiler(engine, config, by_rank, lambda d, t: progress("steps", d, t)).run()
+    del engine
+    link = ""
+    if config.cold_start:
+        cold, link = measure_cold_starts(model_dir, engine_config, config, paths, by_rank, progress)
+        samples += cold
     device = engine_config.resolved_device()
     info = ProfileInfo(backend=engine_config.backend, device=device, device_name=current_device_name(device),
-                       model=Path(model_dir).name, model_digest=model_digest(model_dir), dtype=engine_config.dtype)
+                       model=Path(model_dir).name, model_digest=model_digest(model_dir), dtype=engine_config.dtype,
+                       cold_start_link=link)
     return PerfModel.fit(samples, info, holdout_fraction=config.holdout_fraction, seed=config.seed)
+
+
+def measure_cold_starts(model_dir: Path, engine_config: EngineConfig, config: ProfileConfig,
+                        paths: dict[str, Path], by_rank: dict[int, list[str]],
+                        progress: Progress = lambda stage, done, total: None) -> tuple[list[dict], str]:
+    """(cold_host and cold_disk samples, the link label) from an on_demand engine."""
+    residency = ResidencyConfig(cold_start="on_demand", emulate_link_gbps=config.emulate_link_gbps,
+                                emulate_link_latency_ms=config.emulate_link_latency_ms)
+    engine = LLMEngine(model_dir, engine_config, paths, residency=residency)
+    try:
+        cold = ColdStartProfiler(engine, by_rank, prompt_lengths(config.prompt_min, config.prompt_max),
+                                 config.repeats, config.seed, lambda d, t: progress("cold starts", d, t))
+        return cold.run(), link_label(engine)
+    finally:
+        engine.adapters.close()
+
+
+def add_cold_starts(existing: PerfModel, model_dir: Path, engine_config: EngineConfig, config: ProfileConfig,
+                    progress: Progress = lambda stage, done, total: None) -> PerfModel:
+    """``existing`` with its cold-start samples measured anew here; its decode and prefill
+    samples are kept, so their fits do not change.
+
+    Raises ProfileMismatchError unless ``existing`` was made for this model, device and backend.
+    """
+    device = engine_config.resolved_device()
+    existing.check(expect_model_digest=model_digest(model_dir), expect_device=current_device_name(device),
+                   expect_backend=engine_config.backend)
+    paths, by_rank = profiling_adapters(model_dir, config)
+    cold, link = measure_cold_starts(model_dir, engine_config, config, paths, by_rank, progress)
+    kept = [s for s in existing.samples if not str(s.get("phase", "")).startswith("cold_")]
+    info = replace(existing.info, cold_start_link=link)
+    return PerfModel.fit(kept + cold, info, holdout_fraction=config.holdout_fraction, seed=config.seed)

@@ -349,6 +349,29 @@ class TieredAdapters:
     def close(self) -> None:
         self.loader.close()
 
+    def demote(self, name: str, level: str) -> None:
+        """Take ``name`` off the device, keeping it in ``host`` memory or on ``disk`` only
+        (cold-start profiling). Step-loop thread only.
+
+        Raises ValueError for another level, an unknown adapter, or one that a request
+        is using or that is still loading.
+        """
+        if level not in ("host", "disk"):
+            raise ValueError(f"level must be host or disk, got {level!r}")
+        with self._lock:
+            record = self.registry.lookup(name)
+            if record is None:
+                raise ValueError(f"unknown adapter '{name}'")
+            entry = self.cache.get(name)
+            if name in self._jobs or (entry is not None and entry.users):
+                raise ValueError(f"adapter '{name}' is loading or in use; it cannot be demoted now")
+            self.cache.remove(name)
+            self._unfresh(name)
+            if level == "host":
+                self.host_store.get(record)
+            else:
+                self.host_store.drop(name)
+
     # ---- residency visibility (any thread) ---------------------------------------------
     def level(self, name: str) -> str:
         """Where ``name`` lives now: ``device`` (fully resident), ``host`` or ``disk``."""

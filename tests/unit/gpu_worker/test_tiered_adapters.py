@@ -214,3 +214,28 @@ def test_on_demand_advertises_every_adapter_in_the_root(tiny_model_dir, tiny_ada
         assert set(infos.values()) == {"disk"}
     finally:
         manager.close()
+
+
+def test_demote_moves_an_idle_adapter_to_host_or_disk(make_manager, one):
+    m = make_manager(device_adapter_bytes=2 * one)
+    settle(m, ["a0", "a1"])
+    m.demote("a0", "host")
+    assert m.level("a0") == "host" and "a0" not in m.cache and m.cache.used_bytes == one
+    m.demote("a1", "disk")
+    assert m.level("a1") == "disk" and not m.host_store.contains("a1")
+    settle(m, ["a1"])  # a later request loads it again
+    assert m.level("a1") == "device"
+
+
+def test_demote_refuses_an_adapter_in_use_or_a_bad_level(make_manager, one):
+    m = make_manager(device_adapter_bytes=2 * one)
+    settle(m, ["a0"])
+    m.acquire("a0")
+    with pytest.raises(ValueError, match="in use"):
+        m.demote("a0", "host")
+    assert m.level("a0") == "device"
+    m.release("a0")
+    with pytest.raises(ValueError, match="level"):
+        m.demote("a0", "device")
+    with pytest.raises(ValueError, match="unknown"):
+        m.demote("nope", "host")
