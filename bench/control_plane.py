@@ -65,7 +65,7 @@ OTEL_VARS = ("OTEL_SDK_DISABLED", "OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER
 
 def build_models(root: Path) -> tuple[Path, Path]:
     """The tiny random Llama of the tests (seeded) and two random LoRA adapters on it."""
-    from tests.tiny_models import TINY_SEED, build_tiny_model
+    from shared.tiny_models import TINY_SEED, build_tiny_model
 
     model_dir = build_tiny_model(root / "tiny-llama", seed=TINY_SEED)
     shape = LlamaShape.from_model_dir(model_dir)

@@ -1,6 +1,6 @@
 """Shared test fixtures: a tiny random Llama (two variants), PEFT adapters made by peft, bad adapters.
 
-Everything is built offline from seeds, once per session (builders in tests/tiny_models.py and
+Everything is built offline from seeds, once per session (builders in shared/tiny_models.py and
 tests/tiny_adapters.py; the transformers+peft ground truth is tests/hf_reference.py):
 
 * ``tiny_model_dir``: fp32 Llama, GQA (4 query heads, 2 KV heads, head_dim 16, hidden 64,
@@ -28,7 +28,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tests.tiny_adapters import build_adapters, build_bad_adapters  # noqa: E402
-from tests.tiny_models import TINY_SEED, TINY_TIED_SEED, build_tiny_model, build_tiny_model_tied  # noqa: E402
+from shared.tiny_models import TINY_SEED, TINY_TIED_SEED, build_tiny_model, build_tiny_model_tied  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from tests.tiny_models import load_tiny_base, tiny_llama_config
+from shared.tiny_models import load_tiny_base, tiny_llama_config
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_RELATIVE_SIZE = 0.5

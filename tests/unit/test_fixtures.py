@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from tests.hf_reference import HFReference, hf_reference
 from tests.tiny_adapters import ALL_PROJECTIONS, MISMATCHED_BASE_NAME
-from tests.tiny_models import TINY_SEED, build_tiny_model, load_tiny_base
+from shared.tiny_models import TINY_SEED, build_tiny_model, load_tiny_base
 
 PROMPT = [1, 40, 41, 42, 77, 120, 200, 250, 300, 17, 5, 99]
 

@@ -15,7 +15,7 @@ from services.gpu_worker.residency_config import ResidencyConfig
 from services.gpu_worker.tiered_adapters import TieredAdapters
 from shared.llama_shape import LlamaShape
 from tests.tiny_adapters import make_lora_adapter
-from tests.tiny_models import load_tiny_base
+from shared.tiny_models import load_tiny_base
 
 SMALL = [f"a{i}" for i in range(6)]
 QV = ["q_proj", "v_proj"]

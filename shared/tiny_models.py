@@ -1,4 +1,4 @@
-"""The tiny random Llama used by unit tests, built offline from a seed (see tests/conftest.py).
+"""The tiny random Llama of the tests and the control-plane benchmark, built offline from a seed.
 
 A byte-level BPE tokenizer is trained here on embedded text to exactly ``TINY_VOCAB_SIZE`` tokens
 (every byte has its own token, so multi-byte characters split across tokens), with BOS/EOS and a
