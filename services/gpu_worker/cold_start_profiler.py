@@ -30,6 +30,7 @@ from shared.perf_model import ProfileError
 
 LEVELS = ("host", "disk")
 IDLE_WAIT_S = 0.002
+FIRST_TOKEN_TIMEOUT_S = 300.0  # a load or prefill that takes longer is an error, not a sample
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,11 @@ class ColdStartProfiler:
             outputs = [o for o in self.engine.step() if o.request_id == rid]
             if outputs and outputs[-1].finished:
                 break
+            if time.perf_counter() - start > FIRST_TOKEN_TIMEOUT_S:
+                self.engine.abort(rid)
+                self.engine.step()
+                raise ProfileError(f"cold-start request for {adapter} had no first token after "
+                                   f"{FIRST_TOKEN_TIMEOUT_S:g} s")
             if self.engine.idle:
                 self.engine.wait_for_work(IDLE_WAIT_S)
         elapsed_us = (time.perf_counter() - start) * 1e6

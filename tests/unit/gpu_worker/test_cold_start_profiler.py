@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from services.gpu_worker import cold_start_profiler
 from services.gpu_worker import profiler as profiler_mod
 from services.gpu_worker.cold_start_profiler import prompt_lengths
 from services.gpu_worker.engine_config import EngineConfig
 from services.gpu_worker.profile_config import ProfileConfig
 from services.gpu_worker.profiler import add_cold_starts, profile
-from shared.perf_model import ProfileMismatchError
+from shared.perf_model import ProfileError, ProfileMismatchError
 
 LOAD_MS = 40.0  # EMULATED latency of every load: the cold samples must see it
 GRID = dict(batch_sizes=(1, 2, 4), ranks=(8, 32), mixed_draws=1, decode_steps=3, repeats=2, prompt_min=4,
@@ -57,3 +58,11 @@ def test_adding_cold_starts_keeps_the_step_fits(tiny_model_dir, few_adapters, tm
     assert updated.info.model_digest == base.info.model_digest
     with pytest.raises(ProfileMismatchError):
         add_cold_starts(base, tiny_model_dir, engine_config("mbgmv"), ProfileConfig(**GRID))
+
+
+def test_a_request_that_never_gets_its_first_token_is_a_typed_error(tiny_model_dir, few_adapters, monkeypatch):
+    monkeypatch.setattr(cold_start_profiler, "FIRST_TOKEN_TIMEOUT_S", 0.0)
+    config = ProfileConfig(**GRID, emulate_link_latency_ms=LOAD_MS)
+    paths, by_rank = profiler_mod.profiling_adapters(tiny_model_dir, config)
+    with pytest.raises(ProfileError, match="no first token"):
+        profiler_mod.measure_cold_starts(tiny_model_dir, engine_config(), config, paths, by_rank)
