@@ -10,7 +10,7 @@ co-locating them to pay. ``--workers 8`` is the paper's testbed size. The SLO is
 ``--slo-ms`` or the default (1.5x the profile's no-LoRA time per token at max batch).
 By default every adapter is resident on every worker. ``--adapter-slots N`` gives each
 worker an LRU cache of N adapters instead, so adapter_affinity has residency to follow
-(a load is free with a profile that has no cold-start data, like the CPU ones).
+(each load costs the profile's host-level cold start; free with a profile without cold-start data).
 Per profile it reports:
 
 - each policy's highest load up to which attainment stays >= 99%;

@@ -46,9 +46,9 @@ def run(args: argparse.Namespace) -> int:
     stages: list[str] = []
 
     def progress(stage: str, done: int, total: int) -> None:
-        if stages and stages[-1] != stage:
-            print(file=sys.stderr)
-        if not stages or stages[-1] != stage:
+        if stage not in stages:
+            if stages:
+                print(file=sys.stderr)  # a new stage starts on a new line
             stages.append(stage)
         print(f"\rprofiling {args.backend} {stage}: {done}/{total} grid points", end="", file=sys.stderr,
               flush=True)
