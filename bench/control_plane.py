@@ -97,7 +97,8 @@ def http_body(i: int, models: list[str]) -> dict:
 async def measure(stack: LocalStack, models: list[str], args: argparse.Namespace) -> dict:
     """Run every phase against the running stack: the client records, and CPU ms per request per process."""
     processes = stack_processes(stack.procs)
-    nc = await nats.connect(stack.nats_url, name="bench-control-plane")
+    nc = await nats.connect(stack.nats_url, name="bench-control-plane",
+                            **stack.creds.credentials("operator").connect_options())
     try:
         router = await ReplyRouter(nc).start()
         n = args.latency_requests

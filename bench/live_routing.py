@@ -44,6 +44,7 @@ from services.scheduler.fleet import Fleet
 from services.scheduler.policies import Policy, PolicyConfig, RouteRequest, make_policy
 from shared.config import add_arguments, from_namespace
 from shared.schemas import AdapterInfo, RequestLoad, WorkerState
+from shared.schemas.names import request_key
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCHEDULER = "scheduler-0"
@@ -80,7 +81,8 @@ def run_live(config: StackConfig, workload: LiveWorkload, timeout_s: float = 60.
     with LocalStack(config) as stack:
         base, adapters = model_names(stack.http_url)
         schedule = make_schedule(base, adapters, workload)
-        outcome = asyncio.run(drive(stack.nats_url, schedule, config.workers, timeout_s))
+        outcome = asyncio.run(drive(stack.nats_url, schedule, config.workers, timeout_s,
+                                    stack.creds.credentials("operator")))
     header, decisions = read_log(decision_log_path(Path(config.run_dir)))
     return LiveRun(outcome, header, decisions, len(schedule))
 
@@ -116,7 +118,7 @@ def _synthetic_fleet(workers: int, running: int, ranks: dict[str, int], rng: ran
     infos = [AdapterInfo(name=a, rank=r, level="device") for a, r in ranks.items()]
     for w in range(workers):
         names = rng.choices(list(ranks), k=running)
-        loads = [RequestLoad(request_id=f"w{w}-{i}", adapter=a, rank=ranks[a], prompt_tokens=rng.randint(8, 256),
+        loads = [RequestLoad(key=request_key(f"w{w}-{i}"), adapter=a, rank=ranks[a], prompt_tokens=rng.randint(8, 256),
                              generated_tokens=rng.randint(0, 128)) for i, a in enumerate(names)]
         fleet.observe(WorkerState(worker_id=f"w{w}", model="m", backend="bgmv", running=loads, adapters=infos,
                                   max_batch_size=64, max_model_len=4096, seq=1), 0.0)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from shared import subjects
 from shared.bus import Bus
 from shared.config import option, require
+from shared.nats_auth import Credentials
 from shared.schemas import Chunk, GenerateRequest, WorkerState
 
 WORDS = ("river", "stone", "lamp", "garden", "orbit", "copper", "window", "signal", "harbor", "maple")
@@ -83,7 +84,7 @@ class Outcome:
 
 
 async def drive(nats_url: str, schedule: list[tuple[float, GenerateRequest]], workers: int,
-                timeout_s: float) -> Outcome:
+                timeout_s: float, credentials: Credentials | None = None) -> Outcome:
     """Send ``schedule`` on ``generate`` and wait for every final chunk (TimeoutError after ``timeout_s``).
 
     State recording starts first, and sending waits until two states of each of ``workers`` were
@@ -98,7 +99,7 @@ async def drive(nats_url: str, schedule: list[tuple[float, GenerateRequest]], wo
             seen.set()
 
     async with contextlib.AsyncExitStack() as stack:
-        bus = await Bus.open(nats_url, "live-routing", stack, grace_s=0.1)
+        bus = await Bus.open(nats_url, "live-routing", stack, grace_s=0.1, credentials=credentials)
         await bus.listen(subjects.STATE_ALL, WorkerState, on_state)
         await asyncio.wait_for(seen.wait(), timeout_s)
         done = {r.request_id: asyncio.Event() for _, r in schedule}

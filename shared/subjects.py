@@ -11,6 +11,10 @@
 | ``adapters.load`` / ``.unload`` / ``.list`` | workers | AdapterLoad / AdapterUnload / AdapterListRequest |
 
 Worker ids are single subject tokens: letters, digits, ``_`` and ``-``.
+
+Reply inboxes live under ``_INBOX.<kind>.<name>``: one prefix per identity, so NATS permissions
+(shared/nats_auth.py) can let each identity read only its own inboxes. Clients' generate requests
+must not name an internal (gateway or scheduler) inbox as their reply subject.
 """
 
 from __future__ import annotations
@@ -26,6 +30,14 @@ STATE_ALL = f"{PREFIX}.state.*"
 ADAPTERS_LOAD = f"{PREFIX}.adapters.load"
 ADAPTERS_UNLOAD = f"{PREFIX}.adapters.unload"
 ADAPTERS_LIST = f"{PREFIX}.adapters.list"
+ADAPTERS_ALL = f"{PREFIX}.adapters.>"
+
+INBOX_ROOT = "_INBOX"
+GATEWAY_INBOXES = f"{INBOX_ROOT}.gw"
+SCHEDULER_INBOXES = f"{INBOX_ROOT}.sched"
+WORKER_INBOXES = f"{INBOX_ROOT}.worker"
+CLIENT_INBOXES = f"{INBOX_ROOT}.client"
+INTERNAL_INBOXES = (GATEWAY_INBOXES, SCHEDULER_INBOXES, WORKER_INBOXES)
 
 GATEWAY_QUEUE = "caraserve-gateway"
 SCHEDULER_QUEUE = "caraserve-scheduler"
@@ -45,6 +57,13 @@ def check_worker_id(worker_id: str) -> str:
     return worker_id
 
 
+def check_token(token: str) -> str:
+    """Return ``token`` if it is one subject token ([A-Za-z0-9_-]{1,64}), else raise SubjectError."""
+    if not isinstance(token, str) or not _TOKEN.fullmatch(token):
+        raise SubjectError(f"subject token must match [A-Za-z0-9_-]{{1,64}}, got {token!r}")
+    return token
+
+
 def worker_submit(worker_id: str) -> str:
     """The subject on which worker ``worker_id`` accepts WorkerSubmit requests."""
     return f"{PREFIX}.worker.{check_worker_id(worker_id)}.submit"
@@ -53,6 +72,35 @@ def worker_submit(worker_id: str) -> str:
 def worker_cancel(worker_id: str) -> str:
     """The subject on which worker ``worker_id`` accepts CancelRequest messages."""
     return f"{PREFIX}.worker.{check_worker_id(worker_id)}.cancel"
+
+
+def worker_all(worker_id: str) -> str:
+    """Every subject addressed to worker ``worker_id`` (``*`` for any worker)."""
+    return f"{PREFIX}.worker.{_id_or_any(worker_id)}.>"
+
+
+def any_worker(action: str) -> str:
+    """``worker.*.<action>``: ``action`` addressed to any worker."""
+    return f"{PREFIX}.worker.*.{check_token(action)}"
+
+
+def cpu_prefill_all(worker_id: str) -> str:
+    """Every control subject of the CPU prefill pool of worker ``worker_id`` (``*`` for any)."""
+    return f"{PREFIX}.cpu_prefill.{_id_or_any(worker_id)}.>"
+
+
+def inbox_prefix(kind: str, name: str) -> str:
+    """The inbox prefix of identity ``name`` under ``kind`` (one of the ``*_INBOXES`` roots)."""
+    return f"{kind}.{check_token(name)}"
+
+
+def is_internal_inbox(subject: str) -> bool:
+    """True for an inbox of a gateway, scheduler or worker (never a client's reply subject)."""
+    return any(subject == root or subject.startswith(root + ".") for root in INTERNAL_INBOXES)
+
+
+def _id_or_any(worker_id: str) -> str:
+    return worker_id if worker_id == "*" else check_worker_id(worker_id)
 
 
 def state(worker_id: str) -> str:

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jinja2 import TemplateError
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+if TYPE_CHECKING:  # transformers (and torch behind it) is imported when a tokenizer is loaded, not before
+    from transformers import PreTrainedTokenizerFast
 
 REPLACEMENT_CHAR = "\ufffd"
 CONTEXT_TOKENS = 5
@@ -30,6 +33,8 @@ class ChatTemplateError(TokenizerError):
 
 def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerFast:
     """Load the fast tokenizer of a local model directory (``tokenizer.json``; never the network)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
     path = Path(model_dir)
     if not (path / "tokenizer.json").is_file():
         raise TokenizerError(f"{path} has no tokenizer.json")
@@ -47,9 +52,11 @@ def encode_prompt(tokenizer: PreTrainedTokenizerFast, text: str, add_special_tok
 
     The backend applies the same normalizer, pre-tokenizer, model and post-processor (BOS/EOS)
     as transformers' wrapper, without its per-call Python overhead (about half the time of a
-    short prompt), which sits on the gateway's path to the first token.
+    short prompt), which sits on the gateway's path to the first token. ``encode_batch`` (of
+    one text) rather than ``encode``: it releases the GIL while it works, so a long prompt
+    tokenized on a worker thread does not stall the event loop (``encode`` holds it throughout).
     """
-    return tokenizer.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+    return tokenizer.backend_tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
 
 def apply_chat_template(tokenizer: PreTrainedTokenizerFast,

@@ -147,6 +147,51 @@ def _build_edited_adapters(base, root: Path) -> dict[str, Path]:
 
 
 
+# Hostile adapters (issue 13): derived from a valid one by writing what an attacker would.
+EVIL_PATTERN = "(?:.|.){27}Z"  # exponential for a backtracking engine on a ~30-character module name
+HOSTILE_KINDS = ("rank_bool", "huge_int", "deep_config", "nan_weights", "sparse_claim", "redos_targets",
+                 "backref_targets", "long_pattern")
+SPARSE_CLAIM_BYTES = 1 << 30
+
+
+def _write_config_text(adapter_dir: Path, key: str, raw_json_value: str) -> None:
+    """Set ``key`` in the config to ``raw_json_value``, written verbatim (json.dumps cannot write it)."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config[key] = "__RAW__"
+    text = json.dumps(config).replace('"__RAW__"', raw_json_value)
+    (adapter_dir / "adapter_config.json").write_text(text)
+
+
+def _write_sparse_claim(adapter_dir: Path) -> None:
+    """A safetensors file whose header claims a 1 GiB lora_A; the data is a hole (sparse file)."""
+    import struct
+
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    header = {f"{prefix}.lora_A.weight": {"dtype": "F32", "shape": [8, SPARSE_CLAIM_BYTES // 32],
+                                          "data_offsets": [0, SPARSE_CLAIM_BYTES]},
+              f"{prefix}.lora_B.weight": {"dtype": "F32", "shape": [64, 8],
+                                          "data_offsets": [SPARSE_CLAIM_BYTES, SPARSE_CLAIM_BYTES + 64 * 8 * 4]}}
+    raw = json.dumps(header).encode()
+    with (adapter_dir / "adapter_model.safetensors").open("wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + SPARSE_CLAIM_BYTES + 64 * 8 * 4)
+
+
+def build_hostile_adapters(valid_dir: Path, root: Path) -> dict[str, Path]:
+    """kind -> adapter dir (copies of the valid adapter ``valid_dir``, one per HOSTILE_KINDS)."""
+    import shutil
+
+    bad = {kind: Path(shutil.copytree(valid_dir, root / kind)) for kind in HOSTILE_KINDS}
+    edit_adapter_config(bad["rank_bool"], r=True)
+    _write_config_text(bad["huge_int"], "lora_alpha", "9" * 5000)
+    _write_config_text(bad["deep_config"], "loftq_config", "[" * 100_000 + "]" * 100_000)
+    _corrupt_tensor(bad["nan_weights"], "layers.0.self_attn.q_proj.lora_B", float("nan"))
+    _write_sparse_claim(bad["sparse_claim"])
+    edit_adapter_config(bad["redos_targets"], target_modules=EVIL_PATTERN)
+    edit_adapter_config(bad["backref_targets"], target_modules=r"(.*)\1")
+    edit_adapter_config(bad["long_pattern"], target_modules="(?:q_proj)|" * 200 + "v_proj")
+    return bad
+
 
 def build_adapters(model_dir: Path, root: Path) -> dict[str, Path]:
     """Every adapter of ADAPTER_SPECS, saved under ``root/<name>``."""

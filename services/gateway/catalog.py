@@ -2,24 +2,24 @@
 
 Adapters come from the configured adapter directory (each sub-directory holding an
 ``adapter_config.json`` is an adapter named after the directory) and from the workers'
-``adapters.list`` answers. Each adapter's ``parent`` is the base model.
+``adapters.list`` answers. Each adapter's ``parent`` is the base model. A folder whose
+config is unusable (too large, too deep, huge numbers, wrong types) is skipped with one
+warning line; the gateway still starts.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.peft_adapter import CONFIG_FILE, AdapterError, config_rank, read_adapter_config
 from shared.schemas import AdapterList, ServiceError
 from shared.schemas.names import NAME_PATTERN
 
 logger = logging.getLogger(__name__)
-
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,10 @@ class Catalog:
     def __len__(self) -> int:
         return len(self._adapters)
 
+    def has(self, name: str) -> bool:
+        """Whether ``name`` is a known adapter."""
+        return name in self._adapters
+
     def adapters(self) -> list[AdapterEntry]:
         return sorted(self._adapters.values(), key=lambda a: a.name)
 
@@ -58,7 +62,7 @@ class Catalog:
         if not root.is_dir():
             raise ValueError(f"adapter directory {root} does not exist")
         added = 0
-        for path in sorted(p for p in root.iterdir() if (p / ADAPTER_CONFIG).is_file()):
+        for path in sorted(p for p in root.iterdir() if (p / CONFIG_FILE).is_file()):
             rank = adapter_rank(path)
             if rank is None:
                 continue
@@ -89,17 +93,16 @@ class Catalog:
 
 
 def adapter_rank(path: Path) -> int | None:
-    """The largest LoRA rank in ``path``'s adapter_config.json (None, logged, if unusable)."""
+    """The largest LoRA rank in ``path``'s adapter_config.json (None, with one warning line, if unusable)."""
     if not re.fullmatch(NAME_PATTERN, path.name):
-        logger.warning("adapter directory name %r is not a valid model name; skipped", path.name)
+        logger.warning("adapter folder %r skipped: its name is not a valid model name", str(path))
         return None
     try:
-        config = json.loads((path / ADAPTER_CONFIG).read_text())
-        ranks = [config.get("r", 8), *(config.get("rank_pattern") or {}).values()]
-    except (OSError, ValueError, AttributeError) as exc:
-        logger.warning("adapter %s: unreadable %s (%s); skipped", path.name, ADAPTER_CONFIG, exc)
+        rank = config_rank(read_adapter_config(path.name, path))
+    except (AdapterError, OSError) as exc:
+        logger.warning("adapter folder %s skipped: %s", path, exc)
         return None
-    if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
-        logger.warning("adapter %s: invalid rank in %s; skipped", path.name, ADAPTER_CONFIG)
+    if rank < 1:
+        logger.warning("adapter folder %s skipped: invalid rank %d", path, rank)
         return None
-    return max(ranks)
+    return rank

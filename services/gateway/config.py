@@ -15,7 +15,9 @@ DEFAULT_HTTP_PORT = 8000
 class GatewayConfig:
     """The public edge: HTTP and NATS APIs, auth, validation, streaming relay and retries."""
 
-    nats_url: str = option(DEFAULT_NATS_URL, "NATS server URL")
+    nats_url: str = option(DEFAULT_NATS_URL, "NATS server URL, or a comma-separated list of cluster nodes")
+    nats_creds: str = option("", "NATS credentials file (JSON user, password, inbox_prefix; mode 0600); "
+                                 "empty: CARASERVE_NATS_USER/PASSWORD, else anonymous")
     name: str = option("gateway", "this replica's NATS client name")
     queue_group: str = option(GATEWAY_QUEUE, "NATS queue group shared by gateway replicas")
     http_host: str = option("127.0.0.1", "HTTP listen address")
@@ -28,14 +30,23 @@ class GatewayConfig:
     max_inflight: int = option(256, "requests in flight at once; past it, 429 overloaded")
     api_keys: tuple[str, ...] = option((), "KEY:TENANT pairs; none = open mode (no auth)")
     tenant_adapters: tuple[str, ...] = option((), "TENANT:ADAPTER pairs (ADAPTER may be *); base model always allowed")
+    admin_tenants: tuple[str, ...] = option(("admin",), "tenants that may load, re-register and unload any "
+                                            "adapter (others: only their own); open mode: everyone")
     route_deadline_ms: int = option(2000, "how long the scheduler may look for capacity")
     route_timeout_s: float = option(3.0, "how long to wait for the scheduler's answer")
-    stall_timeout_s: float = option(30.0, "a worker silent this long mid-stream is presumed lost")
+    stall_timeout_s: float = option(600.0, "last resort: a request with no chunk for this long is re-routed, even "
+                                           "though its worker still heartbeats and lists it (queues and long "
+                                           "prefills are not losses; liveness is the heartbeat)")
     worker_timeout_s: float = option(1.0, "a worker whose state is this old is presumed lost")
+    missing_grace_s: float = option(1.0, "a request its worker's states stopped listing is lost after this long "
+                                         "without its final chunk")
     max_reroutes: int = option(2, "re-routes after worker losses before a terminal worker_lost error")
     retry_budget_s: float = option(3.0, "after noticing a worker loss, give up with an error within this many s")
     adapters_refresh_s: float = option(10.0, "how often to ask workers for their adapters; 0 = never")
     grace_s: float = option(5.0, "on shutdown, how long in-flight requests may finish")
+    journal_dir: str = option("", "where the journal of requests in flight lives (<host>-<name>.journal): a "
+                                  "gateway restarted on the same host ends the streams its predecessor left "
+                                  "(final gateway_restarted chunk, cancel on the worker); empty: in memory")
 
     def __post_init__(self) -> None:
         require(bool(self.nats_url), "nats_url must not be empty")
@@ -45,11 +56,13 @@ class GatewayConfig:
         require(self.max_inflight >= 1, "max_inflight must be >= 1")
         for pair in self.api_keys + self.tenant_adapters:
             require(pair.count(":") >= 1 and all(pair.split(":", 1)), f"expected NAME:VALUE, got {pair!r}")
+        require(all(self.admin_tenants), "admin_tenants must not contain an empty name")
         require(1 <= self.route_deadline_ms <= 600_000, "route_deadline_ms must be in [1, 600000]")
         require(self.route_timeout_s > self.route_deadline_ms / 1000.0,
                 "route_timeout_s must exceed the route deadline")
         require(self.stall_timeout_s > 0, "stall_timeout_s must be > 0")
         require(self.worker_timeout_s > 0, "worker_timeout_s must be > 0")
+        require(self.missing_grace_s > 0, "missing_grace_s must be > 0")
         require(self.max_reroutes >= 0, "max_reroutes must be >= 0")
         require(self.retry_budget_s > 0, "retry_budget_s must be > 0")
         require(self.adapters_refresh_s >= 0, "adapters_refresh_s must be >= 0")

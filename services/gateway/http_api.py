@@ -7,27 +7,30 @@
 - ``POST /v1/load_lora_adapter`` / ``/v1/unload_lora_adapter``: see ``adapter_admin.py``;
 - ``GET /health``.
 
-Errors are OpenAI-style ``{"error": {"message", "type", "code"}}`` with the status from
-``shared.schemas.ERROR_CODES`` (400, 401, 404, 429, 503). A streaming response starts only
-with the first chunk, so a request that fails before producing anything still gets a proper
-error status. A client that disconnects cancels its request (the handler is cancelled and
-the stream is told).
+Errors are OpenAI-style ``{"error": {"message", "type", "code", "param"}}`` with the status from
+``shared.schemas.ERROR_CODES`` (400, 401, 404, 413, 429, 503); the framework's own answers
+(unknown path, wrong method, body too large) get the same shape from :func:`openai_errors`.
+Bodies are decoded within bounds (``json_body.py``), and everything about a request is checked
+before it starts, so a bad one is refused without leaving work running. A streaming response
+starts only with the first chunk, so a request that fails before producing anything still gets
+a proper error status. A client that disconnects cancels its request (the handler is
+cancelled and the stream is told).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 from services.gateway.adapter_holders import AdapterHolders
-from services.gateway.openai_format import error_body, generate_request, response_body, sse_events
+from services.gateway.json_body import parse_json_body
+from services.gateway.openai_format import error_body, generate_request, include_usage, response_body, sse_events
 from services.gateway.prepare import PreparedRequest, RequestPreparer
 from services.gateway.relay import Relay, RequestStream
-from shared.schemas import ErrorInfo, ServiceError, http_status
+from shared.schemas import ErrorInfo, ServiceError, error_info, http_status
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +40,27 @@ OWNER = "caraserve"
 
 def error_response(info: ErrorInfo) -> web.Response:
     return web.json_response(error_body(info), status=http_status(info))
+
+
+# The framework's own refusals, as error codes (any other status keeps its own, with a generic code).
+HTTP_EXCEPTION_CODES = {404: "unknown_url", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+@web.middleware
+async def openai_errors(request: web.Request,
+                        handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Answer aiohttp's own HTTP errors (404 unknown path, 405 wrong method, 413 body too large...)
+    with an OpenAI-style JSON error instead of its plain-text page."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = HTTP_EXCEPTION_CODES.get(exc.status, "internal_error" if exc.status >= 500 else "invalid_request")
+        info = error_info(code, f"Invalid URL ({request.method} {request.path})" if code == "unknown_url"
+                          else exc.text or exc.reason)
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return web.json_response(error_body(info), status=exc.status, headers=headers)
 
 
 def bearer_key(request: web.Request) -> str | None:
@@ -58,7 +82,7 @@ class HttpApi:
         self.holders = holders
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[openai_errors])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
@@ -73,27 +97,22 @@ class HttpApi:
 
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         try:
-            body = await self._json(request)
-            prepared = self.preparer.prepare(generate_request(body, chat), api_key=bearer_key(request))
+            body = parse_json_body(await request.read())
+            generate = generate_request(body, chat)
+            usage = include_usage(body) and generate.stream
+            prepared = await self.preparer.prepare(generate, api_key=bearer_key(request))
             stream = self.relay.start(prepared, _trace_headers(request))
         except ServiceError as exc:
             return error_response(exc.info)
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if prepared.stream else False
-        try:
+        try:  # from here on the request runs: whatever happens, it is cancelled unless it finished
             if prepared.stream:
-                return await self._stream(request, prepared, stream, include_usage)
+                return await self._stream(request, prepared, stream, usage)
             final = await stream.collect()
             if final.error is not None:
                 return error_response(final.error)
             return web.json_response(response_body(prepared, final))
         finally:
             stream.cancel()  # no-op once finished; a disconnect cancels the handler and lands here
-
-    async def _json(self, request: web.Request) -> Any:
-        try:
-            return await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ServiceError("invalid_request", f"the body is not valid JSON: {exc}") from exc
 
     async def _stream(self, request: web.Request, prepared: PreparedRequest, stream: RequestStream,
                       include_usage: bool) -> web.StreamResponse:
@@ -127,7 +146,7 @@ class HttpApi:
 
     async def health_check(self, request: web.Request) -> web.Response:
         status = self.health()
-        return web.json_response(status, status=200 if status.get("status") == "ok" else 503)
+        return web.json_response(status, status=503 if status.get("status") == "unavailable" else 200)
 
 
 def _trace_headers(request: web.Request) -> dict[str, str] | None:

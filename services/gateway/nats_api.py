@@ -4,6 +4,12 @@ A generate request's NATS reply subject is the client's inbox. Every accepted re
 its chunks there (one per step with ``stream`` true, one in all otherwise), ending with
 exactly one final chunk. A request that cannot be accepted (malformed payload, bad
 parameters, unknown model, overloaded...) gets a single final error chunk.
+
+Core NATS delivers at most once: chunks in flight when a connection drops are lost, and
+``index`` is contiguous so that a client can tell. When the gateway's own connection was
+re-established during a stream, it cannot know what its client received, so the stream ends
+with a ``stream_interrupted`` error chunk instead of going on as if complete; the client
+retries. (A client whose own connection dropped sees a gap in ``index``.)
 """
 
 from __future__ import annotations
@@ -14,9 +20,11 @@ import re
 from nats.aio.msg import Msg
 
 from services.gateway.prepare import RequestPreparer
-from services.gateway.relay import Relay
+from services.gateway.relay import Relay, RequestStream
+from shared import subjects
 from shared.bus import Bus
-from shared.schemas import CancelRequest, Chunk, ErrorInfo, GenerateRequest, SchemaError, ServiceError, unpack
+from shared.schemas import (CancelRequest, Chunk, ErrorInfo, GenerateRequest, SchemaError, ServiceError, error_info,
+                            unpack)
 from shared.schemas.names import REQUEST_ID_PATTERN
 
 logger = logging.getLogger(__name__)
@@ -36,22 +44,52 @@ class NatsApi:
         if not msg.reply:
             logger.warning("generate request without a reply inbox dropped")
             return None
-        stream = self.relay.start(self.preparer.prepare(request), msg.headers)
-        if request.stream:
-            async for chunk in stream.chunks():
-                await self.bus.publish(msg.reply, chunk)
-        else:
-            await self.bus.publish(msg.reply, await stream.collect())
+        if subjects.is_internal_inbox(msg.reply):  # chunks injected into another request's stream
+            logger.warning("generate request with an internal reply subject dropped")
+            return None
+        stream = self.relay.start(await self.preparer.prepare(request), msg.headers, reply_to=msg.reply)
+        try:
+            if request.stream:
+                await self._stream(stream, msg.reply)
+            else:
+                await self.bus.publish(msg.reply, await stream.collect())
+        finally:
+            stream.cancel()  # no-op once finished; a failed publish must not leave the request running
         return None
 
+    async def _stream(self, stream: RequestStream, reply: str) -> None:
+        """Publish each chunk of ``stream`` to ``reply``; end it early if the connection dropped."""
+        reconnects = self.bus.reconnects
+        async for chunk in stream.chunks():
+            if self.bus.reconnects != reconnects:
+                await self.bus.publish(reply, interrupted_chunk(stream.request_id, chunk.index))
+                return  # the caller's finally cancels the request
+            await self.bus.publish(reply, chunk)
+            self.relay.journal.sent(stream.request_id, chunk.index + 1)
+
     def cancel(self, request: CancelRequest, msg: Msg) -> None:
-        """Cancel a request this gateway runs (other gateways ignore it)."""
+        """Cancel a request this gateway runs, if the canceller is its requester: it holds the
+        request's cancel token, or (API keys configured) a key of the request's tenant. Anything
+        else is ignored, as other gateways ignore the requests they do not run."""
+        if not self.relay.cancel(request.request_id, token=request.cancel_token, tenant=self._tenant_of(request)):
+            logger.debug("cancel of %s ignored (not running here, or not the requester)", request.request_id)
+
+    def _tenant_of(self, request: CancelRequest) -> str | None:
+        """The tenant a cancel's API key proves; None in open mode or without a valid key."""
+        tenancy = self.preparer.tenancy
+        if tenancy.open or request.api_key is None:
+            return None
         try:
-            tenant = self.preparer.tenancy.authenticate(request.api_key)
+            return tenancy.authenticate(request.api_key)
         except ServiceError:
-            logger.warning("cancel of %s with a bad API key ignored", request.request_id)
-            return
-        self.relay.cancel(request.request_id, None if self.preparer.tenancy.open else tenant)
+            logger.warning("cancel of %s with a bad API key", request.request_id)
+            return None
+
+
+def interrupted_chunk(request_id: str, index: int) -> Chunk:
+    """The final chunk of a stream whose earlier chunks may have been lost in a NATS reconnect."""
+    return Chunk(request_id=request_id, index=index, finish_reason="error", error=error_info(
+        "stream_interrupted", "the gateway's NATS connection dropped during the stream; chunks may be lost"))
 
 
 def error_chunk(info: ErrorInfo, payload: bytes) -> Chunk:

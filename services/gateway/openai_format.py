@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import reprlib
 from typing import Any
 
 from services.gateway.prepare import PreparedRequest
@@ -13,7 +14,7 @@ SAMPLING_FIELDS = ("model", "max_tokens", "temperature", "top_p", "top_k", "seed
 NEUTRAL = {"n": (1, None), "best_of": (1, None), "echo": (False, None), "logprobs": (None, False, 0),
            "presence_penalty": (0, 0.0, None), "frequency_penalty": (0, 0.0, None), "suffix": (None, ""),
            "logit_bias": (None,), "tools": (None,), "tool_choice": (None, "none")}
-# Any other field (user, stream_options, metadata...) is ignored.
+# ``stream_options`` is read by :func:`include_usage`; any other field (user, metadata...) is ignored.
 
 
 def generate_request(body: Any, chat: bool) -> GenerateRequest:
@@ -22,7 +23,7 @@ def generate_request(body: Any, chat: bool) -> GenerateRequest:
         raise ServiceError("invalid_request", "the request body must be a JSON object")
     for key, neutral in NEUTRAL.items():
         if key in body and body[key] not in neutral and not (key == "logit_bias" and body[key] == {}):
-            raise ServiceError("invalid_request", f"{key}={body[key]!r} is not supported")
+            raise ServiceError("invalid_request", f"{key}={reprlib.repr(body[key])} is not supported")
     fields = {k: body[k] for k in SAMPLING_FIELDS if k in body and body[k] is not None}
     if chat:
         if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
@@ -36,6 +37,29 @@ def generate_request(body: Any, chat: bool) -> GenerateRequest:
         return GenerateRequest.from_envelope(fields)
     except SchemaError as exc:
         raise ServiceError("invalid_request", str(exc)) from exc
+
+
+def include_usage(body: dict[str, Any]) -> bool:
+    """Whether a streamed response ends with a usage event (``stream_options.include_usage``).
+
+    Checked with the rest of the body, before the request starts, so a malformed value is a 400
+    that leaves nothing running.
+    """
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise ServiceError("invalid_request", f"stream_options must be an object, got {_json_type(options)}")
+    value = options.get("include_usage")
+    if value is not None and not isinstance(value, bool):
+        raise ServiceError("invalid_request",
+                           f"stream_options.include_usage must be a boolean, got {_json_type(value)}")
+    return bool(value)
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return names.get(type(value), "null")
 
 
 def _prompt(prompt: Any) -> Any:

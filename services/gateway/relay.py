@@ -8,18 +8,26 @@ one final chunk:
 2. relay the chunks of the worker the scheduler named (a worker whose submit timed out and
    was cancelled may still have sent a few; they are dropped), renumbering ``index`` across
    attempts and counting the generated tokens;
-3. if the worker goes quiet (its state stops, or no chunk arrives for ``stall_timeout_s``),
-   route again with the prompt plus the tokens already generated, excluding that worker,
-   up to ``max_reroutes`` times and within ``retry_budget_s``; otherwise end with a
-   ``worker_lost`` error. The quiet worker is told to cancel, in case it was only slow;
+3. if the worker lost the request (:mod:`services.gateway.worker_watch`: it stopped
+   heartbeating, restarted, or its states stopped listing the request with no final chunk
+   here), or a gap in its chunks' ``index`` shows chunks were lost in transit (a NATS
+   reconnect), route again with the prompt plus the tokens already relayed, excluding that
+   worker, up to ``max_reroutes`` times and within ``retry_budget_s``; otherwise end with a
+   ``worker_lost`` error. The worker is told to cancel, in case it still runs the request.
+   A request that waits, even minutes, in a live worker's queue or prefill is not lost;
+   ``stall_timeout_s`` (no chunk at all for that long) is only a last-resort bound;
 4. a cancel (HTTP disconnect or ``caraserve.v1.cancel``) ends the stream with
-   ``cancelled`` and tells the worker on ``worker.<id>.cancel``.
+   ``cancelled`` and tells the worker on ``worker.<id>.cancel``. A NATS cancel must prove it
+   comes from the requester: the random ``cancel_token`` of the request's first chunk, or,
+   with API keys, the request's tenant.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -31,9 +39,11 @@ from services.gateway.config import GatewayConfig
 from services.gateway.inbox import ChunkInbox
 from services.gateway.inflight import InflightLimiter
 from services.gateway.prepare import PreparedRequest
-from services.gateway.worker_watch import WorkerWatch
+from services.gateway.stream_journal import StreamJournal
+from services.gateway.worker_watch import Placement, WorkerWatch
 from shared import subjects
 from shared.bus import Bus, yield_to_io
+from shared.schemas.names import request_key
 from shared.schemas import (CancelRequest, Chunk, ErrorInfo, RemoteError, RouteReply, RouteRequest, SchemaError,
                             ServiceError, Usage, error_info)
 from shared.telemetry import Telemetry, extract_context, start_span
@@ -73,6 +83,7 @@ class RequestStream:
         self._queue: asyncio.Queue | None = None
         self._progress = _Progress()
         self._started = time.monotonic()
+        self.cancel_token = secrets.token_urlsafe(24)  # only the requester sees it (first chunk)
 
     @property
     def request_id(self) -> str:
@@ -159,12 +170,13 @@ class RequestStream:
         self._queue = queue
         watch_handle: int | None = None
         try:
-            worker_id = await self._route(attempt, exclude, inbox)
-            if worker_id is None:
+            reply = await self._route(attempt, exclude, inbox)
+            if reply is None:
                 return None
-            self.worker_id = worker_id
-            watch_handle = relay.watch.watch(worker_id, lambda: queue.put_nowait(_LOST))
-            return await self._relay(queue, worker_id)
+            self.worker_id = reply.worker_id
+            relay.journal.placed(self.request_id, reply.worker_id)
+            watch_handle = relay.watch.watch(self._placement(reply), lambda: queue.put_nowait(_LOST))
+            return await self._relay(queue, reply.worker_id)
         finally:
             relay.inbox.close(key)
             self._queue = None
@@ -183,8 +195,12 @@ class RequestStream:
                             reply_inbox=inbox, tenant=prepared.tenant, attempt=attempt, deadline_ms=deadline_ms,
                             exclude_workers=list(exclude))
 
-    async def _route(self, attempt: int, exclude: list[str], inbox: str) -> str | None:
-        """The worker the scheduler placed the request on; None once a final chunk was emitted."""
+    def _placement(self, reply: RouteReply) -> Placement:
+        """What the worker watch needs to tell whether the worker in ``reply`` lost this request."""
+        return Placement(reply.worker_id, request_key(self.request_id), reply.state_seq, reply.instance)
+
+    async def _route(self, attempt: int, exclude: list[str], inbox: str) -> RouteReply | None:
+        """Where the scheduler placed the request; None once a final chunk was emitted."""
         if self._cancelled.is_set():
             self._finish(None, "cancelled")
             return None
@@ -200,7 +216,7 @@ class RequestStream:
             relay.bus.tasks.spawn(relay.cancel_when_routed(routing, self.request_id))
             return None
         try:
-            return routing.result().worker_id
+            return routing.result()
         except RemoteError as exc:
             self._finish(exc.info)
         except NoRespondersError:
@@ -213,10 +229,13 @@ class RequestStream:
 
     async def _relay(self, queue: asyncio.Queue, worker_id: str) -> _Lost | None:
         stall = self.relay.config.stall_timeout_s
+        expected = 0  # the worker's next chunk index
         while True:
             try:
                 item = await asyncio.wait_for(queue.get(), stall)
             except asyncio.TimeoutError:
+                logger.warning("request %s: no chunk from worker %s for %.0f s; re-routing it", self.request_id,
+                               worker_id, stall)
                 return _Lost(worker_id)
             if item is _LOST:
                 return _Lost(worker_id)
@@ -226,6 +245,11 @@ class RequestStream:
                 return None
             if item.request_id != self.request_id or item.worker_id not in (None, worker_id):
                 continue  # another worker's chunks: a submit the scheduler gave up on and cancelled
+            if item.index != expected:
+                logger.warning("request %s: chunk %d from worker %s where %d was due (chunks lost in transit); "
+                               "re-routing it", self.request_id, item.index, worker_id, expected)
+                return _Lost(worker_id)
+            expected += 1
             self._emit(item)
             if item.final:
                 return None
@@ -240,7 +264,7 @@ class RequestStream:
             self._finish(chunk.error, chunk.finish_reason, chunk.token_ids, chunk.text)
             return
         self.out.put_nowait(Chunk(request_id=self.request_id, index=progress.index, token_ids=chunk.token_ids,
-                                  text=chunk.text))
+                                  text=chunk.text, cancel_token=self._token_if_first()))
         progress.index += 1
 
     def _finish(self, error: ErrorInfo | None, reason: str | None = None, token_ids: list[int] | None = None,
@@ -256,7 +280,19 @@ class RequestStream:
         usage = Usage(prompt_tokens=prompt, completion_tokens=len(progress.generated),
                       total_tokens=prompt + len(progress.generated))
         self.out.put_nowait(Chunk(request_id=self.request_id, index=progress.index, token_ids=token_ids or [],
-                                  text=text, finish_reason=reason, usage=usage, error=error))
+                                  text=text, finish_reason=reason, usage=usage, error=error,
+                                  cancel_token=self._token_if_first()))
+
+    def _token_if_first(self) -> str | None:
+        """The cancel token, on the first client-facing chunk only."""
+        return self.cancel_token if self._progress.index == 0 else None
+
+    def may_cancel(self, token: str | None, tenant: str | None) -> bool:
+        """True if ``token`` is this request's cancel token, or ``tenant`` (given only when API
+        keys are configured) is its tenant."""
+        if token is not None and hmac.compare_digest(token, self.cancel_token):
+            return True
+        return tenant is not None and tenant == self.prepared.tenant
 
     @property
     def ttft_s(self) -> float | None:
@@ -276,23 +312,28 @@ class Relay:
     """Starts, tracks and cancels the gateway's request streams."""
 
     def __init__(self, bus: Bus, config: GatewayConfig, telemetry: Telemetry, inbox: ChunkInbox,
-                 watch: WorkerWatch, base_model: str) -> None:
+                 watch: WorkerWatch, base_model: str, journal: StreamJournal) -> None:
         self.bus = bus
         self.config = config
         self.telemetry = telemetry
         self.inbox = inbox
         self.watch = watch
         self.base_model = base_model
+        self.journal = journal
         self.limiter = InflightLimiter(config.max_inflight)
         self.active: dict[str, RequestStream] = {}
 
-    def start(self, prepared: PreparedRequest, trace_headers: Mapping[str, str] | None = None) -> RequestStream:
-        """Admit ``prepared`` (ServiceError ``overloaded`` past the bound) and start streaming it."""
+    def start(self, prepared: PreparedRequest, trace_headers: Mapping[str, str] | None = None,
+              reply_to: str | None = None) -> RequestStream:
+        """Admit ``prepared`` (ServiceError ``overloaded`` past the fleet's capacity or ``max_inflight``,
+        ``no_capacity`` with no live worker) and start streaming it. ``reply_to`` is a NATS
+        client's inbox, journaled so that a restarted gateway can end the stream."""
         if prepared.request_id in self.active:
             raise ServiceError("duplicate_request_id", f"request {prepared.request_id!r} is already running")
-        self.limiter.acquire()
+        self.limiter.acquire(self.watch.capacity())
         stream = RequestStream(self, prepared, trace_headers)
         self.active[prepared.request_id] = stream
+        self.journal.opened(prepared.request_id, reply_to)
         self.telemetry.metrics.queue_depth.add(1, {"service": "gateway"})
         self.bus.tasks.spawn(stream.run(), name=f"request {prepared.request_id}")
         return stream
@@ -300,13 +341,15 @@ class Relay:
     def forget(self, stream: RequestStream) -> None:
         if self.active.get(stream.request_id) is stream:
             del self.active[stream.request_id]
+            self.journal.closed(stream.request_id)
             self.limiter.release()
             self.telemetry.metrics.queue_depth.add(-1, {"service": "gateway"})
 
-    def cancel(self, request_id: str, tenant: str | None = None) -> bool:
-        """Cancel an active request (of ``tenant``, when given); False if there is none."""
+    def cancel(self, request_id: str, *, token: str | None = None, tenant: str | None = None) -> bool:
+        """Cancel an active request if the caller proves it is the requester (see
+        :meth:`RequestStream.may_cancel`); False if there is no such request or no proof."""
         stream = self.active.get(request_id)
-        if stream is None or (tenant is not None and stream.prepared.tenant != tenant):
+        if stream is None or not stream.may_cancel(token, tenant):
             return False
         stream.cancel()
         return True

@@ -1,7 +1,8 @@
 """The gateway service: the public edge of CaraServe (NATS API and OpenAI-compatible HTTP).
 
-:meth:`GatewayService.start` loads the tokenizer and the adapter catalog, connects to NATS,
-follows the workers' heartbeats (``state.*``), serves ``generate`` (queue group) and
+:meth:`GatewayService.start` connects to NATS, ends the requests a previous process of this
+gateway left in flight (:mod:`services.gateway.stream_journal`), loads the tokenizer and the
+adapter catalog, follows the workers' heartbeats (``state.*``), serves ``generate`` (queue group) and
 ``cancel`` (every replica), and starts the HTTP server. Everything it starts is undone by the
 AsyncExitStack in reverse order: HTTP first (in-flight requests get ``grace_s``), then the
 NATS subscriptions and the connection.
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,12 +31,15 @@ from services.gateway.inbox import ChunkInbox
 from services.gateway.nats_api import NatsApi, error_chunk
 from services.gateway.prepare import RequestPreparer
 from services.gateway.relay import Relay
+from services.gateway.stream_journal import IN_MEMORY, Orphan, StreamJournal
 from services.gateway.tenancy import Tenancy
 from services.gateway.worker_watch import WorkerWatch
 from shared import subjects
 from shared.bus import Bus
 from shared.config import from_env
-from shared.schemas import AdapterList, AdapterListRequest, CancelRequest, GenerateRequest, SchemaError, WorkerState
+from shared.nats_auth import load_credentials
+from shared.schemas import (AdapterList, AdapterListRequest, CancelRequest, Chunk, GenerateRequest, SchemaError,
+                            WorkerState, error_info)
 from shared.served_name import served_model_name
 from shared.telemetry import Telemetry, setup_telemetry
 
@@ -56,6 +61,16 @@ def context_length(model_dir: Path, configured: int) -> int:
     return length
 
 
+def journal_path(config: GatewayConfig) -> str:
+    """This replica's stream journal: ``<journal_dir>/<host>-<name>.journal`` (a container keeps
+    its host name across restarts), or in memory without ``journal_dir``."""
+    if not config.journal_dir:
+        return IN_MEMORY
+    directory = Path(config.journal_dir)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return str(directory / f"{socket.gethostname()}-{config.name}.journal")
+
+
 class GatewayService:
     """One gateway replica."""
 
@@ -65,7 +80,7 @@ class GatewayService:
         self.telemetry: Telemetry | None = None
         self.catalog: Catalog | None = None
         self.relay: Relay | None = None
-        self.watch = WorkerWatch(config.worker_timeout_s)
+        self.watch = WorkerWatch(config.worker_timeout_s, config.missing_grace_s)
         self.holders = AdapterHolders(config.worker_timeout_s)
         self.http_port: int | None = None
         self.model_name = ""
@@ -88,13 +103,17 @@ class GatewayService:
         config = self.config
         self.telemetry = setup_telemetry(SERVICE_NAME)
         stack.callback(self.telemetry.shutdown)
+        self.bus = bus = await Bus.open(config.nats_url, config.name, stack, config.grace_s,
+                                          load_credentials(config.nats_creds))
+        journal = StreamJournal(journal_path(config))
+        stack.callback(journal.close)
+        await self._end_orphans(bus, journal.take_orphans())  # first: a restart's clients wait for it
         preparer = await self._load_model()
-        self.bus = bus = await Bus.open(config.nats_url, config.name, stack, config.grace_s)
         await bus.listen(subjects.STATE_ALL, WorkerState, self._on_state)
-        _background(stack, self.watch.run(), "worker watch")
+        _background(stack, self.watch.run(lambda: bus.connected), "worker watch")
         inbox = ChunkInbox(bus)
         await inbox.start()
-        self.relay = Relay(bus, config, self.telemetry, inbox, self.watch, self.model_name)
+        self.relay = Relay(bus, config, self.telemetry, inbox, self.watch, self.model_name, journal)
         api = NatsApi(bus, preparer, self.relay)
         await bus.listen(subjects.CANCEL, CancelRequest, api.cancel)
         await bus.serve(subjects.GENERATE, GenerateRequest, api.generate, queue=config.queue_group,
@@ -118,9 +137,22 @@ class GatewayService:
         self.catalog = Catalog(self.model_name)
         if config.adapter_dir:
             self.catalog.load_dir(config.adapter_dir)
-        tenancy = Tenancy(config.api_keys, config.tenant_adapters)
+        tenancy = Tenancy(config.api_keys, config.tenant_adapters, config.admin_tenants)
         return RequestPreparer(tokenizer, self.catalog, tenancy, context_length(model_dir, config.max_model_len),
                                config.default_max_tokens)
+
+    async def _end_orphans(self, bus: Bus, orphans: list[Orphan]) -> None:
+        """End the requests a previous process of this gateway left in flight: each NATS client
+        gets its final chunk, each worker is told to cancel."""
+        for orphan in orphans:
+            if orphan.reply_to is not None:
+                await bus.publish(orphan.reply_to, Chunk(
+                    request_id=orphan.request_id, index=orphan.next_index, finish_reason="error",
+                    error=error_info("gateway_restarted", "the gateway serving this request restarted")))
+            if orphan.worker_id is not None:
+                await bus.publish(subjects.worker_cancel(orphan.worker_id), CancelRequest(request_id=orphan.request_id))
+        if orphans:
+            logger.warning("ended %d requests the previous gateway process left in flight", len(orphans))
 
     def _on_state(self, state: WorkerState, msg) -> None:
         self.watch.on_state(state, msg)
@@ -138,12 +170,26 @@ class GatewayService:
         self.http_port = runner.addresses[0][1]
 
     def health(self) -> dict[str, Any]:
-        """What ``GET /health`` reports."""
+        """What ``GET /health`` reports, with its ``status``:
+
+        * ``ok`` (HTTP 200): connected to NATS, at least one worker live, and every worker this
+          gateway ever heard from is live;
+        * ``degraded`` (HTTP 200): connected, but capacity is lost: a worker heard from before is
+          silent now (listed in ``lost_workers``; it is ok again once it heartbeats, e.g. after its
+          restart), or no worker is live at all (``capacity`` 0: requests get 503 no_capacity);
+        * ``unavailable`` (HTTP 503): not connected to NATS.
+
+        ``capacity`` is how many requests may be in flight now: ``min(max_inflight, sum over
+        live workers of max_batch_size + max_queued)``; past it requests get 429.
+        """
         connected = self.bus is not None and self.bus.connected
+        live = self.watch.live_workers()
+        lost = sorted(set(self.watch.known_workers()) - set(live))
+        status = "unavailable" if not connected else "degraded" if lost or not live else "ok"
         relay = self.relay
-        return {"status": "ok" if connected else "unavailable", "nats": connected, "model": self.model_name,
-                "workers": self.watch.live_workers(), "inflight": relay.limiter.count if relay else 0,
-                "max_inflight": self.config.max_inflight}
+        return {"status": status, "nats": connected, "model": self.model_name, "workers": live,
+                "lost_workers": lost, "capacity": min(self.config.max_inflight, self.watch.capacity()),
+                "inflight": relay.limiter.count if relay else 0, "max_inflight": self.config.max_inflight}
 
     async def refresh_adapters(self) -> int:
         """Ask every worker for its adapters; returns how many answered.

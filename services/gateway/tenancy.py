@@ -1,7 +1,9 @@
 """Auth and tenancy: API keys map to tenants, and each tenant may use only its adapters.
 
-With no keys configured the gateway is open: every request belongs to the ``default``
-tenant, which may use every adapter.
+Admin tenants (``admin_tenants``) may also load, re-register and unload any adapter; other
+tenants only their own (see ``adapter_owners.py``). With no keys configured the gateway is
+open: every request belongs to the ``default`` tenant, which may use every adapter and
+counts as an admin (anyone who can reach the port administers it).
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ ANY_ADAPTER = "*"
 class Tenancy:
     """Who a request's API key belongs to, and what that tenant may use."""
 
-    def __init__(self, api_keys: Iterable[str] = (), tenant_adapters: Iterable[str] = ()) -> None:
+    def __init__(self, api_keys: Iterable[str] = (), tenant_adapters: Iterable[str] = (),
+                 admin_tenants: Iterable[str] = ()) -> None:
         self._keys = dict(pair.split(":", 1) for pair in api_keys)
+        self._admins = frozenset(admin_tenants)
         self._allowed: dict[str, set[str]] = {}
         for pair in tenant_adapters:
             tenant, adapter = pair.split(":", 1)
@@ -40,6 +44,10 @@ class Tenancy:
             if hmac.compare_digest(key.encode(), api_key.encode()):
                 return tenant
         raise ServiceError("invalid_api_key", "incorrect API key provided")
+
+    def is_admin(self, tenant: str) -> bool:
+        """Whether ``tenant`` may administer every adapter (always, in open mode)."""
+        return self.open or tenant in self._admins
 
     def grant(self, tenant: str, adapter: str) -> None:
         """Let ``tenant`` use ``adapter`` (it registered it at runtime)."""

@@ -4,25 +4,31 @@ Every worker answers every request (no queue group), each with an :class:`Adapte
 the adapters it holds after the operation and the tier each is in. Bad input gets a typed
 error reply and changes nothing:
 
-* a path outside the worker's adapter root (traversal, absolute path, symlink escape), a
-  name already registered with another path, an unreadable or unsupported adapter:
-  ``invalid_request`` (HTTP 400);
+* a path outside the worker's adapter root (traversal, absolute path, symlink escape) or
+  with NUL / too many characters, a name already registered with another path, an
+  unreadable or unsupported adapter (bad config, a pattern RE2 cannot compile, tensors
+  whose shapes do not fit the base model, NaN or Inf weights): ``invalid_request`` (HTTP 400);
 * unloading a name the worker does not hold: ``model_not_found`` (HTTP 404).
 
 Unloading lets the adapter's running requests finish; requests arriving later get
-unknown-adapter. Registering reads the adapter's metadata from disk, so it runs off the
-event loop.
+unknown-adapter. Registering reads and checks the adapter's files (weights included), so it
+runs off the event loop. Who may register or unload which adapter is the gateway's check
+(``services/gateway/adapter_owners.py``); ``owner`` is recorded with the adapter.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from nats.aio.msg import Msg
 
+from services.gpu_worker.adapter_manager import AdapterManager
+
 from shared import subjects
-from shared.adapter_registry import AdapterNotFoundError, RegistryError
+from shared.adapter_registry import AdapterNotFoundError, AdapterRecord, RegistryError
 from shared.bus import Bus
 from shared.peft_adapter import AdapterError
 from shared.schemas import AdapterInfo, AdapterList, AdapterListRequest, AdapterLoad, AdapterUnload, ServiceError
@@ -30,10 +36,25 @@ from shared.schemas import AdapterInfo, AdapterList, AdapterListRequest, Adapter
 log = logging.getLogger(__name__)
 
 
+@runtime_checkable
+class RuntimeAdapters(Protocol):
+    """An adapter manager that takes adapters at runtime (``TieredAdapters``)."""
+
+    def register(self, name: str, path: str | Path, pinned: bool = False, owner: str | None = None
+                 ) -> AdapterRecord:
+        """Register ``name`` at ``path``; RegistryError / AdapterError on bad input."""
+
+    def unregister(self, name: str) -> AdapterRecord:
+        """Unload ``name``; AdapterNotFoundError if unknown."""
+
+    def adapter_infos(self) -> list[AdapterInfo]:
+        """Every registered adapter with its tier."""
+
+
 class AdapterAdmin:
     """Serves the ``adapters.*`` subjects for one worker's adapter manager."""
 
-    def __init__(self, worker_id: str, adapters) -> None:
+    def __init__(self, worker_id: str, adapters: AdapterManager) -> None:
         self.worker_id, self.adapters = worker_id, adapters
 
     async def serve(self, bus: Bus) -> None:
@@ -41,8 +62,8 @@ class AdapterAdmin:
         await bus.serve(subjects.ADAPTERS_UNLOAD, AdapterUnload, self.on_unload)
         await bus.serve(subjects.ADAPTERS_LIST, AdapterListRequest, self.on_list)
 
-    def _manager(self):
-        if not hasattr(self.adapters, "register"):
+    def _manager(self) -> RuntimeAdapters:
+        if not isinstance(self.adapters, RuntimeAdapters):
             raise ServiceError("invalid_request", f"worker {self.worker_id} has a fixed adapter set "
                                                   "(start it with --adapter-dir to load adapters at runtime)")
         return self.adapters
@@ -68,9 +89,8 @@ class AdapterAdmin:
         return self.listing()
 
     def listing(self) -> AdapterList:
-        infos = getattr(self.adapters, "adapter_infos", None)
-        if infos is not None:
-            adapters = infos()
+        if isinstance(self.adapters, RuntimeAdapters):
+            adapters = self.adapters.adapter_infos()
         else:
             adapters = [AdapterInfo(name=n, rank=self.adapters.rank(n), level="device") for n in self.adapters.names()]
         return AdapterList(worker_id=self.worker_id, adapters=adapters)

@@ -4,6 +4,9 @@ One step is ``plan = admission.schedule()`` -> ``runner.run(plan)`` -> ``self._u
 ``add_request`` and ``abort`` are thread-safe: they queue commands that the step loop
 applies at the start of the next step, so a service can call them from its event loop
 while another thread runs :meth:`step`.
+
+A failure inside a step never stops the engine (see :meth:`LLMEngine.step`): the requests it
+can be pinned on finish with reason ``error`` (their KV blocks freed), the others go on.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from services.gpu_worker.model import LlamaModel
 from services.gpu_worker.request import EngineRequest, RequestError, RequestOutput
 from services.gpu_worker.residency_config import ResidencyConfig
 from services.gpu_worker.runner import ModelRunner
-from services.gpu_worker.sampling import make_generator
+from services.gpu_worker.sampling import is_greedy, make_generator
 from services.gpu_worker.sequence import Sequence, Status
 from services.gpu_worker.tiered_adapters import ResidencyHooks, TieredAdapters
 from shared.tokenizer import IncrementalDetokenizer, load_tokenizer
@@ -89,7 +92,7 @@ class LLMEngine:
         self.admission = Admission(self.blocks, self.adapters, self.config.max_batch_size,
                                    self.config.max_batched_tokens)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._known_ids: set[str] = set()
+        self._live: dict[str, Sequence] = {}  # every request added and not finished, by id
         self._ids_lock = threading.Lock()
         self._wake = threading.Event()
         self.idle = True  # the last step had nothing to run
@@ -110,9 +113,9 @@ class LLMEngine:
         """Validate and queue a request (thread-safe). Raises RequestError when invalid."""
         seq = self._make_sequence(request)
         with self._ids_lock:
-            if request.request_id in self._known_ids:
+            if request.request_id in self._live:
                 raise RequestError(f"duplicate request_id {request.request_id!r}")
-            self._known_ids.add(request.request_id)
+            self._live[request.request_id] = seq
         self._commands.put(("add", seq))
         self._wake.set()
 
@@ -150,7 +153,7 @@ class LLMEngine:
             except UnknownAdapterError as exc:
                 raise RequestError(str(exc)) from None
         seq = Sequence(request.request_id, ids, request.adapter, request.params, rank=rank)
-        seq.generator = make_generator(request.params.seed) if request.params.temperature > 0 else None
+        seq.generator = None if is_greedy(request.params) else make_generator(request.params.seed)
         resumed = request.resumed_tokens
         if not 0 <= resumed < len(ids):
             raise RequestError(f"resumed_tokens must be in [0, {len(ids)}) for {len(ids)} prompt tokens")
@@ -177,22 +180,64 @@ class LLMEngine:
                 kind, arg = self._commands.get_nowait()
             except queue.Empty:
                 return outputs
-            if kind == "add":
-                self.admission.add(arg)
-                if self._residency is not None and arg.adapter is not None:
-                    self._residency.prefetch(arg.adapter)
-            else:
-                seq = self.admission.remove(arg)
-                if seq is not None:
-                    outputs.append(self._finish(seq, "cancelled"))
+            try:
+                outputs += self._apply_command(kind, arg)
+            except Exception as exc:
+                log.exception("applying %s %s failed", kind, arg.request_id if kind == "add" else arg)
+                if kind == "add":
+                    outputs.append(self._fail(arg, exc))
+
+    def _apply_command(self, kind: str, arg: Sequence | str) -> list[RequestOutput]:
+        if kind == "add":
+            if arg.status == Status.FINISHED:
+                return []  # failed before it was applied (a failed step fails every live request)
+            self.admission.add(arg)
+            if self._residency is not None and arg.adapter is not None:
+                self._residency.prefetch(arg.adapter)
+            return []
+        seq = self.admission.remove(arg)
+        return [] if seq is None else [self._finish(seq, "cancelled")]
 
     # ---- the step loop -----------------------------------------------------------------
     def has_unfinished(self) -> bool:
         return bool(self.admission.running or self.admission.waiting or not self._commands.empty())
 
     def step(self) -> list[RequestOutput]:
-        """Run one engine iteration; returns what each affected request produced."""
+        """Run one engine iteration; returns what each affected request produced.
+
+        An exception inside the step fails only the requests it can be pinned on, each with a
+        final ``error`` output: one request's token handling (detokenizing, stop matching) fails
+        that request; when running the batch (model, LoRA, sampling) fails, each of its requests
+        is run alone and those that fail alone too fail; planning the step (adapter polling,
+        admission) fails every request the engine holds, since the engine cannot tell which one
+        broke it. Then the engine goes on with the next step.
+        """
         outputs = self._apply_commands()
+        try:
+            plan = self._plan(outputs)
+        except Exception as exc:
+            with self._ids_lock:
+                live = list(self._live.values())
+            log.exception("planning step %d failed; failing all %d requests", self.steps, len(live))
+            self.idle = True
+            return outputs + [self._fail(seq, exc) for seq in live]
+        if not plan:
+            return outputs
+        try:
+            seqs, tokens, logits = self.runner.run(plan)
+        except Exception:
+            log.exception("step %d failed; running its requests one by one", self.steps)
+            self.steps += 1
+            return outputs + self._run_one_by_one(plan)
+        self.steps += 1
+        for i, (seq, token) in enumerate(zip(seqs, tokens)):
+            outputs.append(self._append_token_or_fail(seq, token))
+            if self.record_logits:
+                outputs[-1].logits = logits[i]
+        return outputs
+
+    def _plan(self, outputs: list[RequestOutput]) -> StepPlan:
+        """Poll adapter loads, fail what can never run and schedule this step (appends to ``outputs``)."""
         self.adapters.poll()
         outputs += self._fail_unservable()
         plan = self.admission.schedule()
@@ -200,17 +245,26 @@ class LLMEngine:
         self.num_preemptions += len(plan.preempted)
         self.idle = not plan
         self.last_plan = plan
-        if not plan:
-            return outputs
         now = time.time()
         for seq in plan.prefill:
             seq.scheduled_at = seq.scheduled_at or now
-        seqs, tokens, logits = self.runner.run(plan)
-        self.steps += 1
-        for i, (seq, token) in enumerate(zip(seqs, tokens)):
-            outputs.append(self._append_token(seq, token))
+        return plan
+
+    def _run_one_by_one(self, plan: StepPlan) -> list[RequestOutput]:
+        """After a batch failed: run each of its requests alone. One that fails alone too is the
+        culprit (or the failure is not its own to survive) and fails; the others go on."""
+        outputs = []
+        singles = [(s, StepPlan(prefill=[s])) for s in plan.prefill] + [(s, StepPlan(decode=[s])) for s in plan.decode]
+        for seq, single in singles:
+            try:
+                _, tokens, logits = self.runner.run(single)
+            except Exception as exc:
+                log.exception("request %s failed alone", seq.request_id)
+                outputs.append(self._fail(seq, exc))
+                continue
+            outputs.append(self._append_token_or_fail(seq, tokens[0]))
             if self.record_logits:
-                outputs[-1].logits = logits[i]
+                outputs[-1].logits = logits[0]
         return outputs
 
     def _fail_unservable(self) -> list[RequestOutput]:
@@ -223,6 +277,13 @@ class LLMEngine:
     def run_plan(self, plan: StepPlan) -> tuple[list[Sequence], list[int], torch.Tensor]:
         """Run an explicit plan (profiling and tests); returns (seqs, tokens, logits)."""
         return self.runner.run(plan)
+
+    def _append_token_or_fail(self, seq: Sequence, token: int) -> RequestOutput:
+        try:
+            return self._append_token(seq, token)
+        except Exception as exc:
+            log.exception("request %s failed handling token %d", seq.request_id, token)
+            return self._fail(seq, exc)
 
     def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
         first = not seq.output_ids
@@ -263,13 +324,27 @@ class LLMEngine:
                              completion_tokens=len(seq.output_ids), first_token=first,
                              scheduled_at=seq.scheduled_at if first else None)
 
-    def _finish(self, seq: Sequence, reason: str, error: str | None = None, first: bool = False,
-                token: int | None = None) -> RequestOutput:
+    def _retire(self, seq: Sequence) -> None:
+        """Take ``seq`` out of the engine for good: its KV blocks and adapter are released."""
         if seq.status != Status.FINISHED:
             self.admission.remove(seq.request_id)
+            self.blocks.free(seq.request_id)  # no-op unless a failed step left it half admitted
         seq.status = Status.FINISHED
         with self._ids_lock:
-            self._known_ids.discard(seq.request_id)
+            self._live.pop(seq.request_id, None)
+
+    def _fail(self, seq: Sequence, exc: Exception) -> RequestOutput:
+        """Finish ``seq`` with reason ``error`` after an internal failure, leaving its text alone
+        (it may be what broke). The message names the exception's type only: its text may show
+        internals, and the log has the traceback."""
+        self._retire(seq)
+        return RequestOutput(seq.request_id, [], "", finished=True, finish_reason="error",
+                             error=f"the engine failed while serving this request ({type(exc).__name__})",
+                             prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.output_ids))
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None, first: bool = False,
+                token: int | None = None) -> RequestOutput:
+        self._retire(seq)
         if reason in ("length", "cancelled") or (reason == "stop" and not seq.params.stop):
             seq.text += seq.detokenizer.flush()
         out = self._delta(seq, [] if token is None else [token], first, final=True)

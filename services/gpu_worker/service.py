@@ -9,6 +9,14 @@
   prompt and remaining tokens), adapters with their tier, free KV blocks, the model name.
 * Each request gets spans ``worker.queue``, ``worker.prefill`` and ``worker.decode`` under
   the trace context of its submit, and TTFT/TPOT/e2e/per-adapter metrics.
+* A submit past ``max_batch_size + max_queued`` held requests is refused (``overloaded``); one
+  whose request id this worker already holds is refused (``duplicate_request_id``) and the
+  request holding it is left alone.
+* States show requests by :func:`request_key` only, never by id, and carry ``instance``, a
+  random id of this process, so a restarted worker with the same id is told apart.
+* If the engine's step thread dies (an error the engine could not pin on requests), the
+  watchdog fails every held request with a final ``worker_error`` chunk, stops publishing
+  states and ends the process with EXIT_ENGINE_DIED, so a supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -16,8 +24,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
@@ -34,14 +44,18 @@ from services.gpu_worker.worker_config import WorkerConfig
 from shared import subjects
 from shared.bus import Bus, yield_to_io
 from shared.config import from_env
+from shared.nats_auth import load_credentials
 from shared.served_name import served_model_name
 from shared.schemas import (AdapterInfo, CancelRequest, Chunk, RequestLoad, ServiceError, SubmitAck, Usage,
                             WorkerState, WorkerSubmit, error_info)
+from shared.schemas.names import request_key
 from shared.telemetry import Telemetry, extract_context, setup_telemetry, start_span
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "caraserve-gpu-worker"
+EXIT_ENGINE_DIED = 70  # EX_SOFTWARE: the engine thread died; restart the process
+FLUSH_TIMEOUT_S = 2.0
 
 
 @dataclass
@@ -54,6 +68,7 @@ class Tracked:
     first_token: float | None = None
     scheduled: float | None = None
     chunks: int = 0
+    tokens: int = 0  # generated and sent so far
 
 
 def sampling_params(submit: WorkerSubmit) -> SamplingParams:
@@ -67,9 +82,12 @@ class GpuWorkerService:
     """One worker: :meth:`start` wires it onto an AsyncExitStack."""
 
     def __init__(self, worker: WorkerConfig, engine: EngineConfig | None = None,
-                 residency: ResidencyConfig | None = None) -> None:
+                 residency: ResidencyConfig | None = None, exit_process: Callable[[int], None] = os._exit) -> None:
+        """``exit_process(status)`` ends the process after the engine died (tests pass a recorder)."""
         self.config, self.engine_config = worker, engine or EngineConfig()
         self.residency = residency
+        self.exit_process = exit_process
+        self.instance = secrets.token_hex(8)  # this process's id in every state it publishes
         self.engine: LLMEngine | None = None
         self.bus: Bus | None = None
         self.telemetry: Telemetry | None = None
@@ -82,6 +100,8 @@ class GpuWorkerService:
         self._finished: list[tuple[Tracked, RequestOutput]] = []  # telemetry still to record
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: StepThread | None = None
+        self._engine_died = asyncio.Event()
+        self.engine_dead = False  # set once the watchdog saw the step thread die: no more states
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> GpuWorkerService:
@@ -93,7 +113,8 @@ class GpuWorkerService:
 
     @property
     def healthy(self) -> bool:
-        return (self.bus is not None and self.bus.connected and self._thread is not None and self._thread.alive)
+        return (self.bus is not None and self.bus.connected and self._thread is not None and self._thread.alive
+                and not self.engine_dead)
 
     # ---- start and stop ----------------------------------------------------------------
     async def start(self, stack: contextlib.AsyncExitStack) -> None:
@@ -105,10 +126,10 @@ class GpuWorkerService:
         if report is not None:
             register_residency_metrics(self.telemetry.meter, report, self.config.worker_id)
         self.bus = await Bus.open(self.config.nats_url, f"gpu-worker-{self.config.worker_id}", stack,
-                                  self.config.grace_s)
-        for task in (self._publish_chunks(), self._publish_states()):
+                                  self.config.grace_s, load_credentials(self.config.nats_creds))
+        for task in (self._publish_chunks(), self._publish_states(), self._watch_engine()):
             stack.push_async_callback(_cancel, self._loop.create_task(task))
-        self._thread = StepThread(self.engine, self._on_step_threadsafe)
+        self._thread = StepThread(self.engine, self._on_step_threadsafe, self._on_death_threadsafe)
         self._thread.start()
         stack.push_async_callback(self._stop_engine)
         await self.publish_state()
@@ -144,25 +165,54 @@ class GpuWorkerService:
         assert self.engine is not None
         if submit.worker_id != self.config.worker_id:
             raise ServiceError("invalid_request", f"submit for worker {submit.worker_id} reached {self.config.worker_id}")
-        if self._thread is None or not self._thread.alive:
+        if self._thread is None or not self._thread.alive or self.engine_dead:
             raise ServiceError("worker_error", "the engine is not running")
+        if submit.request_id in self._tracked:  # refused without touching the request that holds the id
+            raise ServiceError("duplicate_request_id", f"request {submit.request_id!r} is already running here")
+        capacity = self.engine_config.max_batch_size + self.config.max_queued
+        if len(self._tracked) >= capacity:
+            raise ServiceError("overloaded", f"worker {self.config.worker_id} holds {capacity} requests, its most")
         request = EngineRequest(submit.request_id, submit.prompt_token_ids + submit.generated_token_ids,
                                 submit.adapter, sampling_params(submit),
                                 resumed_tokens=len(submit.generated_token_ids))
-        self._tracked[submit.request_id] = Tracked(submit, extract_context(msg.headers))
         try:
             self.engine.add_request(request)
         except RequestError as exc:
-            self._tracked.pop(submit.request_id, None)
-            code = "model_not_found" if "unknown adapter" in str(exc) else "invalid_request"
-            raise ServiceError(code, str(exc)) from None
+            raise ServiceError(_refusal_code(str(exc)), str(exc)) from None
+        # no await since add_request: the step's outputs for it cannot be handled before this
+        self._tracked[submit.request_id] = Tracked(submit, extract_context(msg.headers))
         self._dirty.set()
-        return SubmitAck(request_id=submit.request_id, worker_id=self.config.worker_id, state_seq=self.seq)
+        return SubmitAck(request_id=submit.request_id, worker_id=self.config.worker_id, state_seq=self.seq,
+                         instance=self.instance)
 
     async def _on_cancel(self, cancel: CancelRequest, msg: Msg) -> None:
         if self.engine is not None and cancel.request_id in self._tracked:
             self.engine.abort(cancel.request_id)
         return None
+
+    # ---- the engine's death ------------------------------------------------------------
+    def _on_death_threadsafe(self, error: BaseException) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop already closed: the process is ending anyway
+            self._loop.call_soon_threadsafe(self._engine_died.set)
+
+    async def _watch_engine(self) -> None:
+        """Once the step thread died: fail every held request, stop the states, exit non-zero."""
+        await self._engine_died.wait()
+        assert self._thread is not None
+        self.engine_dead = True
+        logger.critical("gpu_worker %s: the engine step loop died (%r); failing %d requests and exiting with "
+                        "status %d", self.config.worker_id, self._thread.error, len(self._tracked), EXIT_ENGINE_DIED)
+        for request_id, tracked in list(self._tracked.items()):
+            out = RequestOutput(request_id, [], "", finished=True, finish_reason="error",
+                                error="the worker's engine stopped", completion_tokens=tracked.tokens)
+            self._chunks.put_nowait((tracked.submit.reply_inbox, self._chunk(tracked, out)))
+        self._tracked.clear()
+        await self._chunks.join()
+        assert self.bus is not None
+        with contextlib.suppress(Exception):  # exiting regardless: a lost flush only loses chunks
+            await self.bus.nc.flush(FLUSH_TIMEOUT_S)
+        self.exit_process(EXIT_ENGINE_DIED)
 
     # ---- outputs out -------------------------------------------------------------------
     def _on_step_threadsafe(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
@@ -192,6 +242,7 @@ class GpuWorkerService:
         chunk = Chunk(request_id=out.request_id, index=tracked.chunks, token_ids=out.new_token_ids,
                       text=out.text_delta, finish_reason=out.finish_reason, worker_id=self.config.worker_id)
         tracked.chunks += 1
+        tracked.tokens += len(out.new_token_ids)
         if out.finished:
             prompt = len(submit.prompt_token_ids)
             completion = len(submit.generated_token_ids) + out.completion_tokens
@@ -208,8 +259,10 @@ class GpuWorkerService:
         """
         while True:
             await self._publish_chunk(*await self._chunks.get())
+            self._chunks.task_done()
             while not self._chunks.empty():
                 await self._publish_chunk(*self._chunks.get_nowait())
+                self._chunks.task_done()
             if self._finished:
                 await yield_to_io()
                 finished, self._finished = self._finished, []
@@ -234,13 +287,15 @@ class GpuWorkerService:
                            running=[_load(r) for r in stats.running], queued=queued, adapters=self._adapter_infos(),
                            free_kv_blocks=stats.free_kv_blocks, total_kv_blocks=stats.total_kv_blocks,
                            block_size=self.engine_config.block_size, max_batch_size=self.engine_config.max_batch_size,
-                           max_model_len=self.engine.max_model_len, seq=self.seq, timestamp=time.time())
+                           max_queued=self.config.max_queued, max_model_len=self.engine.max_model_len, seq=self.seq,
+                           timestamp=time.time(), instance=self.instance)
 
     def _pending_load(self, tracked: Tracked) -> RequestLoad:
         s = tracked.submit
         rank = self._rank(s.adapter)
-        return RequestLoad(request_id=s.request_id, adapter=s.adapter, rank=rank, prompt_tokens=len(s.prompt_token_ids),
-                           generated_tokens=len(s.generated_token_ids), remaining_tokens=s.remaining_tokens())
+        return RequestLoad(key=request_key(s.request_id), adapter=s.adapter, rank=rank,
+                           prompt_tokens=len(s.prompt_token_ids), generated_tokens=len(s.generated_token_ids),
+                           remaining_tokens=s.remaining_tokens())
 
     def _rank(self, adapter: str | None) -> int:
         if adapter is None or self.engine is None:
@@ -259,7 +314,10 @@ class GpuWorkerService:
                 for n in self.engine.adapters.names()]
 
     async def publish_state(self) -> None:
+        """Publish the next state; nothing once the engine died (silence tells the fleet it is gone)."""
         assert self.bus is not None
+        if self.engine_dead:
+            return
         self.seq += 1
         await self.bus.publish(subjects.state(self.config.worker_id), self.state())
 
@@ -319,9 +377,16 @@ def _ids(stats: EngineStats) -> set[str]:
 
 
 def _load(info: RunningInfo) -> RequestLoad:
-    return RequestLoad(request_id=info.request_id, adapter=info.adapter, rank=info.rank,
+    return RequestLoad(key=request_key(info.request_id), adapter=info.adapter, rank=info.rank,
                        prompt_tokens=info.prompt_tokens, generated_tokens=info.generated_tokens,
                        remaining_tokens=info.remaining_tokens)
+
+
+def _refusal_code(message: str) -> str:
+    """The error code of an engine's RequestError message."""
+    if "unknown adapter" in message:
+        return "model_not_found"
+    return "duplicate_request_id" if message.startswith("duplicate request_id") else "invalid_request"
 
 
 async def _cancel(task: asyncio.Task) -> None:

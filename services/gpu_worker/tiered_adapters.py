@@ -41,9 +41,9 @@ from services.gpu_worker.device_cache import DeviceCache
 from services.gpu_worker.host_store import HostStore
 from services.gpu_worker.residency_config import ResidencyConfig
 from services.gpu_worker.residency_metrics import ResidencyCounters
-from shared.adapter_registry import AdapterNotFoundError, AdapterRecord, AdapterRegistry, RegistryError
+from shared.adapter_registry import AdapterNotFoundError, AdapterRecord, AdapterRegistry, RegistryError, check_name
 from shared.llama_shape import LlamaShape
-from shared.peft_adapter import AdapterError, LoraAdapter
+from shared.peft_adapter import AdapterError, LoraAdapter, validate_adapter
 from shared.schemas.adapters import AdapterInfo
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,8 @@ class TieredAdapters:
                  host_store: HostStore | None = None, link: Link | None = None) -> None:
         self.config, self.device, self.dtype = config, device, dtype
         on_cuda = torch.device(device).type == "cuda"
-        self.registry = AdapterRegistry(config.adapter_dir or None, max_rank, torch.finfo(dtype).bits // 8)
+        self.shape, self.max_rank = shape, max_rank
+        self.registry = AdapterRegistry(config.adapter_dir or None, max_rank, torch.finfo(dtype).bits // 8, shape)
         for name, path in (adapters or {}).items():
             self.registry.add_trusted(name, path)
         self.host_store = host_store or HostStore(config.host_adapter_bytes, shape, max_rank, dtype, on_cuda,
@@ -139,9 +140,15 @@ class TieredAdapters:
     def register(self, name: str, path: str | Path, pinned: bool = False, owner: str | None = None) -> AdapterRecord:
         """Register an adapter inside the adapter root (RegistryError / AdapterError on bad input).
 
+        A new adapter's files are checked in full first (shapes against the base model,
+        every weight finite), so a bad one is refused here rather than at its first request.
         Pinned adapters (and every adapter in cached mode) start loading at once.
         """
-        record = self.registry.register(name, path, owner, pinned)
+        check_name(name)
+        folder = self.registry.safe_path(path)
+        if self.registry.lookup(name) is None:
+            validate_adapter(name, folder, self.shape, self.max_rank)
+        record = self.registry.register(name, folder, owner, pinned)
         self._commands.put(("register", name))
         return record
 

@@ -14,7 +14,9 @@ from shared.subjects import SCHEDULER_QUEUE
 class SchedulerConfig:
     """How the scheduler tracks workers and routes requests."""
 
-    nats_url: str = option(DEFAULT_NATS_URL, "NATS server URL")
+    nats_url: str = option(DEFAULT_NATS_URL, "NATS server URL, or a comma-separated list of cluster nodes")
+    nats_creds: str = option("", "NATS credentials file (JSON user, password, inbox_prefix; mode 0600); "
+                                 "empty: CARASERVE_NATS_USER/PASSWORD, else anonymous")
     name: str = option("scheduler", "this replica's NATS client name")
     policy: str = option("least_loaded", "routing policy (its knobs are in PolicyConfig)", POLICY_NAMES)
     profile: str = option("", "performance profile JSON (rank_aware needs one)")

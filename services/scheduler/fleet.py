@@ -3,7 +3,7 @@
 A worker is live while its last state is younger than ``dead_after_s`` (N missed heartbeats).
 Each worker's load is kept as a policy :class:`WorkerView`, rebuilt from every state message.
 Requests the scheduler has just routed to a worker are counted as *pending* (waiting) on it
-until a state shows them: either the state lists the request, or its ``seq`` is past the ``state_seq``
+until a state shows them: either the state lists the request's key, or its ``seq`` is past the ``state_seq``
 the worker acknowledged the submit with (so the state was taken after admission), or
 ``pending_ttl_s`` passes. Routing decisions therefore see their own recent placements and do
 not herd onto one worker between two heartbeats.
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from services.scheduler.worker_view import DEVICE, HOST, WorkerView
 from services.scheduler.worker_view import RequestLoad as ViewLoad
 from shared.schemas import RequestBody, RequestLoad, WorkerState
+from shared.schemas.names import request_key
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class WorkerRecord:
 
     state: WorkerState
     last_seen: float
-    pending: dict[str, PendingRoute] = field(default_factory=dict)
+    pending: dict[str, PendingRoute] = field(default_factory=dict)  # by request key
     view: WorkerView = field(init=False)
 
     def __post_init__(self) -> None:
@@ -62,12 +63,12 @@ class WorkerRecord:
             free_kv_blocks=state.free_kv_blocks, block_size=state.block_size)
 
     def add_pending(self, load: RequestLoad, now: float) -> None:
-        self.drop_pending(load.request_id)
-        self.pending[load.request_id] = PendingRoute(load, now)
+        self.drop_pending(load.key)
+        self.pending[load.key] = PendingRoute(load, now)
         self.view.add_waiting(*_waiting(load))
 
-    def drop_pending(self, request_id: str) -> None:
-        route = self.pending.pop(request_id, None)
+    def drop_pending(self, key: str) -> None:
+        route = self.pending.pop(key, None)
         if route is not None:
             self.view.drop_waiting(*_waiting(route.load))
 
@@ -101,7 +102,8 @@ class Fleet:
             self._workers[state.worker_id] = WorkerRecord(state, now)
             logger.info("worker %s is live (model %s, backend %s)", state.worker_id, state.model, state.backend)
             return True
-        if state.seq < record.state.seq:  # the worker restarted: its old pending routes are gone
+        if state.seq < record.state.seq or state.instance != record.state.instance:
+            # the worker restarted: its old pending routes are gone
             record.pending.clear()
         record.state, record.last_seen = state, now
         self._settle(record, now)
@@ -110,12 +112,12 @@ class Fleet:
 
     def _settle(self, record: WorkerRecord, now: float) -> None:
         """Stop counting the pending routes the new state accounts for (or that are too old)."""
-        shown = record.state.request_ids()
+        shown = record.state.request_keys()
         seq = record.state.seq
-        for request_id, route in list(record.pending.items()):
-            reflected = request_id in shown or (route.ack_seq is not None and seq > route.ack_seq)
+        for key, route in list(record.pending.items()):
+            reflected = key in shown or (route.ack_seq is not None and seq > route.ack_seq)
             if reflected or now - route.routed_at > self.pending_ttl_s:
-                del record.pending[request_id]
+                del record.pending[key]
 
     def _alive(self, record: WorkerRecord, now: float) -> bool:
         return now - record.last_seen <= self.dead_after_s
@@ -157,17 +159,18 @@ class Fleet:
     def confirm(self, worker_id: str, request_id: str, state_seq: int) -> None:
         """The worker acknowledged the request; states after ``state_seq`` account for it."""
         record = self._workers.get(worker_id)
-        route = record.pending.get(request_id) if record is not None else None
+        key = request_key(request_id)
+        route = record.pending.get(key) if record is not None else None
         if route is not None:
             route.ack_seq = state_seq
             if record.state.seq > state_seq:
-                record.drop_pending(request_id)
+                record.drop_pending(key)
 
     def release(self, worker_id: str, request_id: str) -> None:
         """Forget a reservation (the submit failed)."""
         record = self._workers.get(worker_id)
         if record is not None:
-            record.drop_pending(request_id)
+            record.drop_pending(request_key(request_id))
 
     def forget(self, worker_id: str) -> None:
         """Drop a worker known to be gone (e.g. nobody answers its submit subject)."""

@@ -37,8 +37,10 @@ from services.scheduler.policies import RouteRequest as PolicyRequest
 from shared import subjects
 from shared.bus import Bus
 from shared.config import from_env
+from shared.nats_auth import load_credentials
 from shared.schemas import (CancelRequest, Chunk, ErrorInfo, RemoteError, RequestLoad, RouteReply, RouteRequest,
                             SchemaError, ServiceError, SubmitAck, WorkerState, WorkerSubmit, error_info)
+from shared.schemas.names import request_key
 from shared.telemetry import Telemetry, setup_telemetry, span_from_headers
 
 logger = logging.getLogger(__name__)
@@ -117,7 +119,8 @@ class SchedulerService:
             self.decisions = DecisionLog.open(self.config.decision_log, self.config.name, self.policy,
                                               self.config.profile)
             stack.callback(self.decisions.close)
-        self.bus = await Bus.open(self.config.nats_url, self.config.name, stack, self.config.grace_s)
+        self.bus = await Bus.open(self.config.nats_url, self.config.name, stack, self.config.grace_s,
+                                   load_credentials(self.config.nats_creds))
         await self.bus.listen(subjects.STATE_ALL, WorkerState, self._on_state)
         reaper = asyncio.get_running_loop().create_task(self._reap(), name="scheduler reaper")
         stack.push_async_callback(_cancel, reaper)
@@ -146,26 +149,28 @@ class SchedulerService:
         attributes = {"request.id": request.request_id, "adapter": request.adapter or "",
                       "tokens": request.context_tokens(), "attempt": request.attempt, "tenant": request.tenant}
         with span_from_headers(self.telemetry.tracer, "scheduler.route", msg.headers, attributes) as span:
-            worker_id = await self._place(request, span)
-            span.set_attribute("worker.id", worker_id)
+            ack = await self._place(request, span)
+            span.set_attribute("worker.id", ack.worker_id)
             self.routed += 1
-            return RouteReply(request_id=request.request_id, worker_id=worker_id)
+            return RouteReply(request_id=request.request_id, worker_id=ack.worker_id, state_seq=ack.state_seq,
+                              instance=ack.instance)
 
-    async def _place(self, request: RouteRequest, span: trace.Span) -> str:
+    async def _place(self, request: RouteRequest, span: trace.Span) -> SubmitAck:
         assert self._changed is not None
         deadline = self.clock() + request.deadline_ms / 1000.0
         excluded = set(request.exclude_workers)
         rank = self.fleet.rank_of(request.adapter)
         span.set_attribute("rank", rank)
-        load = RequestLoad(request_id=request.request_id, adapter=request.adapter, rank=rank,
+        load = RequestLoad(key=request_key(request.request_id), adapter=request.adapter, rank=rank,
                            prompt_tokens=len(request.prompt_token_ids),
                            generated_tokens=len(request.generated_token_ids),
                            remaining_tokens=request.remaining_tokens())
         while True:
             choice = self._choose(request, load, excluded)
             if isinstance(choice, str):
-                if await self._submit(request, load, choice, deadline):
-                    return choice
+                ack = await self._submit(request, load, choice, deadline)
+                if ack is not None:
+                    return ack
                 excluded.add(choice)
                 continue
             remaining = deadline - self.clock()
@@ -189,8 +194,9 @@ class SchedulerService:
                                   time.perf_counter() - started)
         return choice
 
-    async def _submit(self, request: RouteRequest, load: RequestLoad, worker_id: str, deadline: float) -> bool:
-        """Forward to ``worker_id``; True once it acknowledged, False to try another worker."""
+    async def _submit(self, request: RouteRequest, load: RequestLoad, worker_id: str,
+                      deadline: float) -> SubmitAck | None:
+        """Forward to ``worker_id``; its ack once it acknowledged, None to try another worker."""
         assert self.bus is not None
         self.fleet.reserve(worker_id, load, self.clock())
         timeout = min(self.config.submit_timeout_s, max(deadline - self.clock(), 0.05))
@@ -199,23 +205,23 @@ class SchedulerService:
             ack = await self.bus.request(subjects.worker_submit(worker_id), submit, SubmitAck, timeout)
         except NoRespondersError:
             self.fleet.forget(worker_id)
-            return False
+            return None
         except asyncio.TimeoutError:
             logger.warning("worker %s did not acknowledge %s in %.2fs", worker_id, request.request_id, timeout)
             await self._cancel_on(worker_id, request.request_id)
-            return False
+            return None
         except SchemaError as exc:
             logger.error("worker %s answered %s with a bad ack: %s", worker_id, request.request_id, exc)
             await self._cancel_on(worker_id, request.request_id)
-            return False
+            return None
         except RemoteError as exc:
             self.fleet.release(worker_id, request.request_id)
             if exc.info.code in RETRYABLE_REFUSALS:
-                return False
+                return None
             await self._fail(request, exc.info)
             raise ServiceError.from_info(exc.info) from exc
         self.fleet.confirm(worker_id, request.request_id, ack.state_seq)
-        return True
+        return ack
 
     async def _cancel_on(self, worker_id: str, request_id: str) -> None:
         assert self.bus is not None

@@ -9,6 +9,7 @@ from shared.schemas.names import REQUEST_ID_PATTERN, WORKER_ID_PATTERN
 from shared.schemas.wire import Message, SchemaError, Struct, spec
 
 FINISH_REASONS = ("stop", "length", "error", "cancelled")
+CANCEL_TOKEN_PATTERN = r"[A-Za-z0-9_-]{16,128}"
 
 
 @dataclass
@@ -32,7 +33,9 @@ class Chunk(Message):
     it, has ``finish_reason``; a final chunk with ``finish_reason == "error"`` carries
     ``error``. ``usage`` accompanies the final chunk. ``worker_id`` names the gpu_worker that
     produced the chunk (None from the scheduler and the gateway): a gateway relays only the
-    chunks of the worker its request was placed on.
+    chunks of the worker its request was placed on. ``cancel_token`` comes in the first chunk
+    the gateway sends the requester, and only there: a CancelRequest carrying it cancels the
+    request (it is how a NATS client without an API key proves the request is its own).
     """
 
     KIND = "chunk"
@@ -44,6 +47,7 @@ class Chunk(Message):
     usage: Usage | None = None
     error: ErrorInfo | None = None
     worker_id: str | None = spec(None, pattern=WORKER_ID_PATTERN)
+    cancel_token: str | None = spec(None, pattern=CANCEL_TOKEN_PATTERN)
 
     @property
     def final(self) -> bool:

@@ -16,8 +16,12 @@ ERROR_CODES: dict[str, tuple[str, int]] = {
     "unsupported_version": ("invalid_request_error", 400),
     "invalid_request": ("invalid_request_error", 400),
     "context_length_exceeded": ("invalid_request_error", 400),
+    "request_too_large": ("invalid_request_error", 413),
+    "unknown_url": ("invalid_request_error", 404),
+    "method_not_allowed": ("invalid_request_error", 405),
     "duplicate_request_id": ("invalid_request_error", 400),
     "invalid_api_key": ("authentication_error", 401),
+    "permission_denied": ("invalid_request_error", 403),
     "model_not_found": ("not_found_error", 404),
     "request_not_found": ("not_found_error", 404),
     "overloaded": ("rate_limit_error", 429),
@@ -25,9 +29,14 @@ ERROR_CODES: dict[str, tuple[str, int]] = {
     "worker_lost": ("service_unavailable", 503),
     "timeout": ("service_unavailable", 503),
     "shutting_down": ("service_unavailable", 503),
+    "gateway_restarted": ("service_unavailable", 503),
+    "stream_interrupted": ("service_unavailable", 503),
     "worker_error": ("server_error", 500),
     "internal_error": ("server_error", 500),
 }
+
+
+MAX_MESSAGE_CHARS = 8192
 
 
 @dataclass
@@ -36,7 +45,7 @@ class ErrorInfo(Struct):
 
     type: str = spec(choices=ERROR_TYPES)
     code: str = spec(min_len=1, max_len=64)
-    message: str = spec(max_len=8192)
+    message: str = spec(max_len=MAX_MESSAGE_CHARS)
 
 
 @dataclass
@@ -56,9 +65,15 @@ class RemoteError(Exception):
 
 
 def error_info(code: str, message: str) -> ErrorInfo:
-    """ErrorInfo for a known ``code`` (its type comes from ERROR_CODES)."""
+    """ErrorInfo for a known ``code`` (its type comes from ERROR_CODES).
+
+    A message longer than the schema allows (it may quote client input) is cut, so that the
+    error itself always passes validation where it is received.
+    """
     if code not in ERROR_CODES:
         raise KeyError(f"unknown error code {code!r}")
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS - 3] + "..."
     return ErrorInfo(type=ERROR_CODES[code][0], code=code, message=message)
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shared.schemas.chunk import CANCEL_TOKEN_PATTERN
 from shared.schemas.names import REQUEST_ID_PATTERN
-from shared.schemas.sampling import INT64_MAX, INT64_MIN, check_stop
+from shared.schemas.sampling import INT64_MAX, INT64_MIN, MAX_COUNT, check_stop
 from shared.schemas.wire import Message, SchemaError, Struct, spec
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -34,12 +35,12 @@ class GenerateRequest(Message):
 
     KIND = "generate_request"
     model: str = spec(min_len=1, max_len=256)
-    prompt: str | list[int] | None = spec(None, ge=0)
+    prompt: str | list[int] | None = spec(None, ge=0, le=MAX_COUNT)
     messages: list[ChatMessage] | None = spec(None, max_len=4096)
-    max_tokens: int | None = spec(None, ge=1)
+    max_tokens: int | None = spec(None, ge=1, le=MAX_COUNT)
     temperature: float = spec(1.0, ge=0.0, le=2.0)
     top_p: float = spec(1.0, gt=0.0, le=1.0)
-    top_k: int = spec(0, ge=-1)
+    top_k: int = spec(0, ge=-1, le=MAX_COUNT)
     seed: int | None = spec(None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | list[str] | None = None
     ignore_eos: bool = False
@@ -61,8 +62,14 @@ class GenerateRequest(Message):
 
 @dataclass
 class CancelRequest(Message):
-    """Abort request ``request_id`` (to the gateway on ``cancel``, to a worker on ``worker.<id>.cancel``)."""
+    """Abort request ``request_id`` (to the gateway on ``cancel``, to a worker on ``worker.<id>.cancel``).
+
+    On the public ``cancel`` it takes effect only for the requester: ``cancel_token`` is the
+    token of the request's first chunk, or, when API keys are configured, ``api_key`` is a
+    key of the request's tenant.
+    """
 
     KIND = "cancel_request"
     request_id: str = spec(pattern=REQUEST_ID_PATTERN)
     api_key: str | None = spec(None, max_len=1024)
+    cancel_token: str | None = spec(None, pattern=CANCEL_TOKEN_PATTERN)

@@ -1,6 +1,20 @@
-"""Patterns for names that travel in messages (request ids, worker ids, adapters, subjects)."""
+"""Patterns for names that travel in messages (request ids, worker ids, adapters, subjects),
+and the opaque key under which worker state shows a request."""
+
+import hashlib
 
 REQUEST_ID_PATTERN = r"[A-Za-z0-9._:~-]{1,128}"
 WORKER_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,255}"
 SUBJECT_PATTERN = r"[^\s.*>]{1,256}(\.[^\s.*>]{1,256}){0,32}"
+INSTANCE_PATTERN = r"[0-9a-f]{0,32}"
+REQUEST_KEY_PATTERN = r"[0-9a-f]{16}"
+
+
+def request_key(request_id: str) -> str:
+    """The opaque key worker state shows for ``request_id``: a blake2b digest (8 bytes, hex).
+
+    Whoever placed the request can recognise it in ``state.*``; anyone else reading the
+    state learns nothing they could cancel or act on.
+    """
+    return hashlib.blake2b(request_id.encode(), digest_size=8).hexdigest()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.schemas.names import NAME_PATTERN, REQUEST_ID_PATTERN, SUBJECT_PATTERN, WORKER_ID_PATTERN
+from shared.schemas.names import INSTANCE_PATTERN, NAME_PATTERN, REQUEST_ID_PATTERN, SUBJECT_PATTERN, WORKER_ID_PATTERN
 from shared.schemas.sampling import Sampling
 from shared.schemas.wire import Message, SchemaError, Struct, spec
 
@@ -59,8 +59,11 @@ class RouteRequest(Message, RequestBody):
 
 @dataclass
 class RouteReply(Message):
-    """The worker a request was forwarded to."""
+    """The worker a request was forwarded to, with what its SubmitAck said: every state of that
+    worker ``instance`` with a ``seq`` past ``state_seq`` lists the request while the worker holds it."""
 
     KIND = "route_reply"
     request_id: str = spec(pattern=REQUEST_ID_PATTERN)
     worker_id: str = spec(pattern=WORKER_ID_PATTERN)
+    state_seq: int = spec(0, ge=0)
+    instance: str = spec("", pattern=INSTANCE_PATTERN)

@@ -8,6 +8,10 @@ from shared.schemas.wire import SchemaError, Struct, spec
 
 MAX_STOP_SEQUENCES = 16
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Counts (max_tokens, top_k) are bounded so that no client-chosen int overflows msgpack's 64 bits
+# or a torch argument; anything this large is refused by the context length or clamped to the
+# vocabulary long before the bound matters.
+MAX_COUNT = 2**31 - 1
 
 
 def check_stop(stop: list[str], path: str) -> None:
@@ -22,13 +26,13 @@ def check_stop(stop: list[str], path: str) -> None:
 class Sampling(Struct):
     """How to sample (OpenAI/vLLM semantics; temperature 0 is greedy, top_k 0 or -1 is off)."""
 
-    max_tokens: int = spec(ge=1)
+    max_tokens: int = spec(ge=1, le=MAX_COUNT)
     temperature: float = spec(1.0, ge=0.0, le=2.0)
     top_p: float = spec(1.0, gt=0.0, le=1.0)
-    top_k: int = spec(0, ge=-1)
+    top_k: int = spec(0, ge=-1, le=MAX_COUNT)
     seed: int | None = spec(None, ge=INT64_MIN, le=INT64_MAX)
     stop: list[str] = spec(default_factory=list)
-    stop_token_ids: list[int] = spec(default_factory=list, ge=0)
+    stop_token_ids: list[int] = spec(default_factory=list, ge=0, le=MAX_COUNT)
     ignore_eos: bool = False
 
     def check(self, path: str = "") -> None:

@@ -6,9 +6,11 @@ holding its fields plus an envelope: ``v`` (the schema version, required) and ``
 from :class:`Struct` and are plain maps without an envelope.
 
 Validation on receipt is strict and driven by the field annotations: exact types (a bool is
-not an int, a float must be finite), required fields, unknown fields, and the ranges, lengths,
-choices and patterns declared with :func:`spec`. Any violation raises :class:`SchemaError`
-naming the offending field. Cross-field rules live in ``check()``.
+not an int, a float must be finite, a string must be valid Unicode: no lone surrogate),
+required fields, unknown fields, and the ranges, lengths, choices and patterns declared with
+:func:`spec`. Any violation raises :class:`SchemaError` naming the offending field. Cross-field
+rules live in ``check()``. Validation walks only the declared shape, so a value nested deeper
+than its field's type is refused at the first level that does not match.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import reprlib
 import types
 import typing
 from typing import Any, Callable, ClassVar, TypeVar
@@ -57,6 +60,15 @@ def spec(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclass
     return dataclasses.field(default=default, metadata=meta)
 
 
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 80
+
+
+def _shown(value: Any) -> str:
+    """A short repr of a refused value: error messages quote client input, which may be huge."""
+    return _SHOWN.repr(value)
+
+
 def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
@@ -72,7 +84,7 @@ def _number_checker(meta: dict) -> Callable[[float, str], None]:
     def check_number(value: float, path: str) -> None:
         for ok, bound, word in bounds:
             if not ok(value, bound):
-                raise SchemaError(f"must be {word} {bound}, got {value!r}", path)
+                raise SchemaError(f"must be {word} {bound}, got {_shown(value)}", path)
     return check_number
 
 
@@ -106,13 +118,26 @@ def _scalar_validator(tp: type, meta: dict) -> Validator:
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise SchemaError(f"expected number, got {_type_name(value)}", path)
             if not math.isfinite(value):
-                raise SchemaError(f"must be finite, got {value!r}", path)
+                raise SchemaError(f"must be finite, got {_shown(value)}", path)
             check_float_bounds(value, path)
             return float(value)
         return check_float
     if tp is str:
         return _str_validator(meta)
     raise TypeError(f"unsupported wire type {tp!r}")
+
+
+def _check_unicode(value: str, path: str) -> None:
+    """Refuse a lone surrogate (only a JSON ``\\ud800`` escape makes one): no encoder, tokenizer
+    or msgpack packer downstream accepts it. ASCII strings, the common case, cost nothing; others
+    one pass of the UTF-8 codec, which fails exactly on surrogates."""
+    if value.isascii():
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise SchemaError(f"holds a lone surrogate U+{ord(value[exc.start]):04X} at character {exc.start}, "
+                          "which is not valid Unicode text", path) from None
 
 
 def _str_validator(meta: dict) -> Validator:
@@ -122,12 +147,13 @@ def _str_validator(meta: dict) -> Validator:
     def check_str(value: Any, path: str) -> str:
         if not isinstance(value, str):
             raise SchemaError(f"expected string, got {_type_name(value)}", path)
+        _check_unicode(value, path)
         if sized:
             _check_sized(value, meta, path)
         if choices and value not in choices:
-            raise SchemaError(f"must be one of {', '.join(choices)}, got {value!r}", path)
+            raise SchemaError(f"must be one of {', '.join(choices)}, got {_shown(value)}", path)
         if pattern is not None and not pattern.fullmatch(value):
-            raise SchemaError(f"must match {pattern.pattern}, got {value!r}", path)
+            raise SchemaError(f"must match {pattern.pattern}, got {_shown(value)}", path)
         return value
     return check_str
 
@@ -313,18 +339,25 @@ class Message(Struct):
         if version is None:
             raise SchemaError("required field is missing", "v")
         if version != cls.SCHEMA_VERSION:
-            raise SchemaError(f"unsupported schema version {version!r}, this service speaks "
+            raise SchemaError(f"unsupported schema version {_shown(version)}, this service speaks "
                               f"{cls.SCHEMA_VERSION}", "v", code="unsupported_version")
         kind = body.pop("kind", cls.KIND)
         if kind != cls.KIND:
-            raise SchemaError(f"expected a {cls.KIND!r} message, got {kind!r}", "kind")
+            raise SchemaError(f"expected a {cls.KIND!r} message, got {_shown(kind)}", "kind")
         return cls.from_dict(body)
 
 
 def unpack(data: bytes) -> dict[str, Any]:
-    """Unpack msgpack ``data`` that must hold one map; SchemaError otherwise."""
+    """Unpack msgpack ``data`` that must hold one map; SchemaError otherwise.
+
+    msgpack itself bounds what a hostile payload can make: strings must be strict UTF-8 (so no
+    lone surrogate), integers fit in 64 bits, lengths are capped by the payload's size, and
+    nesting by the unpacker's fixed stack (StackError past 1024 levels).
+    """
     try:
         body = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except msgpack.StackError as exc:
+        raise SchemaError("not a msgpack map: nested too deeply") from exc
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise SchemaError(f"not a msgpack map: {exc}") from exc
     if not isinstance(body, dict):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.schemas.names import REQUEST_ID_PATTERN, WORKER_ID_PATTERN
+from shared.schemas.names import INSTANCE_PATTERN, REQUEST_ID_PATTERN, WORKER_ID_PATTERN
 from shared.schemas.route import RequestBody, RouteRequest
 from shared.schemas.wire import Message, spec
 
@@ -35,10 +35,12 @@ class SubmitAck(Message):
     """A worker accepted a request.
 
     ``state_seq`` is the sequence number of the worker's last published WorkerState: every
-    state with a larger ``seq`` already accounts for this request.
+    state with a larger ``seq`` already accounts for this request. ``instance`` is the
+    worker process's WorkerState.instance ("" from a worker that does not report one).
     """
 
     KIND = "submit_ack"
     request_id: str = spec(pattern=REQUEST_ID_PATTERN)
     worker_id: str = spec(pattern=WORKER_ID_PATTERN)
     state_seq: int = spec(ge=0)
+    instance: str = spec("", pattern=INSTANCE_PATTERN)

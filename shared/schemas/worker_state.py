@@ -5,19 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shared.schemas.adapters import AdapterInfo
-from shared.schemas.names import NAME_PATTERN, REQUEST_ID_PATTERN, WORKER_ID_PATTERN
+from shared.schemas.names import INSTANCE_PATTERN, NAME_PATTERN, REQUEST_KEY_PATTERN, WORKER_ID_PATTERN
 from shared.schemas.wire import Message, SchemaError, Struct, spec
 
 
 @dataclass
 class RequestLoad(Struct):
-    """A request a worker holds: its adapter (None for the base model) and token counts.
+    """A request a worker holds: its key, its adapter (None for the base model) and token counts.
 
+    ``key`` is :func:`shared.schemas.names.request_key` of the request id, never the id itself:
+    states are read by every service, and an id would let any reader act on the request.
     The request's current context is ``prompt_tokens + generated_tokens``; it will generate at
     most ``remaining_tokens`` more.
     """
 
-    request_id: str = spec(pattern=REQUEST_ID_PATTERN)
+    key: str = spec(pattern=REQUEST_KEY_PATTERN)
     adapter: str | None = spec(None, pattern=NAME_PATTERN)
     rank: int = spec(0, ge=0, le=1024)
     prompt_tokens: int = spec(0, ge=0)
@@ -34,7 +36,10 @@ class WorkerState(Message):
     """A worker's load and residency, numbered by ``seq`` (increasing per worker).
 
     ``adapters`` lists every adapter the worker can serve, with the tier it is in now: the
-    scheduler only routes an adapter's requests to workers that list it.
+    scheduler only routes an adapter's requests to workers that list it. The worker holds at
+    most ``max_batch_size`` running plus ``max_queued`` queued requests and refuses more
+    (``overloaded``). ``instance`` is chosen once per process start, so a restarted worker
+    with the same id is told apart (and its ``seq`` starts over).
     """
 
     KIND = "worker_state"
@@ -48,14 +53,21 @@ class WorkerState(Message):
     total_kv_blocks: int = spec(0, ge=0)
     block_size: int = spec(16, ge=1)
     max_batch_size: int = spec(1, ge=1)
+    max_queued: int = spec(0, ge=0)
     max_model_len: int = spec(1, ge=1)
     seq: int = spec(0, ge=0)
     timestamp: float = spec(0.0, ge=0.0)
+    instance: str = spec("", pattern=INSTANCE_PATTERN)
 
     def check(self, path: str = "") -> None:
         if self.free_kv_blocks > self.total_kv_blocks:
             raise SchemaError("free_kv_blocks must not exceed total_kv_blocks", path)
 
-    def request_ids(self) -> set[str]:
-        """Ids of every running or queued request."""
-        return {r.request_id for r in self.running} | {r.request_id for r in self.queued}
+    def request_keys(self) -> set[str]:
+        """Keys of every running or queued request (see :func:`shared.schemas.names.request_key`)."""
+        return {r.key for r in self.running} | {r.key for r in self.queued}
+
+    @property
+    def capacity(self) -> int:
+        """How many requests this worker holds at most, running and queued."""
+        return self.max_batch_size + self.max_queued

@@ -93,9 +93,9 @@ class StateWatch:
 
     def __init__(self) -> None:
         self.latest: dict[str, WorkerState] = {}
-        self.placed: dict[str, str] = {}  # request id -> the last worker whose state held it
-        self.held_by: dict[str, set[str]] = {}  # request id -> every worker whose state held it
-        self.blocks_in_use: dict[str, int] = {}  # request id -> most KV blocks in use on its worker meanwhile
+        self.placed: dict[str, str] = {}  # request key -> the last worker whose state held it
+        self.held_by: dict[str, set[str]] = {}  # request key -> every worker whose state held it
+        self.blocks_in_use: dict[str, int] = {}  # request key -> most KV blocks in use on its worker meanwhile
         self._changed = asyncio.Event()
 
     async def start(self, bus: Bus) -> StateWatch:
@@ -105,10 +105,10 @@ class StateWatch:
     def _on_state(self, state: WorkerState, msg: object) -> None:
         self.latest[state.worker_id] = state
         in_use = state.total_kv_blocks - state.free_kv_blocks
-        for request_id in state.request_ids():
-            self.placed[request_id] = state.worker_id
-            self.held_by.setdefault(request_id, set()).add(state.worker_id)
-            self.blocks_in_use[request_id] = max(self.blocks_in_use.get(request_id, 0), in_use)
+        for key in state.request_keys():
+            self.placed[key] = state.worker_id
+            self.held_by.setdefault(key, set()).add(state.worker_id)
+            self.blocks_in_use[key] = max(self.blocks_in_use.get(key, 0), in_use)
         self._changed.set()
 
     async def wait_for(self, predicate: Callable[[dict[str, WorkerState]], bool], timeout_s: float) -> None:
@@ -125,5 +125,5 @@ class StateWatch:
 
 
 def all_blocks_free(states: dict[str, WorkerState]) -> bool:
-    return bool(states) and all(s.free_kv_blocks == s.total_kv_blocks and not s.request_ids()
+    return bool(states) and all(s.free_kv_blocks == s.total_kv_blocks and not s.request_keys()
                                 for s in states.values())

@@ -99,4 +99,6 @@ def e2e_stack(stack_holder) -> LocalStack:
 @pytest.fixture
 async def nats_client(e2e_stack) -> AsyncIterator[Bus]:
     async with contextlib.AsyncExitStack() as stack:
-        yield await Bus.open(e2e_stack.nats_url, "e2e-client", stack, grace_s=0.1)
+        # the operator identity: these tests also watch internal subjects (state.*, route, submits)
+        yield await Bus.open(e2e_stack.nats_url, "e2e-client", stack, grace_s=0.1,
+                             credentials=e2e_stack.creds.credentials("operator"))

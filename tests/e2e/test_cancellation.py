@@ -14,6 +14,7 @@ import pytest
 
 from shared import subjects
 from shared.schemas import CancelRequest, GenerateRequest
+from shared.schemas.names import request_key
 from tests.e2e.clients import StateWatch, all_blocks_free, model_names, openai_client, send
 from tests.service.rotel import RotelCollector, SpanRecord
 
@@ -56,8 +57,8 @@ async def assert_freed_by_cancel(watch: StateWatch, collector: RotelCollector, r
     decode = await span_of(collector, request_id, "worker.decode", served_by)
     assert decode.attributes["finish_reason"] == "cancelled", decode.attributes
     assert 0 < int(decode.attributes["completion_tokens"]) < MAX_TOKENS, decode.attributes
-    assert served_by in watch.held_by.get(request_id, set()), watch.held_by
-    assert watch.blocks_in_use[request_id] > 0, "no state showed the request's KV blocks in use"
+    assert served_by in watch.held_by.get(request_key(request_id), set()), watch.held_by
+    assert watch.blocks_in_use[request_key(request_id)] > 0, "no state showed the request's KV blocks in use"
 
 
 async def test_http_disconnect_frees_the_kv_blocks(e2e_stack, nats_client, e2e_collector):
@@ -80,7 +81,8 @@ async def test_nats_cancel_frees_the_kv_blocks(e2e_stack, nats_client, e2e_colle
     while not stream.token_ids:
         assert time.monotonic() < deadline and not stream.done.is_set(), stream.chunks
         await asyncio.sleep(0.001)
-    await nats_client.publish(subjects.CANCEL, CancelRequest(request_id=request_id))
+    await nats_client.publish(subjects.CANCEL, CancelRequest(request_id=request_id,
+                                                             cancel_token=stream.chunks[0].cancel_token))
     await asyncio.wait_for(stream.done.wait(), FREED_WITHIN_S)
     assert stream.final.finish_reason == "cancelled" and len(stream.token_ids) < MAX_TOKENS
     await assert_freed_by_cancel(watch, e2e_collector, request_id)

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from shared.schemas import GenerateRequest
+from shared.schemas.names import request_key
 from tests.e2e.clients import NatsStream, StateWatch, model_names, send_all
 
 pytestmark = pytest.mark.timeout(120)
@@ -33,8 +34,8 @@ def requests(model_names_: list[str], tag: str) -> list[GenerateRequest]:
 
 def started(streams: list[NatsStream], watch: StateWatch) -> bool:
     """Every request streamed a few tokens and sits on a worker."""
-    return all((len(s.token_ids) >= STARTED_TOKENS or s.done.is_set()) and s.request.request_id in watch.placed
-               for s in streams)
+    return all((len(s.token_ids) >= STARTED_TOKENS or s.done.is_set())
+               and request_key(s.request.request_id) in watch.placed for s in streams)
 
 
 async def test_killed_worker_requests_complete_elsewhere_or_fail_fast(e2e_stack, stack_holder, nats_client):
@@ -50,7 +51,7 @@ async def test_killed_worker_requests_complete_elsewhere_or_fail_fast(e2e_stack,
     while not started(streams, watch):
         assert time.monotonic() < deadline, [len(s.token_ids) for s in streams]
         await asyncio.sleep(0.005)
-    holders = {s.request.request_id: watch.placed[s.request.request_id] for s in streams}
+    holders = {s.request.request_id: watch.placed[request_key(s.request.request_id)] for s in streams}
     unfinished = {s.request.request_id for s in streams if not s.done.is_set()}
     victim = collections.Counter(holders[r] for r in unfinished).most_common(1)[0][0]
     stack_holder.damage()

@@ -17,10 +17,12 @@ from nats.aio.msg import Msg
 
 from shared import subjects
 from shared.bus import Bus
+from shared.nats_auth import Credentials
 from shared.schemas import (AdapterInfo, CancelRequest, Chunk, RequestLoad, ServiceError, SubmitAck, Usage,
                             WorkerState, WorkerSubmit)
+from shared.schemas.names import request_key
 
-MODES = ("ok", "mute", "refuse", "stall", "late")
+MODES = ("ok", "mute", "refuse", "stall", "late", "drop")
 
 
 def token_for(context_len: int) -> int:
@@ -30,7 +32,9 @@ def token_for(context_len: int) -> int:
 @dataclass
 class FakeWorker:
     """``mode``: ok (ack and stream), mute (never ack), refuse (answer ``refuse_code``), stall (ack, never
-    stream), late (stream at once, ack after ``ack_delay_s``: a worker too busy to answer in time)."""
+    stream), late (stream at once, ack after ``ack_delay_s``: a worker too busy to answer in time), drop
+    (stream ``drop_after`` tokens, then forget the request without a final chunk, as if it was lost).
+    ``queue_s``: each request first waits this long listed as queued (a busy queue, a long prefill)."""
 
     url: str
     worker_id: str
@@ -43,18 +47,22 @@ class FakeWorker:
     mode: str = "ok"
     refuse_code: str = "overloaded"
     ack_delay_s: float = 1.0
+    queue_s: float = 0.0
+    drop_after: int = 2
     publish_states: bool = True
+    credentials: Credentials | None = None
     submits: list[WorkerSubmit] = field(default_factory=list)
     cancels: list[str] = field(default_factory=list)
     seq: int = 0
     _bus: Bus | None = None
     _tasks: dict[str, asyncio.Task] = field(default_factory=dict)
     _running: dict[str, RequestLoad] = field(default_factory=dict)
+    _queued: dict[str, RequestLoad] = field(default_factory=dict)
     _publisher: asyncio.Task | None = None
 
     async def start(self) -> FakeWorker:
         assert self.mode in MODES
-        self._bus = await Bus.open(self.url, f"fake-{self.worker_id}")
+        self._bus = await Bus.open(self.url, f"fake-{self.worker_id}", credentials=self.credentials)
         await self._bus.serve(subjects.worker_submit(self.worker_id), WorkerSubmit, self._on_submit)
         await self._bus.serve(subjects.worker_cancel(self.worker_id), CancelRequest, self._on_cancel)
         if self.publish_states:
@@ -64,7 +72,8 @@ class FakeWorker:
 
     def state(self) -> WorkerState:
         return WorkerState(worker_id=self.worker_id, model=self.model, backend="bgmv",
-                           running=list(self._running.values()), adapters=list(self.adapters),
+                           running=list(self._running.values()), queued=list(self._queued.values()),
+                           adapters=list(self.adapters),
                            free_kv_blocks=100, total_kv_blocks=100, block_size=16,
                            max_batch_size=self.max_batch, max_model_len=self.max_model_len,
                            seq=self.seq, timestamp=time.time())
@@ -85,13 +94,13 @@ class FakeWorker:
             return None
         if self.mode == "refuse":
             raise ServiceError(self.refuse_code, "refused by the fake worker")
-        load = RequestLoad(request_id=submit.request_id, adapter=submit.adapter, rank=8 if submit.adapter else 0,
+        load = RequestLoad(key=request_key(submit.request_id), adapter=submit.adapter, rank=8 if submit.adapter else 0,
                            prompt_tokens=len(submit.prompt_token_ids),
                            generated_tokens=len(submit.generated_token_ids),
                            remaining_tokens=submit.remaining_tokens())
-        self._running[submit.request_id] = load
+        (self._queued if self.queue_s else self._running)[submit.request_id] = load
         ack = SubmitAck(request_id=submit.request_id, worker_id=self.worker_id, state_seq=self.seq)
-        if self.mode in ("ok", "late"):
+        if self.mode in ("ok", "late", "drop"):
             task = asyncio.get_running_loop().create_task(self._generate(submit))
             self._tasks[submit.request_id] = task
         if self.mode == "late":
@@ -103,7 +112,12 @@ class FakeWorker:
         context = len(submit.prompt_token_ids) + len(submit.generated_token_ids)
         remaining = submit.remaining_tokens()
         try:
+            if self.queue_s:
+                await asyncio.sleep(self.queue_s)
+                self._running[submit.request_id] = self._queued.pop(submit.request_id)
             for index in range(remaining):
+                if self.mode == "drop" and index == self.drop_after:
+                    return
                 await asyncio.sleep(self.step_s)
                 token = token_for(context + index)
                 final = index == remaining - 1
@@ -115,11 +129,13 @@ class FakeWorker:
                 await self._bus.publish(submit.reply_inbox, chunk)
         finally:
             self._running.pop(submit.request_id, None)
+            self._queued.pop(submit.request_id, None)
             self._tasks.pop(submit.request_id, None)
 
     async def _on_cancel(self, cancel: CancelRequest, msg: Msg) -> None:
         self.cancels.append(cancel.request_id)
         self._running.pop(cancel.request_id, None)
+        self._queued.pop(cancel.request_id, None)
         task = self._tasks.pop(cancel.request_id, None)
         if task is not None:
             task.cancel()

@@ -3,7 +3,9 @@ against a real gpu_worker with tiered residency, a real scheduler and a real nat
 
 from __future__ import annotations
 
+import logging
 import shutil
+import time
 
 import aiohttp
 import pytest
@@ -15,6 +17,7 @@ from services.gpu_worker.worker_config import WorkerConfig
 from shared import subjects
 from shared.schemas import AdapterList, AdapterListRequest, AdapterLoad, AdapterUnload, RemoteError
 from tests.service.helpers import client, start_gateway, start_scheduler, wait_until
+from tests.tiny_adapters import build_hostile_adapters
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -113,3 +116,77 @@ async def test_nats_adapters_subjects(nats_server, stack, cluster):
     with pytest.raises(RemoteError) as err:
         await bus.request(subjects.ADAPTERS_UNLOAD, AdapterUnload(name="pinned-one"), AdapterList, timeout=5)
     assert err.value.info.code == "model_not_found"
+
+
+HOSTILE_REFUSALS = {"rank_bool": "r must be an integer", "huge_int": "number literal", "deep_config": "nested deeper",
+                    "nan_weights": "NaN or Inf", "sparse_claim": "do not match the base model",
+                    "backref_targets": "not supported", "long_pattern": "pattern longer"}
+
+
+async def _error(http, url, body=None, data=None):
+    async with http.post(url, json=body, data=data) as response:
+        return response.status, await response.json()
+
+
+async def test_http_hostile_adapters_are_refused_at_registration(cluster, adapter_root, tiny_adapters, tmp_path):
+    _, base, worker = cluster
+    build_hostile_adapters(tiny_adapters["qv_r8"], adapter_root / "uploads")
+    before = set(worker.engine.adapters.names())
+    url = f"{base}/v1/load_lora_adapter"
+    async with aiohttp.ClientSession() as http:
+        for kind, reason in HOSTILE_REFUSALS.items():
+            status, body = await _error(http, url, {"lora_name": kind, "lora_path": f"uploads/{kind}"})
+            assert status == 400 and body["error"]["code"] == "invalid_request", (kind, body)
+            assert reason in body["error"]["message"], (kind, body)
+        start = time.monotonic()
+        status, _ = await _post(http, url, {"lora_name": "evil", "lora_path": "uploads/redos_targets"})
+        assert status == 200 and time.monotonic() - start < 5  # RE2: linear time, the worker never stalls
+        status, _ = await _post(http, url, {"lora_name": "sql", "lora_path": "qv_r8"})  # the rest still works
+        assert status == 200
+    assert set(worker.engine.adapters.names()) == before | {"evil", "sql"}
+
+
+async def test_http_bad_lora_path_and_name_get_openai_style_400(cluster):
+    _, base, worker = cluster
+    before = set(worker.engine.adapters.names())
+    url = f"{base}/v1/load_lora_adapter"
+    bad_bodies = [{"lora_name": "x", "lora_path": "qv\x00_r8"}, {"lora_name": "x", "lora_path": "a" * 5000},
+                  {"lora_name": "x", "lora_path": "qv_r8/" + "b" * 300},
+                  {"lora_name": "x" * 5000, "lora_path": "qv_r8"},
+                  {"lora_name": "x\x00", "lora_path": "qv_r8"}, {"lora_name": 7, "lora_path": "qv_r8"},
+                  {"lora_name": "x", "lora_path": ["qv_r8"]}, {"lora_name": "x", "lora_path": "qv_r8", "pinned": "no"}]
+    async with aiohttp.ClientSession() as http:
+        for body in bad_bodies:
+            status, answer = await _error(http, url, body)
+            assert status == 400, (str(body)[:80], answer)
+            assert set(answer["error"]) >= {"message", "type", "code"} and len(answer["error"]["message"]) < 600
+        for raw in ("[" * 100_000 + "]" * 100_000, '{"lora_name": ' + "9" * 5000 + "}"):
+            status, answer = await _error(http, url, data=raw.encode())
+            assert status == 400 and answer["error"]["type"] == "invalid_request_error", answer
+        status, answer = await _error(http, f"{base}/v1/unload_lora_adapter", {"lora_name": "y" * 5000})
+        assert status == 400
+    assert set(worker.engine.adapters.names()) == before
+
+
+async def test_bad_folders_in_the_root_are_skipped_at_start(nats_server, stack, tiny_model_dir, tiny_adapters,
+                                                            tmp_path, caplog):
+    root = tmp_path / "hostile_root"
+    build_hostile_adapters(tiny_adapters["qv_r8"], root)
+    shutil.copytree(tiny_adapters["qv_r8"], root / "good")
+    with caplog.at_level(logging.WARNING):
+        worker = GpuWorkerService(WorkerConfig(worker_id="w2", nats_url=nats_server.url, model=str(tiny_model_dir),
+                                               state_interval_s=0.05),
+                                  EngineConfig(dtype="float32", device="cpu"), ResidencyConfig(adapter_dir=str(root)))
+        await worker.start(stack)
+        await start_scheduler(stack, nats_server.url)
+        gateway = await start_gateway(stack, nats_server.url, tiny_model_dir, adapter_dir=str(root),
+                                      model_name=worker.model_name)
+    await wait_until(lambda: "w2" in gateway.watch.live_workers())
+    assert "good" in worker.engine.adapters.names() and "rank_bool" not in worker.engine.adapters.names()
+    for kind in ("rank_bool", "huge_int", "deep_config", "backref_targets", "long_pattern"):
+        lines = [r.getMessage() for r in caplog.records if f"{root / kind} skipped" in r.getMessage()]
+        assert len(lines) == 2, (kind, lines)  # one line from the worker, one from the gateway
+    async with aiohttp.ClientSession() as http:
+        body = {"model": "good", "prompt": "hello", "max_tokens": 2, "temperature": 0}
+        async with http.post(f"http://127.0.0.1:{gateway.http_port}/v1/completions", json=body) as response:
+            assert response.status == 200, await response.text()

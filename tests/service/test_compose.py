@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import tomllib
@@ -17,16 +18,27 @@ import yaml
 
 from launcher import cli, cmd_service
 from services.gateway.config import GatewayConfig
-from shared import subjects
+from services.gpu_worker.worker_config import WorkerConfig, host_worker_id
+from shared import nats_auth, subjects
 from shared.bus import DEFAULT_NATS_URL
 from shared.model_store import CACHE_ENV
-from shared.nats_server import NatsServerConfig
+from shared.nats_server import NatsServerConfig, find_binary
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_BIN = Path(compose.__file__).parent / "docker-compose"
 CPU_OVERRIDE = REPO / "docker" / "compose.cpu.yaml"
-GLOBAL_ENV = {CACHE_ENV, cmd_service.HEALTH_DIR_ENV}
+SCALE_OVERRIDE = REPO / "docker" / "compose.scale.yaml"
+NATS_CONF = REPO / "docker" / "nats.conf"
+GLOBAL_ENV = {CACHE_ENV, cmd_service.HEALTH_DIR_ENV, *nats_auth.ENV_VARIABLES}
 OTLP_HTTP_PORT = 4318
+NATS_ROLES = {"GATEWAY": "gateway", "SCHEDULER": "scheduler", "WORKER": "gpu_worker", "CLIENT": "client"}
+PASSWORDS = {f"CARASERVE_NATS_{role}_PASSWORD": f"pw-{role.lower()}" for role in NATS_ROLES}
+
+
+def compose_env(passwords: dict[str, str] = PASSWORDS) -> dict[str, str]:
+    """The environment compose runs in: the NATS passwords (.env in real use), nothing else of ours."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CARASERVE_")}
+    return env | passwords
 
 
 def compose_config(*files: Path) -> dict:
@@ -34,10 +46,11 @@ def compose_config(*files: Path) -> dict:
     args = [str(COMPOSE_BIN)]
     for file in files:
         args += ["-f", str(file)]
-    quiet = subprocess.run(args + ["config", "-q"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    quiet = subprocess.run(args + ["config", "-q"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                           env=compose_env())
     assert quiet.returncode == 0, quiet.stderr
     resolved = subprocess.run(args + ["config", "--format", "json"], cwd=REPO, capture_output=True, text=True,
-                              timeout=60)
+                              timeout=60, env=compose_env())
     assert resolved.returncode == 0, resolved.stderr
     return json.loads(resolved.stdout)
 
@@ -112,6 +125,7 @@ def test_ports_and_subjects_match_the_code(model):
     services = model["services"]
     nats_port = urlparse(DEFAULT_NATS_URL).port
     assert {p["target"] for p in services["nats"]["ports"]} == {nats_port}
+    assert {p["host_ip"] for p in services["nats"]["ports"]} == {"127.0.0.1"}  # never published to the world
     nats_conf = (REPO / "docker" / "nats.conf").read_text()
     assert f':{nats_port}"' in nats_conf
     assert f"max_payload: {NatsServerConfig().max_payload_mb}MB" in nats_conf
@@ -132,3 +146,50 @@ def test_ports_and_subjects_match_the_code(model):
     assert receivers["http"]["endpoint"].endswith(f":{OTLP_HTTP_PORT}")
     assert re.fullmatch(r"jaeger:4317", collector["exporters"]["otlp/jaeger"]["endpoint"])
     assert "otlp/jaeger" in collector["service"]["pipelines"]["traces"]["exporters"]
+
+
+def nats_conf_users() -> dict[str, dict]:
+    """docker/nats.conf's users by name (the block is JSON once the password variables are filled in)."""
+    text = re.sub(r"\$(CARASERVE_NATS_\w+_PASSWORD)", r'"\1"', NATS_CONF.read_text())
+    block = text[text.index("authorization:") + len("authorization:"):]
+    return {user["user"]: user for user in json.loads(block)["users"]}
+
+
+def test_nats_requires_a_login_and_the_roles_match_the_code(model):
+    conf = NATS_CONF.read_text()
+    assert 'http: "127.0.0.1:' in conf and "no_auth_user" not in conf
+    users = nats_conf_users()
+    expected = {"gateway": nats_auth.gateway_permissions("gateway"),
+                "scheduler": nats_auth.scheduler_permissions("scheduler"),
+                "gpu_worker": nats_auth.worker_permissions("*"), "client": nats_auth.client_permissions("client")}
+    assert set(users) == set(expected)
+    for name, permissions in expected.items():
+        assert users[name]["permissions"] == permissions.to_server(), name
+    nats_env = model["services"]["nats"]["environment"]
+    for role, user in NATS_ROLES.items():
+        variable = f"CARASERVE_NATS_{role}_PASSWORD"
+        assert users[user]["password"] == variable and nats_env[variable] == PASSWORDS[variable]
+    for name, svc in caraserve_services(model).items():  # each service logs in as its role, in its inboxes
+        env = svc["environment"]
+        user = users[env[nats_auth.USER_ENV]]
+        assert env[nats_auth.PASSWORD_ENV] == nats_env[user["password"]], name
+        assert f"{env[nats_auth.INBOX_PREFIX_ENV]}.>" in user["permissions"]["subscribe"]["allow"], name
+
+
+def test_the_real_nats_server_accepts_the_config_only_with_passwords():
+    check = [find_binary(), "-c", str(NATS_CONF), "-t"]
+    assert subprocess.run(check, capture_output=True, timeout=30, env=compose_env()).returncode == 0
+    assert subprocess.run(check, capture_output=True, timeout=30, env=compose_env({})).returncode != 0
+
+
+def test_compose_refuses_to_start_without_nats_passwords():
+    result = subprocess.run([str(COMPOSE_BIN), "-f", str(REPO / "docker-compose.yml"), "config", "-q"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60, env=compose_env({}))
+    assert result.returncode != 0 and "NATS passwords" in result.stderr
+
+
+def test_the_scale_override_gives_each_replica_its_hostname_as_worker_id():
+    scaled = compose_config(REPO / "docker-compose.yml", SCALE_OVERRIDE)
+    env = scaled["services"]["gpu_worker"]["environment"]
+    assert env["CARASERVE_WORKER_ID"] == "hostname" and "container_name" not in scaled["services"]["gpu_worker"]
+    assert WorkerConfig(worker_id=env["CARASERVE_WORKER_ID"]).worker_id == host_worker_id()

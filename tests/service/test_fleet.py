@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from services.scheduler.fleet import Fleet
 from shared.schemas import AdapterInfo, RequestLoad, RouteRequest, Sampling, WorkerState
+from shared.schemas.names import request_key
 
 
 def state(seq: int, running=(), worker_id="w0", **kwargs) -> WorkerState:
     return WorkerState(worker_id=worker_id, model="m", backend="bgmv", max_batch_size=8, max_model_len=100,
-                       running=[RequestLoad(request_id=r, rank=8, prompt_tokens=4) for r in running], seq=seq,
+                       running=[RequestLoad(key=request_key(r), rank=8, prompt_tokens=4) for r in running], seq=seq,
                        **kwargs)
 
 
 def load(request_id: str) -> RequestLoad:
-    return RequestLoad(request_id=request_id, rank=8, prompt_tokens=4, remaining_tokens=4)
+    return RequestLoad(key=request_key(request_id), rank=8, prompt_tokens=4, remaining_tokens=4)
 
 
 def route(prompt: int = 4, max_tokens: int = 4, adapter: str | None = None) -> RouteRequest:
@@ -48,7 +49,7 @@ def test_unconfirmed_pending_routes_expire_and_restarts_forget_them():
     fleet.observe(state(5), 0.0)
     fleet.reserve("w0", load("a"), 0.0)
     fleet.observe(state(6), 1.0)
-    assert "a" in fleet.get("w0").pending  # no ack yet, not shown, young: still counted
+    assert request_key("a") in fleet.get("w0").pending  # no ack yet, not shown, young: still counted
     fleet.observe(state(7), 6.0)
     assert not fleet.get("w0").pending  # older than the TTL
     fleet.reserve("w0", load("b"), 6.0)
@@ -66,3 +67,11 @@ def test_candidates_need_model_adapter_and_context_room():
     assert fleet.candidates(route(prompt=90, max_tokens=20), 0.0) == []  # 110 tokens > max_model_len 100
     assert fleet.rank_of("sql") == 16 and fleet.rank_of(None) == 0
     assert fleet.get("lora").view.residency("sql") == "disk"
+
+
+def test_a_new_instance_of_a_worker_forgets_its_pending_routes():
+    fleet = Fleet(dead_after_s=100.0, pending_ttl_s=5.0)
+    fleet.observe(state(5, instance="aa"), 0.0)
+    fleet.reserve("w0", load("a"), 0.0)
+    fleet.observe(state(9, instance="bb"), 0.1)  # restarted, and its seq happens to be larger
+    assert not fleet.get("w0").pending

@@ -107,7 +107,7 @@ async def test_nats_cancel_stops_the_worker_and_ends_with_cancelled(nats_server,
                                                             request_id="to-cancel").encode(), reply=inbox)
     first = Chunk.decode((await sub.next_msg(timeout=5)).data)
     assert not first.final and "to-cancel" in worker.running_ids
-    await bus.publish(subjects.CANCEL, CancelRequest(request_id="to-cancel"))
+    await bus.publish(subjects.CANCEL, CancelRequest(request_id="to-cancel", cancel_token=first.cancel_token))
     chunks = [first]
     while not chunks[-1].final:
         chunks.append(Chunk.decode((await sub.next_msg(timeout=5)).data))
@@ -339,3 +339,99 @@ async def test_a_gateway_shutting_down_finishes_its_streams_first(nats_server, s
     while not chunks[-1].final:
         chunks.append(Chunk.decode((await sub.next_msg(timeout=1)).data))
     assert chunks[-1].finish_reason == "length" and sum(len(c.token_ids) for c in chunks) == 20
+
+
+async def test_a_request_queued_past_the_old_stall_timeout_still_completes(nats_server, stack, stack_with_gateway):
+    """Liveness is the heartbeat: a request waiting in a live worker's queue (or a long prefill) is not lost."""
+    gateway, base = await stack_with_gateway(worker_timeout_s=0.3, missing_grace_s=0.3)
+    busy = await add_worker(stack, nats_server, gateway, "busy", queue_s=2.0)
+    spare = await add_worker(stack, nats_server, gateway, "spare", queue_s=2.0)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{base}/v1/completions", json={"model": "sql", "prompt": [1, 2], "max_tokens": 4}) \
+                as response:
+            assert response.status == 200, await response.text()
+            body = await response.json()
+    assert body["choices"][0]["finish_reason"] == "length" and body["usage"]["completion_tokens"] == 4
+    first, second = (busy, spare) if busy.submits else (spare, busy)
+    assert len(first.submits) == 1 and not first.cancels and not second.submits  # served where it waited
+
+
+async def test_a_request_its_worker_silently_dropped_is_rerouted(nats_server, stack, stack_with_gateway):
+    """The worker heartbeats but stops listing the request and sends no final chunk (e.g. lost in a reconnect)."""
+    gateway, _ = await stack_with_gateway(missing_grace_s=0.3)
+    dropper = await add_worker(stack, nats_server, gateway, "dropper", mode="drop", drop_after=3, step_s=0.01)
+    bus = await client(stack, nats_server.url)
+    pending = asyncio.ensure_future(nats_generate(bus, GenerateRequest(model="sql", prompt=[1, 2, 3], max_tokens=8,
+                                                                       request_id="dropped"), limit_s=10))
+    await wait_until(lambda: dropper.submits)
+    spare = await add_worker(stack, nats_server, gateway, "spare")
+    started = time.monotonic()
+    chunks = await pending
+    assert time.monotonic() - started < 3.0
+    assert [t for c in chunks for t in c.token_ids] == [token_for(3 + i) for i in range(8)]
+    assert chunks[-1].finish_reason == "length" and spare.submits[0].generated_token_ids == chunks[0].token_ids + \
+        [t for c in chunks[1:3] for t in c.token_ids]
+    assert dropper.cancels == ["dropped"]
+
+
+async def test_past_the_fleets_capacity_requests_get_429_at_once(nats_server, stack, stack_with_gateway):
+    gateway, base = await stack_with_gateway()  # max_inflight 256, but the one worker holds 2
+    await add_worker(stack, nats_server, gateway, max_batch=2, step_s=0.05)
+    body = {"model": "sql", "prompt": "x", "max_tokens": 40, "stream": True}
+    async with aiohttp.ClientSession() as http:
+        slow = [await http.post(f"{base}/v1/completions", json=body) for _ in range(2)]
+        for response in slow:
+            await response.content.readline()
+        async with http.get(f"{base}/health") as response:
+            health = await response.json()
+        assert (health["capacity"], health["inflight"], health["workers"]) == (2, 2, ["w0"])
+        started = time.monotonic()
+        async with http.post(f"{base}/v1/completions", json={"model": "sql", "prompt": "x"}) as response:
+            assert response.status == 429 and (await response.json())["error"]["code"] == "overloaded"
+        assert time.monotonic() - started < 0.5
+        for response in slow:
+            response.close()
+    await wait_until(lambda: gateway.relay.limiter.count == 0)
+
+
+async def test_health_reports_a_lost_worker_as_degraded_until_it_is_back(nats_server, stack, stack_with_gateway):
+    gateway, base = await stack_with_gateway(worker_timeout_s=0.3)
+    await add_worker(stack, nats_server, gateway, "w0", max_batch=4)
+    doomed = await add_worker(stack, nats_server, gateway, "w1", max_batch=4)
+
+    async def health():
+        async with http.get(f"{base}/health") as response:
+            return response.status, await response.json()
+
+    async with aiohttp.ClientSession() as http:
+        status, body = await health()
+        assert status == 200 and body["status"] == "ok" and body["capacity"] == 8 and body["lost_workers"] == []
+        await doomed.stop()
+        await wait_until(lambda: gateway.watch.live_workers() == ["w0"])
+        status, body = await health()
+        assert status == 200 and body["status"] == "degraded" and body["lost_workers"] == ["w1"]
+        assert body["capacity"] == 4
+        await add_worker(stack, nats_server, gateway, "w1", max_batch=4)  # restarted, same id
+        status, body = await health()
+        assert body["status"] == "ok" and body["workers"] == ["w0", "w1"] and body["capacity"] == 8
+
+
+async def test_a_restarted_gateway_ends_the_streams_its_predecessor_left(nats_server, stack, stack_with_gateway,
+                                                                       tmp_path):
+    """Gateway replica B starting on A's journal (as A's restart would) sends A's NATS client a final
+    gateway_restarted chunk, at the next index, and tells the worker to cancel."""
+    first, _ = await stack_with_gateway(journal_dir=str(tmp_path))
+    worker = await add_worker(stack, nats_server, first, step_s=0.4)
+    bus = await client(stack, nats_server.url)
+    inbox = bus.nc.new_inbox()
+    sub = await bus.nc.subscribe(inbox)
+    await bus.nc.publish(subjects.GENERATE, GenerateRequest(model="sql", prompt="a long story", max_tokens=500,
+                                                            request_id="orphan-1").encode(), reply=inbox)
+    received = [Chunk.decode((await sub.next_msg(timeout=5)).data)]
+    await start_gateway(stack, nats_server.url, first.config.model_dir, journal_dir=str(tmp_path), http_port=-1)
+    while not received[-1].final:
+        received.append(Chunk.decode((await sub.next_msg(timeout=5)).data))
+    final = received[-1]
+    assert final.error is not None and final.error.code == "gateway_restarted"
+    assert [c.index for c in received] == list(range(len(received)))
+    await wait_until(lambda: "orphan-1" in worker.cancels)

@@ -10,6 +10,7 @@ import pytest
 from services.scheduler.service import SchedulerService
 from shared import subjects
 from shared.schemas import AdapterInfo, Chunk, ErrorReply, RemoteError, RouteReply, RouteRequest, Sampling, WorkerState
+from shared.schemas.names import request_key
 from tests.service.helpers import client, start_scheduler, start_worker, wait_until
 
 pytestmark = pytest.mark.timeout(30)
@@ -57,9 +58,10 @@ async def test_pending_routes_settle_when_the_state_shows_them(nats_server, stac
     worker = await start_worker(stack, nats_server.url, "w0", state_interval_s=10.0, mode="stall")
     await wait_for_workers(scheduler, 1)
     bus = await client(stack, nats_server.url)
-    await bus.request(subjects.ROUTE, route_request(1, "_INBOX.unused"), RouteReply, timeout=2)
+    reply = await bus.request(subjects.ROUTE, route_request(1, "_INBOX.unused"), RouteReply, timeout=2)
+    assert reply.state_seq == worker.seq  # copied from the worker's ack
     record = scheduler.fleet.get("w0")
-    assert set(record.pending) == {"req-1"} and record.view.load == 1
+    assert set(record.pending) == {request_key("req-1")} and record.view.load == 1
     await worker.publish_state()  # the new state lists req-1 as running
     await wait_until(lambda: not scheduler.fleet.get("w0").pending)
     assert scheduler.fleet.get("w0").view.load == 1  # counted once, now from the state

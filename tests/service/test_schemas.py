@@ -10,6 +10,7 @@ from shared.schemas import (AdapterInfo, AdapterList, AdapterListRequest, Adapte
                             ChatMessage, Chunk, ErrorInfo, ErrorReply, GenerateRequest, Message, RemoteError,
                             RequestLoad, RouteReply, RouteRequest, Sampling, SchemaError, SubmitAck, Usage,
                             WorkerState, WorkerSubmit, decode_reply, error_info, http_status)
+from shared.schemas.names import request_key
 
 SAMPLING = Sampling(max_tokens=8, temperature=0.7, top_p=0.9, top_k=40, seed=7, stop=["\n"], stop_token_ids=[2],
                     ignore_eos=True)
@@ -30,15 +31,17 @@ EXAMPLES: list[Message] = [
     ErrorReply(error=error_info("bad_payload", "broken")),
     ROUTE,
     RouteReply(request_id="r-1", worker_id="w0"),
+    RouteReply(request_id="r-1", worker_id="w0", state_seq=12, instance="0123456789abcdef"),
     WorkerSubmit.from_route(ROUTE, "w0"),
     SubmitAck(request_id="r-1", worker_id="w0", state_seq=12),
+    SubmitAck(request_id="r-1", worker_id="w0", state_seq=12, instance="0123456789abcdef"),
     WorkerState(worker_id="w0", model="base", backend="mbgmv",
-                running=[RequestLoad(request_id="a", adapter="sql", rank=8, prompt_tokens=10, generated_tokens=2,
+                running=[RequestLoad(key=request_key("a"), adapter="sql", rank=8, prompt_tokens=10, generated_tokens=2,
                                      remaining_tokens=5)],
-                queued=[RequestLoad(request_id="b")], adapters=[AdapterInfo(name="sql", rank=8, level="device",
+                queued=[RequestLoad(key=request_key("b"))], adapters=[AdapterInfo(name="sql", rank=8, level="device",
                                                                             pinned=True)],
                 free_kv_blocks=10, total_kv_blocks=20, block_size=16, max_batch_size=32, max_model_len=2048,
-                seq=4, timestamp=1.5),
+                seq=4, timestamp=1.5, max_queued=64, instance="0123456789abcdef"),
     AdapterLoad(name="sql", path="/adapters/sql", pinned=True),
     AdapterUnload(name="sql"),
     AdapterListRequest(),
@@ -107,6 +110,9 @@ GENERATE = {"model": "m", "prompt": "x"}
     (WorkerState, pack(worker_id="w", model="m", backend="b", free_kv_blocks=5, total_kv_blocks=1), "free_kv"),
     (WorkerState, pack(worker_id="w", model="m", backend="b", adapters=[{"name": "a", "rank": 8,
                                                                           "level": "cloud"}]), "level"),
+    (WorkerState, pack(worker_id="w", model="m", backend="b", max_queued=-1), "max_queued"),
+    (WorkerState, pack(worker_id="w", model="m", backend="b", instance="not hex"), "instance"),
+    (WorkerState, pack(worker_id="w", model="m", backend="b", running=[{"request_id": "r"}]), "running[0]"),
     (AdapterLoad, pack(name="../x", path="p"), "name"),
 ])
 def test_malformed_payloads_are_rejected_with_the_field_named(cls, payload, where):
@@ -114,6 +120,19 @@ def test_malformed_payloads_are_rejected_with_the_field_named(cls, payload, wher
         cls.decode(payload)
     assert where in str(raised.value)
     assert raised.value.code == "bad_payload"
+
+
+def test_worker_state_shows_request_keys_not_ids_and_old_peers_still_decode():
+    key = request_key("chatcmpl-123")
+    assert len(key) == 16 and key == request_key("chatcmpl-123") and key != request_key("chatcmpl-124")
+    assert "chatcmpl-123" not in key
+    state = WorkerState(worker_id="w", model="m", backend="b", running=[RequestLoad(key=key)], max_batch_size=4,
+                        max_queued=8)
+    assert state.request_keys() == {key} and state.capacity == 12
+    old = WorkerState.decode(pack(worker_id="w", model="m", backend="b"))  # a peer without the new fields
+    assert (old.max_queued, old.instance) == (0, "")
+    assert RouteReply.decode(pack(request_id="r", worker_id="w")).state_seq == 0
+    assert SubmitAck.decode(pack(request_id="r", worker_id="w", state_seq=3)).instance == ""
 
 
 def test_unknown_version_is_its_own_error_code():

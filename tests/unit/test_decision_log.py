@@ -15,6 +15,7 @@ from services.scheduler.policies import PolicyConfig, RouteRequest, make_policy
 from shared.batch_stats import BatchStats
 from shared.perf_model import PerfModel
 from shared.schemas import AdapterInfo, RequestLoad, WorkerState
+from shared.schemas.names import request_key
 
 RANKS = {"a8": 8, "b16": 16, "c32": 32, "d64": 64}
 LEVELS = ("device", "host", "disk")
@@ -30,7 +31,7 @@ def _perf() -> PerfModel:
 def _state(worker_id: str, seq: int, rng: random.Random) -> WorkerState:
     def loads(n: int, tag: str) -> list[RequestLoad]:
         names = [rng.choice([None, *RANKS]) for _ in range(n)]
-        return [RequestLoad(request_id=f"{worker_id}-{tag}{seq}-{i}", adapter=a, rank=RANKS.get(a, 0),
+        return [RequestLoad(key=request_key(f"{worker_id}-{tag}{seq}-{i}"), adapter=a, rank=RANKS.get(a, 0),
                             prompt_tokens=rng.randint(1, 60), generated_tokens=rng.randint(0, 30))
                 for i, a in enumerate(names)]
     adapters = [AdapterInfo(name=a, rank=r, level=rng.choice(LEVELS)) for a, r in RANKS.items()]
@@ -62,7 +63,7 @@ def _drive(policy, path, decisions: int = 150, seed: int = 3):
                            for r in records])
         log.record(f"req-{i}", 0, request, records, (), choice, now, 1e-5)
         if isinstance(choice, str):
-            fleet.reserve(choice, RequestLoad(request_id=f"req-{i}", adapter=adapter, rank=request.rank,
+            fleet.reserve(choice, RequestLoad(key=request_key(f"req-{i}"), adapter=adapter, rank=request.rank,
                                               prompt_tokens=request.prompt_tokens), now)
     log.close()
     return live_costs, log.path

@@ -67,7 +67,8 @@ def test_reference_padding_changes_nothing():
     batch, total = make_batch([8, 32], [2, 2], 24, 24, torch.float32)
     x = torch.randn(total, 24)
     idx = token_adapters(batch.segs, total)
-    assert torch.allclose(lora_reference(x, idx, batch.A, batch.B, 64), lora_reference(x, idx, batch.A, batch.B))
+    # the same sums, but a padded matmul may take another kernel: equal up to float32 rounding
+    torch.testing.assert_close(lora_reference(x, idx, batch.A, batch.B, 64), lora_reference(x, idx, batch.A, batch.B))
 
 
 def test_unknown_backend_is_rejected():

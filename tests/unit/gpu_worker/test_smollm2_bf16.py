@@ -1,4 +1,16 @@
-"""SmolLM2-135M in bf16: the engine's first 16 greedy tokens match transformers+peft (bf16)."""
+"""SmolLM2-135M in bf16: the engine's first 16 greedy tokens match transformers+peft (bf16).
+
+Two bf16 computations of the same model agree only up to rounding: the engine fuses q|k|v and
+gate|up into one GEMM each and batches all requests, HF runs each projection and request alone,
+and oneDNN picks a different kernel (accumulation order) per shape and per CPU (AMX, AVX512-BF16,
+AVX512). Their float32 logits differ by up to ~0.85 (mean ~0.1) at every step, so where the top
+two logits are a bf16 near-tie, greedy decoding may take either branch. Measured on the same
+engine and reference, the number of prompts that flip at such a tie depends on the CPU alone:
+2/10 with AMX (oneDNN brg_matmul:avx10_1_512_amx), 4/10 with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16,
+5/10 with AVX512_CORE; every flip had both gaps <= 0.25. So the test compares tokens up to the
+first divergence, checks the logits themselves at every compared step, and accepts a divergence
+only at a near-tie in both computations.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +22,7 @@ from services.gpu_worker.engine_config import EngineConfig
 from tests.hf_reference import HFReference
 import tests.tiny_adapters as tiny_adapters
 from tests.tiny_adapters import make_lora_adapter
-from tests.unit.gpu_worker.test_engine_correctness import run_engine
+from services.gpu_worker.request import EngineRequest, SamplingParams
 
 PROMPTS = [
     "The capital of France is",
@@ -27,6 +39,20 @@ PROMPTS = [
 # LoRA delta relative to the base projection's output: fine-tuned adapters change a
 # projection by a few percent.
 LORA_RELATIVE_SIZE = 0.05
+MAX_NEW = 16
+# A divergence is a near-tie when the two tokens' logits are <= NEAR_TIE apart in the engine's
+# float32 logits AND in the reference's. The logits come out of a bf16 lm_head, so they are bf16
+# values: 0.25 is one bf16 step (ulp) for logits in [32, 64) and two for [16, 32), the range of
+# this model's top logits, i.e. the two tokens are indistinguishable at bf16 resolution.
+NEAR_TIE = 0.25
+# Largest |engine - reference| float32 logit difference allowed at any compared step. bf16
+# rounding gives <= 0.85 on AMX, AVX512-BF16 and AVX512 alike; a real bug is larger (dropping the
+# LoRA scaling of v_proj alone gives up to 2.6).
+MAX_LOGIT_DIFF = 1.25
+# At most this many prompts may end at a near-tie divergence: the count depends on the CPU's
+# kernels (2-5 of 10, see above), so it only guards against ties being the rule; the logit bound
+# above is what catches real bugs.
+MAX_TIE_DIVERGENCES = len(PROMPTS) // 2
 
 
 def save_in_bf16(adapter_dir):
@@ -60,6 +86,53 @@ def smollm2_adapters(smollm2_dir, tmp_path_factory):
         tiny_adapters.LORA_RELATIVE_SIZE = default_size
 
 
+def run_engine_with_logits(engine: LLMEngine, requests) -> list[tuple[list[int], torch.Tensor]]:
+    """Greedy-run all requests in one mixed batch; per request its tokens and ``[steps, vocab]`` logits."""
+    engine.record_logits = True
+    for i, (ids, adapter) in enumerate(requests):
+        engine.add_request(EngineRequest(f"r{i}", ids, adapter, SamplingParams(max_tokens=MAX_NEW, temperature=0,
+                                                                               ignore_eos=True)))
+    tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(len(requests))}
+    logits: dict[str, list[torch.Tensor]] = {f"r{i}": [] for i in range(len(requests))}
+    while engine.has_unfinished():
+        for o in engine.step():
+            tokens[o.request_id] += o.new_token_ids
+            logits[o.request_id].append(o.logits.float())
+    return [(tokens[f"r{i}"], torch.stack(logits[f"r{i}"])) for i in range(len(requests))]
+
+
+def first_divergence(got: list[int], want: list[int]) -> int | None:
+    """Index of the first differing token, or None when the two sequences are equal."""
+    return next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+
+
+def near_tie(logits: torch.Tensor, a: int, b: int) -> bool:
+    """Tokens ``a`` and ``b`` are within :data:`NEAR_TIE` of each other in ``logits: [vocab]``."""
+    return abs(float(logits[a]) - float(logits[b])) <= NEAR_TIE
+
+
+def compare(got: list[int], got_logits: torch.Tensor, want: list[int], want_logits: torch.Tensor) -> str | None:
+    """None if the engine's run agrees with the reference's (see module docstring), else why not.
+
+    Steps up to and including the first divergence share their prefix, so their logits are
+    comparable; after it the two runs decode different texts.
+    """
+    assert len(got) == len(want) == MAX_NEW, (len(got), len(want))
+    split = first_divergence(got, want)
+    steps = MAX_NEW if split is None else split + 1
+    diff = float((got_logits[:steps] - want_logits[:steps]).abs().max())
+    if diff > MAX_LOGIT_DIFF:
+        return f"logits differ by {diff:.3f} > {MAX_LOGIT_DIFF} within the first {steps} steps"
+    if split is None:
+        return None
+    a, b = got[split], want[split]
+    if not (near_tie(got_logits[split], a, b) and near_tie(want_logits[split], a, b)):
+        return (f"step {split}: engine chose {a}, reference {b}; gaps engine "
+                f"{float(got_logits[split][a] - got_logits[split][b]):.3f}, reference "
+                f"{float(want_logits[split][b] - want_logits[split][a]):.3f} (near-tie <= {NEAR_TIE})")
+    return "tie"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # transformers' bf16 generation on a 2-core CPU is slow, more so under load
 def test_first_16_greedy_tokens_match_peft_bf16(smollm2_dir, smollm2_adapters):
@@ -69,7 +142,10 @@ def test_first_16_greedy_tokens_match_peft_bf16(smollm2_dir, smollm2_adapters):
     names = [None, "qv8", "all64"]
     requests = [(tokenizer(p)["input_ids"], names[i % 3]) for i, p in enumerate(PROMPTS)]
     engine = LLMEngine(smollm2_dir, EngineConfig(dtype="bfloat16", device="cpu"), dict(smollm2_adapters))
-    got = run_engine(engine, requests, max_new=16)
+    got = run_engine_with_logits(engine, requests)
     reference = HFReference(smollm2_dir, smollm2_adapters, dtype=torch.bfloat16)
-    matches = [tokens == reference.generate(ids, adapter, 16).token_ids for (ids, adapter), tokens in zip(requests, got)]
-    assert sum(matches) / len(matches) >= 0.9, matches
+    want = [reference.generate(ids, adapter, MAX_NEW) for ids, adapter in requests]
+    verdicts = [compare(tokens, logits, w.token_ids, w.step_logits) for (tokens, logits), w in zip(got, want)]
+    failures = {PROMPTS[i]: v for i, v in enumerate(verdicts) if v not in (None, "tie")}
+    assert not failures, failures
+    assert verdicts.count("tie") <= MAX_TIE_DIVERGENCES, verdicts

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from launcher.local_stack import LocalStack, StackConfig
+from launcher.stack_credentials import StackCredentials
 from shared.nats_server import NatsServer
 
 
@@ -16,6 +17,7 @@ def worker_env(monkeypatch, tmp_path, workers: int, index: int, omp: str | None 
     monkeypatch.delenv("CARASERVE_NUM_THREADS", raising=False)
     stack = LocalStack(StackConfig(workers=workers, http_port=0, nats_port=0, run_dir=str(tmp_path)))
     stack.nats = NatsServer()  # never started: only its (empty) url is read
+    stack.creds = StackCredentials.generate(tmp_path / "nats", schedulers=1, workers=workers)
     return stack._worker_env(index)
 
 
