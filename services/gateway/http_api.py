@@ -28,13 +28,13 @@ from aiohttp import web
 from services.gateway.adapter_holders import AdapterHolders
 from services.gateway.json_body import parse_json_body
 from services.gateway.openai_format import error_body, generate_request, include_usage, response_body, sse_events
-from services.gateway.prepare import PreparedRequest, RequestPreparer
+from services.gateway.prepare import MAX_CHARS_PER_TOKEN, PreparedRequest, RequestPreparer
 from services.gateway.relay import Relay, RequestStream
 from shared.schemas import ErrorInfo, ServiceError, error_info, http_status
 
 logger = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 8 * 1024 * 1024
+BODY_ROOM_BYTES = 1024 * 1024
 OWNER = "caraserve"
 
 
@@ -71,6 +71,14 @@ def bearer_key(request: web.Request) -> str | None:
     return key.strip()
 
 
+def max_body_bytes(max_model_len: int) -> int:
+    """The largest body a valid request can need: its prompt's character bound (``max_model_len``
+    × MAX_CHARS_PER_TOKEN), each character JSON-escaped (``\\uXXXX``, 6 bytes), plus 1 MiB of room.
+    A larger body is refused with 413 before it is read in full, so that parsing a body never
+    holds the event loop for long (about 2 ms per MB)."""
+    return max_model_len * MAX_CHARS_PER_TOKEN * 6 + BODY_ROOM_BYTES
+
+
 class HttpApi:
     """Request handlers bound to the gateway's preparer and relay."""
 
@@ -82,7 +90,8 @@ class HttpApi:
         self.holders = holders
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[openai_errors])
+        app = web.Application(client_max_size=max_body_bytes(self.preparer.max_model_len),
+                              middlewares=[openai_errors])
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)

@@ -333,11 +333,13 @@ class Message(Struct):
 
     @classmethod
     def from_envelope(cls: type[M], body: dict[str, Any]) -> M:
-        """Validate an unpacked envelope map (see :func:`unpack`) as a ``cls`` message."""
+        """Validate an unpacked envelope map (see :func:`unpack`) as a ``cls`` message.
+
+        A missing ``v`` means this version (the README's examples leave it out); another
+        version gets ``unsupported_version``.
+        """
         body = dict(body)
-        version = body.pop("v", None)
-        if version is None:
-            raise SchemaError("required field is missing", "v")
+        version = body.pop("v", cls.SCHEMA_VERSION)
         if version != cls.SCHEMA_VERSION:
             raise SchemaError(f"unsupported schema version {_shown(version)}, this service speaks "
                               f"{cls.SCHEMA_VERSION}", "v", code="unsupported_version")

@@ -14,7 +14,7 @@ import aiohttp
 import msgpack
 import pytest
 
-from services.gateway.http_api import MAX_BODY_BYTES
+from services.gateway.http_api import max_body_bytes
 from services.gateway.json_body import MAX_DEPTH
 from services.gateway.prepare import MAX_CHARS_PER_TOKEN
 from shared.schemas import ERROR_CODES, GenerateRequest
@@ -66,6 +66,9 @@ async def assert_still_serving(http: aiohttp.ClientSession, base: str) -> None:
     assert status == 200 and body["usage"]["completion_tokens"] == 2, body
     async with http.get(f"{base}/health") as response:
         assert (await response.json())["inflight"] == 0
+
+
+TINY_CONTEXT = 512  # the tiny model's max_position_embeddings
 
 
 def with_field(raw_value: str, name: str = "user") -> bytes:
@@ -156,17 +159,19 @@ async def test_framework_errors_are_openai_json(serving):
         async with http.get(f"{base}/v1/completions") as response:
             assert response.headers["Allow"] == "POST"
             error_of(response.status, await response.json(), 405, "method_not_allowed")
-        too_large = with_field('"' + "x" * MAX_BODY_BYTES + '"')
+        too_large = with_field('"' + "x" * max_body_bytes(TINY_CONTEXT) + '"')
         error_of(*await post(http, f"{base}/v1/completions", too_large), 413, "request_too_large")
         await assert_still_serving(http, base)
 
 
 async def test_a_huge_prompt_is_refused_by_size_before_tokenizing(serving, stack, nats_server):
-    gateway, base, worker = await serving()  # the tiny model's context: 512 tokens
-    limit = 512 * MAX_CHARS_PER_TOKEN
+    gateway, base, worker = await serving()
+    limit = TINY_CONTEXT * MAX_CHARS_PER_TOKEN
     huge = "many words " * 700_000  # 7.7 MB: several seconds of tokenizing here
     async with aiohttp.ClientSession() as http:
-        for url, body in [(f"{base}/v1/completions", {**GOOD, "prompt": huge}),
+        message = error_of(*await post(http, f"{base}/v1/completions", {**GOOD, "prompt": huge}), 413,
+                           "request_too_large")  # larger than any valid request: not even read in full
+        for url, body in [(f"{base}/v1/completions", {**GOOD, "prompt": huge[:limit * 4]}),
                           (f"{base}/v1/chat/completions", {"model": "sql", "messages": [
                               {"role": "system", "content": huge[:limit]}, {"role": "user", "content": "x"}]})]:
             message = error_of(*await post(http, url, body), 400, "context_length_exceeded")

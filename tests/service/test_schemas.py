@@ -74,7 +74,6 @@ GENERATE = {"model": "m", "prompt": "x"}
     (Chunk, b"", "msgpack"),
     (Chunk, b"\xc1", "msgpack"),
     (Chunk, msgpack.packb([1, 2]), "map"),
-    (Chunk, msgpack.packb(CHUNK), "v"),
     (Chunk, pack(**CHUNK, kind="route_request"), "kind"),
     (Chunk, pack(index=0), "request_id"),
     (Chunk, pack(**CHUNK, zzz=1), "zzz"),
@@ -139,6 +138,13 @@ def test_unknown_version_is_its_own_error_code():
     with pytest.raises(SchemaError) as raised:
         Chunk.decode(msgpack.packb({"v": 2, **CHUNK}))
     assert raised.value.code == "unsupported_version" and raised.value.path == "v"
+
+
+def test_a_missing_version_means_the_current_one():
+    """What the README's NATS example sends: no ``v``."""
+    request = GenerateRequest.decode(msgpack.packb({"model": "m", "prompt": "hi"}))
+    assert (request.model, request.prompt) == ("m", "hi")
+    assert CancelRequest.decode(msgpack.packb({"request_id": "r"})).request_id == "r"
 
 
 def test_decode_reply_tells_errors_from_answers():
