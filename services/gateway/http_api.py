@@ -73,7 +73,7 @@ def bearer_key(request: web.Request) -> str | None:
 
 def max_body_bytes(max_model_len: int) -> int:
     """The largest body a valid request can need: its prompt's character bound (``max_model_len``
-    × MAX_CHARS_PER_TOKEN), each character JSON-escaped (``\\uXXXX``, 6 bytes), plus 1 MiB of room.
+    × MAX_CHARS_PER_TOKEN), each character JSON-escaped (a ``\\u`` escape, 6 bytes), plus 1 MiB of room.
     A larger body is refused with 413 before it is read in full, so that parsing a body never
     holds the event loop for long (about 2 ms per MB)."""
     return max_model_len * MAX_CHARS_PER_TOKEN * 6 + BODY_ROOM_BYTES

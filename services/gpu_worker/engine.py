@@ -26,7 +26,8 @@ from services.gpu_worker.engine_config import EngineConfig
 from services.gpu_worker.kv_cache import BlockManager, allocate_cache, blocks_for_budget
 from services.gpu_worker.lora_ops import get_backend
 from services.gpu_worker.model import LlamaModel
-from services.gpu_worker.request import EngineRequest, RequestError, RequestOutput
+from services.gpu_worker.request import (DuplicateRequestError, EngineRequest, RequestError, RequestOutput,
+                                        UnknownAdapterRequestError)
 from services.gpu_worker.residency_config import ResidencyConfig
 from services.gpu_worker.runner import ModelRunner
 from services.gpu_worker.sampling import is_greedy, make_generator
@@ -114,7 +115,7 @@ class LLMEngine:
         seq = self._make_sequence(request)
         with self._ids_lock:
             if request.request_id in self._live:
-                raise RequestError(f"duplicate request_id {request.request_id!r}")
+                raise DuplicateRequestError(f"duplicate request_id {request.request_id!r}")
             self._live[request.request_id] = seq
         self._commands.put(("add", seq))
         self._wake.set()
@@ -151,7 +152,7 @@ class LLMEngine:
             try:
                 rank = self.adapters.rank(request.adapter)
             except UnknownAdapterError as exc:
-                raise RequestError(str(exc)) from None
+                raise UnknownAdapterRequestError(str(exc)) from None
         seq = Sequence(request.request_id, ids, request.adapter, request.params, rank=rank)
         seq.generator = None if is_greedy(request.params) else make_generator(request.params.seed)
         resumed = request.resumed_tokens

@@ -11,6 +11,14 @@ class RequestError(ValueError):
     """A request is invalid (bad parameter, unknown adapter, prompt too long...)."""
 
 
+class UnknownAdapterRequestError(RequestError):
+    """The request names an adapter the engine does not serve."""
+
+
+class DuplicateRequestError(RequestError):
+    """A request with this id is already in the engine."""
+
+
 @dataclass
 class SamplingParams:
     """Per-request generation parameters (OpenAI/vLLM semantics)."""

@@ -36,7 +36,8 @@ from opentelemetry import context as otel_context
 from services.gpu_worker.adapter_admin import AdapterAdmin
 from services.gpu_worker.engine import EngineStats, LLMEngine, RunningInfo
 from services.gpu_worker.engine_config import EngineConfig
-from services.gpu_worker.request import EngineRequest, RequestError, RequestOutput, SamplingParams
+from services.gpu_worker.request import (DuplicateRequestError, EngineRequest, RequestError, RequestOutput,
+                                        SamplingParams, UnknownAdapterRequestError)
 from services.gpu_worker.residency_config import ResidencyConfig
 from services.gpu_worker.residency_telemetry import register_residency_metrics
 from services.gpu_worker.step_thread import StepThread
@@ -56,6 +57,7 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = "caraserve-gpu-worker"
 EXIT_ENGINE_DIED = 70  # EX_SOFTWARE: the engine thread died; restart the process
 FLUSH_TIMEOUT_S = 2.0
+REFUSAL_CODES = {UnknownAdapterRequestError: "model_not_found", DuplicateRequestError: "duplicate_request_id"}
 
 
 @dataclass
@@ -178,7 +180,7 @@ class GpuWorkerService:
         try:
             self.engine.add_request(request)
         except RequestError as exc:
-            raise ServiceError(_refusal_code(str(exc)), str(exc)) from None
+            raise ServiceError(REFUSAL_CODES.get(type(exc), "invalid_request"), str(exc)) from None
         # no await since add_request: the step's outputs for it cannot be handled before this
         self._tracked[submit.request_id] = Tracked(submit, extract_context(msg.headers))
         self._dirty.set()
@@ -380,13 +382,6 @@ def _load(info: RunningInfo) -> RequestLoad:
     return RequestLoad(key=request_key(info.request_id), adapter=info.adapter, rank=info.rank,
                        prompt_tokens=info.prompt_tokens, generated_tokens=info.generated_tokens,
                        remaining_tokens=info.remaining_tokens)
-
-
-def _refusal_code(message: str) -> str:
-    """The error code of an engine's RequestError message."""
-    if "unknown adapter" in message:
-        return "model_not_found"
-    return "duplicate_request_id" if message.startswith("duplicate request_id") else "invalid_request"
 
 
 async def _cancel(task: asyncio.Task) -> None:
