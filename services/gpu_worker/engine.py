@@ -28,11 +28,11 @@ from services.gpu_worker.lora_ops import get_backend
 from services.gpu_worker.model import LlamaModel
 from services.gpu_worker.request import (DuplicateRequestError, EngineRequest, RequestError, RequestOutput,
                                         UnknownAdapterRequestError)
-from services.gpu_worker.residency_config import ResidencyConfig
+from services.gpu_worker.residency.config import ResidencyConfig
 from services.gpu_worker.runner import ModelRunner
 from services.gpu_worker.sampling import is_greedy, make_generator
 from services.gpu_worker.sequence import Sequence, Status
-from services.gpu_worker.tiered_adapters import ResidencyHooks, TieredAdapters
+from services.gpu_worker.residency.tiered import ResidencyHooks, TieredAdapters
 from shared.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)

@@ -38,8 +38,8 @@ from services.gpu_worker.engine import EngineStats, LLMEngine, RunningInfo
 from services.gpu_worker.engine_config import EngineConfig
 from services.gpu_worker.request import (DuplicateRequestError, EngineRequest, RequestError, RequestOutput,
                                         SamplingParams, UnknownAdapterRequestError)
-from services.gpu_worker.residency_config import ResidencyConfig
-from services.gpu_worker.residency_telemetry import register_residency_metrics
+from services.gpu_worker.residency.config import ResidencyConfig
+from services.gpu_worker.residency.telemetry import register_residency_metrics
 from services.gpu_worker.step_thread import StepThread
 from services.gpu_worker.worker_config import WorkerConfig
 from shared import subjects

@@ -25,7 +25,7 @@ from typing import Callable
 
 from services.gpu_worker.engine import LLMEngine
 from services.gpu_worker.request import EngineRequest, SamplingParams
-from services.gpu_worker.tiered_adapters import TieredAdapters
+from services.gpu_worker.residency.tiered import TieredAdapters
 from shared.perf_model import ProfileError
 
 LEVELS = ("host", "disk")

@@ -34,13 +34,13 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from services.gpu_worker.adapter_link import Link, make_link
-from services.gpu_worker.adapter_loader import AdapterLoader, Landed, LoadJob
+from services.gpu_worker.residency.link import Link, make_link
+from services.gpu_worker.residency.loader import AdapterLoader, Landed, LoadJob
 from services.gpu_worker.adapter_manager import UnknownAdapterError
-from services.gpu_worker.device_cache import DeviceCache
-from services.gpu_worker.host_store import HostStore
-from services.gpu_worker.residency_config import ResidencyConfig
-from services.gpu_worker.residency_metrics import ResidencyCounters
+from services.gpu_worker.residency.device_cache import DeviceCache
+from services.gpu_worker.residency.host_store import HostStore
+from services.gpu_worker.residency.config import ResidencyConfig
+from services.gpu_worker.residency.metrics import ResidencyCounters
 from shared.adapter_registry import AdapterNotFoundError, AdapterRecord, AdapterRegistry, RegistryError, check_name
 from shared.llama_shape import LlamaShape
 from shared.peft_adapter import AdapterError, LoraAdapter, validate_adapter

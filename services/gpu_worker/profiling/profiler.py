@@ -27,12 +27,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from services.gpu_worker.cold_start_profiler import ColdStartProfiler, link_label, prompt_lengths
+from services.gpu_worker.profiling.cold_start import ColdStartProfiler, link_label, prompt_lengths
 from services.gpu_worker.engine import LLMEngine
 from services.gpu_worker.engine_config import EngineConfig
-from services.gpu_worker.profile_config import ProfileConfig
+from services.gpu_worker.profiling.config import ProfileConfig
 from services.gpu_worker.request import EngineRequest, SamplingParams
-from services.gpu_worker.residency_config import ResidencyConfig
+from services.gpu_worker.residency.config import ResidencyConfig
 from shared.llama_shape import LlamaShape
 from shared.model_store import cache_root
 from shared.perf_model import PerfModel, ProfileInfo, current_device_name

@@ -16,8 +16,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from services.gpu_worker.adapter_link import Link, Weights, weights_nbytes
-from services.gpu_worker.host_store import HostStore
+from services.gpu_worker.residency.link import Link, Weights, weights_nbytes
+from services.gpu_worker.residency.host_store import HostStore
 from shared.adapter_registry import AdapterRecord
 from shared.peft_adapter import AdapterError
 
