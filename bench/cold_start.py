@@ -53,10 +53,10 @@ from bench.cold_start_workload import (MAF_DIR, POPULARITY_FILE, TRACE_FILE, Arr
 from bench.random_adapters import adapter_names, ensure_adapters
 from services.gpu_worker.engine import LLMEngine
 from services.gpu_worker.engine_config import EngineConfig
-from services.gpu_worker.host_store import HostStore
+from services.gpu_worker.residency.host_store import HostStore
 from services.gpu_worker.request import EngineRequest, SamplingParams
-from services.gpu_worker.residency_config import ResidencyConfig
-from services.gpu_worker.tiered_adapters import TieredAdapters
+from services.gpu_worker.residency.config import ResidencyConfig
+from services.gpu_worker.residency.tiered import TieredAdapters
 from shared.adapter_registry import AdapterRegistry
 from shared.llama_shape import LlamaShape
 from shared.model_store import default_model_dir

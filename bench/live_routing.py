@@ -41,7 +41,8 @@ from launcher.local_stack import LocalStack, StackConfig
 from services.scheduler.decision_log import DecisionLog
 from services.scheduler.decision_replay import Decision, LogHeader, lag_summary, percentiles, read_log, replay
 from services.scheduler.fleet import Fleet
-from services.scheduler.policies import Policy, PolicyConfig, RouteRequest, make_policy
+from services.scheduler.policies import Policy, PolicyConfig, PolicyRequest, make_policy
+from shared.backends import BACKENDS
 from shared.config import add_arguments, from_namespace
 from shared.schemas import AdapterInfo, RequestLoad, WorkerState
 from shared.schemas.names import request_key
@@ -136,7 +137,7 @@ def record_cost_us(workers: int, running: int, decisions: int = 300, seed: int =
         log = DecisionLog.open(str(Path(tmp) / "log.jsonl"), "bench", make_policy(PolicyConfig(policy="random")))
         for i in range(decisions):
             adapter = rng.choice(list(ranks))
-            request = RouteRequest(ranks[adapter], rng.randint(8, 256), adapter)
+            request = PolicyRequest(ranks[adapter], rng.randint(8, 256), adapter)
             started = time.perf_counter()
             log.record(f"r{i}", 0, request, records, (), "w0", 0.0, 1e-5)
             times.append(time.perf_counter() - started)
@@ -147,8 +148,8 @@ def record_cost_us(workers: int, running: int, decisions: int = 300, seed: int =
 def _profile(model: Path, adapter_dir: Path, backend: str, out: Path) -> Path:
     """A small profile of ``model`` over the served adapters' ranks (progress on stderr)."""
     from services.gpu_worker.engine_config import EngineConfig
-    from services.gpu_worker.profile_config import ProfileConfig
-    from services.gpu_worker.profiler import profile
+    from services.gpu_worker.profiling.config import ProfileConfig
+    from services.gpu_worker.profiling.profiler import profile
     from shared.peft_adapter import read_adapter_config
 
     dirs = [p for p in adapter_dir.iterdir() if p.is_dir()]
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=None, help="base model dir (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--adapter-dir", type=Path, default=None, help="adapter root (default: the demo adapters)")
     parser.add_argument("--profile", type=Path, default=None, help="profile JSON (default: measure a small one)")
-    parser.add_argument("--backend", default="bgmv", choices=("bgmv", "mbgmv"))
+    parser.add_argument("--backend", default="bgmv", choices=BACKENDS)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json", type=Path, default=RESULTS / "live_routing-cpu.json")
     add_arguments(parser, LiveWorkload)

@@ -30,10 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
-from services.scheduler.policies import POLICY_NAMES, PolicyConfig, RouteRequest, make_policy
-from services.scheduler.worker_view import RequestLoad, WorkerView
+from services.scheduler.policies import POLICY_NAMES, PolicyConfig, PolicyRequest, make_policy
+from services.scheduler.worker_view import WorkerView
 from shared.batch_stats import BatchStats
+from shared.levels import Level
 from shared.perf_model import TERMS, PerfModel, current_device_name
+from shared.schemas import RequestLoad
+from shared.schemas.names import request_key
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_P99_US = 500.0
@@ -46,15 +49,21 @@ def _all_terms_model() -> PerfModel:
                                                             "disk": {"const": 30000.0, "sum_rank": 500.0}})
 
 
+def _load(rank: int, tokens: int, adapter: str, request_id: str) -> RequestLoad:
+    """A request of ``tokens`` context tokens as a worker's state reports it."""
+    return RequestLoad(key=request_key(request_id), adapter=adapter, rank=rank, prompt_tokens=tokens)
+
+
 def make_cluster(workers: int, running: int, seed: int) -> tuple[list[WorkerView], list[dict]]:
     """Views and, per worker, the plain request lists the naive baseline loops over."""
     rng = random.Random(seed)
     adapters = [f"adapter-{i}" for i in range(256)]
     views, lists = [], []
     for w in range(workers):
-        run = [RequestLoad(rng.choice(RANKS), rng.randrange(16, 1500), rng.choice(adapters)) for _ in range(running)]
-        wait = [RequestLoad(rng.choice(RANKS), rng.randrange(16, 800), rng.choice(adapters))
-                for _ in range(rng.choice((0, 0, 1, 3)))]
+        run = [_load(rng.choice(RANKS), rng.randrange(16, 1500), rng.choice(adapters), f"w{w}-run-{j}")
+               for j in range(running)]
+        wait = [_load(rng.choice(RANKS), rng.randrange(16, 800), rng.choice(adapters), f"w{w}-wait-{j}")
+                for j in range(rng.choice((0, 0, 1, 3)))]
         resident = set(rng.sample(adapters, 24))
         views.append(WorkerView.build(f"w{w}", max_batch=64, running=run, waiting=wait, resident=resident,
                                       host=set(adapters[:128])))
@@ -68,11 +77,11 @@ def _naive_padding_extension(perf: PerfModel, everything: list[RequestLoad], ran
     if not lower or max(r.rank for r in everything) < rank:
         return 0.0
     at_least = len(everything) - len(lower)
-    tokens = sum(r.tokens for r in everything) * len(lower) / len(everything)
+    tokens = sum(r.context_tokens for r in everything) * len(lower) / len(everything)
     return perf.decode.padding(len(lower), tokens, max(r.rank for r in lower), rank) / (at_least + 1)
 
 
-def naive_rank_aware(perf: PerfModel, lists: list[dict], req: RouteRequest, slo_us: float, avg_len: float,
+def naive_rank_aware(perf: PerfModel, lists: list[dict], req: PolicyRequest, slo_us: float, avg_len: float,
                      max_batch: int, typical_prompt: float) -> int:
     """Algorithm 1 as in policies.RankAware (default terms), re-aggregating every request on every decision."""
     inv_len = 1.0 / avg_len
@@ -82,10 +91,11 @@ def naive_rank_aware(perf: PerfModel, lists: list[dict], req: RouteRequest, slo_
     best = [[-1, float("inf"), float("inf")] for _ in range(3)]  # feasible with room, with room, full
     for i, worker in enumerate(lists):
         everything = worker["running"] + worker["waiting"]
-        exists = BatchStats.from_requests([r.rank for r in everything], [r.tokens for r in everything],
+        exists = BatchStats.from_requests([r.rank for r in everything], [r.context_tokens for r in everything],
                                           [r.adapter for r in everything])
-        queue = BatchStats.from_requests([r.rank for r in worker["waiting"]], [r.tokens for r in worker["waiting"]],
-                                         [r.adapter for r in worker["waiting"]])
+        waiting = worker["waiting"]
+        queue = BatchStats.from_requests([r.rank for r in waiting], [r.context_tokens for r in waiting],
+                                         [r.adapter for r in waiting])
         n = exists.count
         before, after = perf.decode.cost(exists), perf.decode.cost_with(exists, req.rank, req.prompt_tokens,
                                                                         req.adapter)
@@ -96,7 +106,7 @@ def naive_rank_aware(perf: PerfModel, lists: list[dict], req: RouteRequest, slo_
         d_prefill = (perf.prefill.cost_with(queue, req.rank, req.prompt_tokens, req.adapter) - perf.prefill.cost(queue)
                      if queue.count else solo)
         if req.adapter not in worker["resident"]:
-            level = "host" if req.adapter in worker["host"] else "disk"
+            level = Level.HOST if req.adapter in worker["host"] else Level.DISK
             d_prefill += perf.cold_start_us(req.rank, req.prompt_tokens, level)
         total = (d_prefill * inv_len + d_decode) * n + wait * inv_len
         for tier in ((best[0], best[1]) if predicted <= slo_us else (best[1],)) if room else (best[2],):
@@ -115,7 +125,7 @@ def _percentiles(samples_ns: list[int]) -> dict[str, float]:
 def run(decisions: int, workers: int, running: int, perf: PerfModel, seed: int) -> tuple[dict, dict]:
     views, lists = make_cluster(workers, running, seed)
     rng = random.Random(seed + 1)
-    requests = [RouteRequest(rng.choice(RANKS), rng.randrange(16, 800), f"adapter-{rng.randrange(256)}")
+    requests = [PolicyRequest(rng.choice(RANKS), rng.randrange(16, 800), f"adapter-{rng.randrange(256)}")
                 for _ in range(decisions)]
     slo_us = 10 * perf.decode_us(views[0].total)  # loose enough that most workers are feasible
     avg_len = 128.0

@@ -24,7 +24,7 @@ import sys
 
 import numpy as np
 
-from shared.perf_model import PerfModel, ProfileInfo, sample_stats
+from shared.perf_model import COLD_LEVELS, PerfModel, ProfileInfo, sample_stats
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 RANKS = (8, 16, 32, 64)
@@ -62,7 +62,7 @@ def synthetic_samples(backend: str, seed: int = 0, noise: float = 0.01) -> list[
         for ranks in _rank_mixes(batch, rng):
             prompts = rng.integers(16, 1024, size=batch).tolist()
             record("prefill", ranks, prompts, truth.prefill_us(_stats(ranks, prompts)))
-    for level in ("host", "disk"):
+    for level in COLD_LEVELS:
         for rank in RANKS:
             for tokens in (32, 128, 512):
                 record(f"cold_{level}", [rank], [tokens], truth.cold_start_us(rank, tokens, level))

@@ -2,10 +2,18 @@
 
 Input line:  {"id", "prompt" | "prompt_token_ids", "adapter": name|null, "max_tokens",
               "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos"}
-Output line: {"id", "token_ids", "text", "finish_reason": "length"|"stop"|"error", "error"?}
+Output line: {"id", "token_ids", "text", "finish_reason": "length"|"stop"|"error", "error"?,
+              "prefill_lora": {"cpu_layers", "device_layers", "waited_ms"}}
 
 All requests go through one engine in mixed continuous batches. A bad line yields an
 error line for its id and the rest still complete; outputs keep the input order.
+``prefill_lora`` says how a request's prefill got its LoRA deltas: layers computed by the
+CPU prefill pool, layers computed on the device, and how long it waited for its adapter.
+
+``--cold-start`` (default ``cached``: every adapter loaded before the first request)
+picks the residency mode; ``cpu_assist`` starts a CPU prefill pool of
+``--cpu-prefill-workers`` processes for this run. On a CPU-only host the host-to-device
+link is EMULATED with ``--emulate-link-gbps`` / ``--emulate-link-latency-ms``.
 """
 
 from __future__ import annotations
@@ -24,11 +32,14 @@ LINE_KEYS = {"id", "prompt", "prompt_token_ids", "adapter", *SAMPLING_KEYS}
 
 def register(subparsers) -> None:
     from services.gpu_worker.engine_config import EngineConfig
+    from services.gpu_worker.residency.config import ResidencyConfig
 
     p = subparsers.add_parser("batch", help="run a JSONL file of requests offline")
     p.add_argument("--model", default="default", help="HF Llama directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="a PEFT adapter (repeatable)")
     add_arguments(p, EngineConfig)
+    add_arguments(p, ResidencyConfig)
+    p.set_defaults(cold_start="cached")
     p.add_argument("input", type=Path, help="input JSONL")
     p.add_argument("output", type=Path, help="output JSONL")
     p.set_defaults(func=run)
@@ -51,6 +62,7 @@ def build_engine(args: argparse.Namespace):
     from services.gpu_worker.engine import LLMEngine
     from services.gpu_worker.engine_config import EngineConfig
     from services.gpu_worker.model import ModelLoadError
+    from services.gpu_worker.residency.config import ResidencyConfig
     from shared.model_store import ModelStoreError, resolve_model_dir
     from shared.peft_adapter import AdapterError
     from shared.tokenizer import TokenizerError
@@ -62,8 +74,9 @@ def build_engine(args: argparse.Namespace):
 
             if not torch.cuda.is_available():
                 raise CliError("--device cuda requested but CUDA is not available")
+        residency = from_namespace(ResidencyConfig, args)
         model_dir = resolve_model_dir(None if args.model == "default" else args.model)
-        return LLMEngine(model_dir, config, parse_adapters(args.adapter))
+        return LLMEngine(model_dir, config, parse_adapters(args.adapter), residency)
     except (ConfigError, ModelStoreError, ModelLoadError, AdapterError, TokenizerError) as exc:
         raise CliError(str(exc)) from None
 
@@ -125,14 +138,20 @@ def run_requests(engine, lines: list[str]) -> list[dict]:
             records[n] = error_record(rid, str(exc))
             continue
         slot_of[rid] = n
-        records[n] = {"id": rid, "token_ids": [], "text": "", "finish_reason": None}
+        records[n] = {"id": rid, "token_ids": [], "text": "", "finish_reason": None,
+                      "prefill_lora": prefill_lora_record(None)}
     total = len(slot_of)
     done = 0
     while engine.has_unfinished():
-        for out in engine.step():
+        outputs = engine.step()
+        if engine.idle and not outputs:
+            engine.wait_for_work(0.01)  # adapters are loading
+        for out in outputs:
             rec = records[slot_of[out.request_id]]
             rec["token_ids"] += out.new_token_ids
             rec["text"] += out.text_delta
+            if out.first_token:
+                rec["prefill_lora"] = prefill_lora_record(out.prefill_lora)
             if out.finished:
                 rec["finish_reason"] = out.finish_reason
                 if out.error:
@@ -144,8 +163,16 @@ def run_requests(engine, lines: list[str]) -> list[dict]:
     return [records[n] for n in range(len(lines))]
 
 
+def prefill_lora_record(lora) -> dict:
+    """The ``prefill_lora`` field of an output line (zeros before a first token)."""
+    if lora is None:
+        return {"cpu_layers": 0, "device_layers": 0, "waited_ms": 0.0}
+    return {"cpu_layers": lora.cpu_layers, "device_layers": lora.device_layers, "waited_ms": round(lora.waited_ms, 3)}
+
+
 def error_record(rid: str, message: str) -> dict:
-    return {"id": rid, "token_ids": [], "text": "", "finish_reason": "error", "error": message}
+    return {"id": rid, "token_ids": [], "text": "", "finish_reason": "error", "error": message,
+            "prefill_lora": prefill_lora_record(None)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -154,7 +181,16 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, UnicodeDecodeError) as exc:
         raise CliError(f"cannot read {args.input}: {exc}") from None
     engine = build_engine(args)
-    records = run_requests(engine, lines)
+    try:
+        if engine.pool is None:
+            records = run_requests(engine, lines)
+        else:
+            from launcher.local_pool import LocalPool
+
+            with LocalPool(engine.pool):
+                records = run_requests(engine, lines)
+    finally:
+        engine.close()
     try:
         args.output.write_text("".join(json.dumps(r) + "\n" for r in records))
     except OSError as exc:

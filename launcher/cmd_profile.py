@@ -7,15 +7,16 @@ import json
 import sys
 
 from launcher.cli import CliError
+from shared.backends import BACKENDS
 from shared.config import ConfigError, add_arguments, from_namespace
 
 
 def register(subparsers) -> None:
-    from services.gpu_worker.profile_config import ProfileConfig
+    from services.gpu_worker.profiling.config import ProfileConfig
 
     p = subparsers.add_parser("profile", help="profile decode/prefill steps and fit the performance model")
     p.add_argument("--model", default="default", help="HF Llama directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--backend", default="bgmv", choices=("bgmv", "mbgmv"), help="kernel family to profile")
+    p.add_argument("--backend", default="bgmv", choices=BACKENDS, help="kernel family to profile")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0: one per core)")
@@ -29,8 +30,8 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from services.gpu_worker.engine_config import EngineConfig
-    from services.gpu_worker.profile_config import ProfileConfig
-    from services.gpu_worker.profiler import add_cold_starts, profile
+    from services.gpu_worker.profiling.config import ProfileConfig
+    from services.gpu_worker.profiling.profiler import add_cold_starts, profile
     from shared.model_store import ModelStoreError, resolve_model_dir
     from shared.perf_model import PerfModel, ProfileError
 

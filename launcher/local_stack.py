@@ -33,6 +33,7 @@ from pathlib import Path
 
 from launcher.stack_credentials import StackCredentials
 from launcher.supervisor import Supervisor
+from shared.backends import BACKENDS
 from shared.config import check_choice, option, require
 from shared.nats_server import NatsServer, NatsServerConfig
 
@@ -59,7 +60,7 @@ class StackConfig:
     adapter_dir: str = option("", "adapter root (each subdirectory a PEFT adapter); default: demo adapters")
     policy: str = option("least_loaded", "scheduler routing policy", POLICIES)
     profile: str = option("", "performance profile JSON for rank_aware")
-    backend: str = option("bgmv", "multi-LoRA kernel family", ("bgmv", "mbgmv"))
+    backend: str = option("bgmv", "multi-LoRA kernel family", BACKENDS)
     cold_start: str = option("cached", "adapter cold-start mode", ("cached", "on_demand"))
     emulate_link_gbps: float = option(0.0, "CPU-only hosts: EMULATED host-to-device GB/s for adapter loads (0: off)")
     emulate_link_latency_ms: float = option(0.0, "CPU-only hosts: EMULATED latency of each adapter load (ms)")

@@ -11,6 +11,10 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
+INPUT_GROUPS: dict[str, tuple[str, ...]] = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",),
+                                            "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
+"""Projections of one decoder layer that share one input, in execution order."""
+
 
 @dataclass(frozen=True)
 class LlamaShape:

@@ -48,6 +48,11 @@ Profile JSON schema (``caraserve.profile/1``)::
                   "dropped_terms": [str]},
       "prefill": {same keys},
       "cold_start": {"host": {same keys}, "disk": {...}},   # optional
+      "cpu_prefill": {"tokens_per_core": int,       # optional (`caraserve profile --cpu-prefill`):
+                      "rank": int, "tokens": int,    # c, the tokens one CPU core's LoRA delta covers
+                      "layer_ms": float,             # within the device's per-layer prefill time,
+                      "core_ms": float,              # measured at this rank and prompt length
+                      "device_name": str},
       "samples": [ {"phase": "decode" | "prefill" | "cold_host" | "cold_disk",
                     "ranks": [int], "tokens": [int],        # one entry per request
                     "adapters": [str|null],                  # optional
@@ -73,12 +78,13 @@ from typing import Any
 
 import numpy as np
 
+from shared.backends import BACKENDS
 from shared.batch_stats import BatchStats, BatchStatsError
+from shared.levels import LEVELS, Level
 
 SCHEMA = "caraserve.profile/1"
-BACKENDS = ("bgmv", "mbgmv")
 PHASES = ("decode", "prefill", "cold_host", "cold_disk")
-RESIDENCY_LEVELS = ("device", "host", "disk")
+COLD_LEVELS = (Level.HOST.value, Level.DISK.value)  # the levels a load starts from
 TERMS = ("const", "requests", "batch_max_rank", "sum_rank", "tokens", "tokens_max_rank",
          "token_rank", "tokens_sq", "adapters")
 DEFAULT_TERMS = {
@@ -350,20 +356,78 @@ class ProfileInfo:
             raise ProfileError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
 
+CPU_PREFILL_INTS = ("tokens_per_core", "rank", "tokens")
+CPU_PREFILL_MS = ("layer_ms", "core_ms")
+
+
+@dataclass(frozen=True)
+class CpuPrefillProfile:
+    """How CPU-assisted prefill splits its work: c, the tokens one CPU core handles.
+
+    ``core_ms`` is one core computing the LoRA deltas ``(x @ A) @ B`` of every projection of
+    one layer for ``tokens`` tokens at ``rank``; ``layer_ms`` is the device's prefill time
+    per layer for as many tokens; so ``tokens_per_core = max(1, floor(tokens * layer_ms /
+    core_ms))`` keeps a core within the device's pace, and a prefill of T tokens takes
+    ``ceil(T / tokens_per_core)`` CPU workers.
+    """
+
+    tokens_per_core: int
+    rank: int
+    tokens: int
+    layer_ms: float
+    core_ms: float
+    device_name: str = ""
+
+    def __post_init__(self) -> None:
+        counts = {"tokens_per_core": self.tokens_per_core, "rank": self.rank, "tokens": self.tokens}
+        for key, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ProfileError(f"cpu_prefill.{key} must be an integer >= 1, got {value!r}")
+        for key, value in {"layer_ms": self.layer_ms, "core_ms": self.core_ms}.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and value > 0):
+                raise ProfileError(f"cpu_prefill.{key} must be a finite number > 0, got {value!r}")
+        if not isinstance(self.device_name, str):
+            raise ProfileError("cpu_prefill.device_name must be a string")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "cpu_prefill") -> "CpuPrefillProfile":
+        if not isinstance(d, Mapping):
+            raise ProfileError(f"{where}: must be an object")
+        missing = [k for k in (*CPU_PREFILL_INTS, *CPU_PREFILL_MS) if k not in d]
+        if missing:
+            raise ProfileError(f"{where}: missing {', '.join(missing)}")
+        try:
+            return cls(**{k: d[k] for k in CPU_PREFILL_INTS}, **{k: float(d[k]) for k in CPU_PREFILL_MS},
+                       device_name=d.get("device_name", ""))
+        except (TypeError, ValueError) as exc:
+            raise ProfileError(f"{where}: {exc}") from exc
+
+
 class PerfModel:
-    """Decode, prefill and cold-start costs of one backend on one device and model."""
+    """Decode, prefill and cold-start costs of one backend on one device and model, and (optionally)
+    the CPU-assisted prefill's tokens per core."""
 
     def __init__(self, info: ProfileInfo, decode: LinearCost, prefill: LinearCost,
                  cold_start: Mapping[str, LinearCost] | None = None,
-                 samples: Sequence[Mapping[str, Any]] = ()) -> None:
+                 samples: Sequence[Mapping[str, Any]] = (),
+                 cpu_prefill: CpuPrefillProfile | None = None) -> None:
         self.info = info
         self.decode = decode
         self.prefill = prefill
         self.cold_start = dict(cold_start or {})
-        bad = [lvl for lvl in self.cold_start if lvl not in ("host", "disk")]
+        bad = [lvl for lvl in self.cold_start if lvl not in COLD_LEVELS]
         if bad:
             raise ProfileError(f"cold_start levels must be host or disk, got {bad}")
         self.samples = list(samples)
+        self.cpu_prefill = cpu_prefill
+
+    def with_cpu_prefill(self, cpu_prefill: CpuPrefillProfile | None) -> "PerfModel":
+        """This profile with its cpu_prefill section added or replaced (None: removed)."""
+        return PerfModel(self.info, self.decode, self.prefill, self.cold_start, self.samples, cpu_prefill)
 
     @property
     def backend(self) -> str:
@@ -390,12 +454,12 @@ class PerfModel:
 
         A profile without cold-start data for ``level`` counts the load as free.
         """
-        if level == "device":
+        if level == Level.DEVICE:
             return 0.0
         cost = self.cold_start.get(level)
         if cost is None:
-            if level not in RESIDENCY_LEVELS:
-                raise ProfileError(f"residency level must be one of {RESIDENCY_LEVELS}, got {level!r}")
+            if level not in LEVELS:
+                raise ProfileError(f"residency level must be one of {LEVELS}, got {level!r}")
             return 0.0
         return cost.cost_of(1, rank, rank, tokens, tokens * rank, tokens * tokens, 1)
 
@@ -450,7 +514,7 @@ class PerfModel:
             except ProfileError as exc:
                 raise ProfileError(f"{phase} samples: {exc}") from exc
 
-        cold = {lvl: fit_phase(f"cold_{lvl}", "cold") for lvl in ("host", "disk") if by_phase[f"cold_{lvl}"][0]}
+        cold = {lvl: fit_phase(f"cold_{lvl}", "cold") for lvl in COLD_LEVELS if by_phase[f"cold_{lvl}"][0]}
         return cls(info, fit_phase("decode", "decode"), fit_phase("prefill", "prefill"), cold, samples)
 
     # ---- profile files ----------------------------------------------------------------
@@ -461,6 +525,8 @@ class PerfModel:
         d["prefill"] = self.prefill.to_dict()
         if self.cold_start:
             d["cold_start"] = {lvl: c.to_dict() for lvl, c in self.cold_start.items()}
+        if self.cpu_prefill is not None:
+            d["cpu_prefill"] = self.cpu_prefill.to_dict()
         d["samples"] = self.samples
         return d
 
@@ -492,8 +558,10 @@ class PerfModel:
         samples = d.get("samples", [])
         if not isinstance(samples, list):
             raise ProfileError(f"{where}: samples must be a list")
+        cpu_raw = d.get("cpu_prefill")
+        cpu = None if cpu_raw is None else CpuPrefillProfile.from_dict(cpu_raw, f"{where}: cpu_prefill")
         return cls(info, LinearCost.from_dict(d.get("decode"), f"{where}: decode"),
-                   LinearCost.from_dict(d.get("prefill"), f"{where}: prefill"), cold, samples)
+                   LinearCost.from_dict(d.get("prefill"), f"{where}: prefill"), cold, samples, cpu)
 
     @classmethod
     def load(cls, path: str | os.PathLike, expect_model: str | None = None, expect_device: str | None = None,

@@ -37,7 +37,8 @@ GATEWAY_INBOXES = f"{INBOX_ROOT}.gw"
 SCHEDULER_INBOXES = f"{INBOX_ROOT}.sched"
 WORKER_INBOXES = f"{INBOX_ROOT}.worker"
 CLIENT_INBOXES = f"{INBOX_ROOT}.client"
-INTERNAL_INBOXES = (GATEWAY_INBOXES, SCHEDULER_INBOXES, WORKER_INBOXES)
+CPU_PREFILL_INBOXES = f"{INBOX_ROOT}.cpu_prefill"
+INTERNAL_INBOXES = (GATEWAY_INBOXES, SCHEDULER_INBOXES, WORKER_INBOXES, CPU_PREFILL_INBOXES)
 
 GATEWAY_QUEUE = "caraserve-gateway"
 SCHEDULER_QUEUE = "caraserve-scheduler"
@@ -87,6 +88,16 @@ def any_worker(action: str) -> str:
 def cpu_prefill_all(worker_id: str) -> str:
     """Every control subject of the CPU prefill pool of worker ``worker_id`` (``*`` for any)."""
     return f"{PREFIX}.cpu_prefill.{_id_or_any(worker_id)}.>"
+
+
+def cpu_prefill_hello(worker_id: str) -> str:
+    """``cpu_prefill.<id>.hello``: a CPU prefill pool introduces itself to worker ``worker_id`` (request/reply)."""
+    return f"{PREFIX}.cpu_prefill.{check_worker_id(worker_id)}.hello"
+
+
+def cpu_prefill_heartbeat(worker_id: str) -> str:
+    """``cpu_prefill.<id>.heartbeat``: the pool of worker ``worker_id`` says it is alive (request/reply)."""
+    return f"{PREFIX}.cpu_prefill.{check_worker_id(worker_id)}.heartbeat"
 
 
 def inbox_prefix(kind: str, name: str) -> str:

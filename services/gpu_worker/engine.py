@@ -15,12 +15,11 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from services.gpu_worker.adapter_manager import AdapterManager, StaticAdapters, UnknownAdapterError
 from services.gpu_worker.admission import Admission, StepPlan
 from services.gpu_worker.engine_config import EngineConfig
 from services.gpu_worker.kv_cache import BlockManager, allocate_cache, blocks_for_budget
@@ -29,10 +28,14 @@ from services.gpu_worker.model import LlamaModel
 from services.gpu_worker.request import (DuplicateRequestError, EngineRequest, RequestError, RequestOutput,
                                         UnknownAdapterRequestError)
 from services.gpu_worker.residency.config import ResidencyConfig
-from services.gpu_worker.runner import ModelRunner
+from services.gpu_worker.residency.factory import Built, Model, make_residency
+from services.gpu_worker.residency.pool_health import PoolHealth
+from services.gpu_worker.residency.protocol import AdapterResidency, UnknownAdapterError
+from services.gpu_worker.runner import ModelRunner, StepResult
 from services.gpu_worker.sampling import is_greedy, make_generator
 from services.gpu_worker.sequence import Sequence, Status
-from services.gpu_worker.residency.tiered import ResidencyHooks, TieredAdapters
+from shared.schemas.names import request_key
+from shared.schemas.worker_state import RequestLoad
 from shared.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -41,21 +44,11 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass
-class RunningInfo:
-    """One request as worker state reports it."""
-
-    request_id: str
-    adapter: str | None
-    rank: int
-    prompt_tokens: int
-    remaining_tokens: int
-    generated_tokens: int = 0
-
-
-@dataclass
 class EngineStats:
-    running: list[RunningInfo]
-    waiting: list[RunningInfo]
+    """The engine's requests as worker state reports them (by key, never by id)."""
+
+    running: list[RequestLoad]
+    waiting: list[RequestLoad]
     free_kv_blocks: int
     total_kv_blocks: int
 
@@ -64,8 +57,11 @@ class LLMEngine:
     """Serves one base model with many LoRA adapters in mixed continuous batches."""
 
     def __init__(self, model_dir: str | Path, config: EngineConfig | None = None,
-                 adapters: dict[str, str | Path] | AdapterManager | None = None,
-                 residency: ResidencyConfig | None = None) -> None:
+                 adapters: dict[str, str | Path] | None = None, residency: ResidencyConfig | Built | None = None,
+                 worker_id: str = "local") -> None:
+        """``adapters``: registered at start (NAME -> PEFT dir). ``residency``: the residency config, or a
+        residency built by the caller (benches sharing a host store); None preloads ``adapters`` onto the
+        device before the constructor returns (cached mode)."""
         self.config = config or EngineConfig()
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
@@ -76,21 +72,21 @@ class LLMEngine:
         mc = self.model.config
         self.max_model_len = min(self.config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.eos_ids = set(mc.eos_token_ids) | ({self.tokenizer.eos_token_id} - {None})
-        if residency is not None and (adapters is None or isinstance(adapters, dict)):
-            adapters = TieredAdapters(residency, mc.shape, self.config.max_lora_rank, self.dtype, device,
-                                      base_model=str(model_dir), adapters=adapters)
-        if adapters is None or isinstance(adapters, dict):
-            adapters = StaticAdapters(adapters or {}, mc.shape, self.config.max_lora_rank, self.dtype, device,
-                                      base_model=str(model_dir))
-        self.adapters: AdapterManager = adapters
-        self._residency = adapters if isinstance(adapters, ResidencyHooks) else None
+        built = residency if isinstance(residency, Built) else make_residency(
+            residency or ResidencyConfig(cold_start="cached"),
+            Model(mc.shape, self.config.max_lora_rank, self.dtype, device, self.config.max_batched_tokens,
+                  str(model_dir)), worker_id, adapters)
+        self.residency: AdapterResidency = built.residency
+        self.pool: PoolHealth | None = built.pool  # cpu_assist: the CPU prefill pool's health
+        if residency is None:
+            self._preload()
         self.blocks = BlockManager(self._num_blocks(), self.config.block_size)
         kv = allocate_cache(mc.shape.num_layers, self.blocks.num_blocks, self.config.block_size,
                             mc.shape.num_kv_heads, mc.shape.head_dim, self.dtype, device)
         op = get_backend(self.config.backend)
         use_native = self.config.native_ops
-        self.runner = ModelRunner(self.model, self.blocks, kv, lambda y, x, b: op(y, x, b, use_native), self.adapters)
-        self.admission = Admission(self.blocks, self.adapters, self.config.max_batch_size,
+        self.runner = ModelRunner(self.model, self.blocks, kv, lambda y, x, b: op(y, x, b, use_native), self.residency)
+        self.admission = Admission(self.blocks, self.residency, self.config.max_batch_size,
                                    self.config.max_batched_tokens)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._live: dict[str, Sequence] = {}  # every request added and not finished, by id
@@ -101,6 +97,13 @@ class LLMEngine:
         self.steps = 0
         self.num_preemptions = 0
         self.record_logits = False  # attach each step's float32 logits to outputs (tests, debugging)
+
+    def _preload(self) -> None:
+        """Load every adapter onto the device now (cached mode without a residency config)."""
+        while self.residency.pending_loads():
+            self.residency.poll()
+            self.residency.wait_for_progress(0.05)
+        self.residency.poll()
 
     def _num_blocks(self) -> int:
         if self.config.num_kv_blocks:
@@ -132,8 +135,8 @@ class LLMEngine:
     def wait_for_work(self, timeout: float) -> None:
         """Block a step loop that had nothing to run until a request arrives, a load
         progresses or ``timeout`` passes."""
-        if self._residency is not None and self._residency.loads_in_flight():
-            self._residency.wait_for_progress(min(timeout, 0.01))
+        if self.residency.loads_in_flight():
+            self.residency.wait_for_progress(min(timeout, 0.01))
         else:
             self._wake.wait(timeout)
         self._wake.clear()
@@ -150,7 +153,7 @@ class LLMEngine:
         rank = 0
         if request.adapter is not None:
             try:
-                rank = self.adapters.rank(request.adapter)
+                rank = self.residency.rank(request.adapter)
             except UnknownAdapterError as exc:
                 raise UnknownAdapterRequestError(str(exc)) from None
         seq = Sequence(request.request_id, ids, request.adapter, request.params, rank=rank)
@@ -193,8 +196,8 @@ class LLMEngine:
             if arg.status == Status.FINISHED:
                 return []  # failed before it was applied (a failed step fails every live request)
             self.admission.add(arg)
-            if self._residency is not None and arg.adapter is not None:
-                self._residency.prefetch(arg.adapter)
+            if arg.adapter is not None:
+                self.residency.prefetch(arg.adapter)
             return []
         seq = self.admission.remove(arg)
         return [] if seq is None else [self._finish(seq, "cancelled")]
@@ -225,21 +228,24 @@ class LLMEngine:
         if not plan:
             return outputs
         try:
-            seqs, tokens, logits = self.runner.run(plan)
+            result = self.runner.run(plan)
         except Exception:
             log.exception("step %d failed; running its requests one by one", self.steps)
             self.steps += 1
             return outputs + self._run_one_by_one(plan)
         self.steps += 1
-        for i, (seq, token) in enumerate(zip(seqs, tokens)):
+        for i, (seq, token) in enumerate(zip(result.seqs, result.tokens)):
+            if seq.request_id in result.fell_back:
+                self.admission.fall_back(seq, result.fell_back[seq.request_id])
+                continue
             outputs.append(self._append_token_or_fail(seq, token))
             if self.record_logits:
-                outputs[-1].logits = logits[i]
+                outputs[-1].logits = result.logits[i]
         return outputs
 
     def _plan(self, outputs: list[RequestOutput]) -> StepPlan:
         """Poll adapter loads, fail what can never run and schedule this step (appends to ``outputs``)."""
-        self.adapters.poll()
+        self.residency.poll()
         outputs += self._fail_unservable()
         plan = self.admission.schedule()
         outputs += [self._finish(seq, "error", reason) for seq, reason in plan.rejected]
@@ -258,25 +264,26 @@ class LLMEngine:
         singles = [(s, StepPlan(prefill=[s])) for s in plan.prefill] + [(s, StepPlan(decode=[s])) for s in plan.decode]
         for seq, single in singles:
             try:
-                _, tokens, logits = self.runner.run(single)
+                result = self.runner.run(single)
             except Exception as exc:
                 log.exception("request %s failed alone", seq.request_id)
                 outputs.append(self._fail(seq, exc))
                 continue
-            outputs.append(self._append_token_or_fail(seq, tokens[0]))
+            if seq.request_id in result.fell_back:
+                self.admission.fall_back(seq, result.fell_back[seq.request_id])
+                continue
+            outputs.append(self._append_token_or_fail(seq, result.tokens[0]))
             if self.record_logits:
-                outputs[-1].logits = logits[0]
+                outputs[-1].logits = result.logits[0]
         return outputs
 
     def _fail_unservable(self) -> list[RequestOutput]:
         """Finish waiting requests whose adapter can never load (unloaded, unusable, too big)."""
-        if self._residency is None:
-            return []
-        failed = [(s, self._residency.failure(s.adapter)) for s in self.admission.waiting if s.adapter is not None]
+        failed = [(s, self.residency.failure(s.adapter)) for s in self.admission.waiting if s.adapter is not None]
         return [self._finish(s, "error", reason) for s, reason in failed if reason is not None]
 
-    def run_plan(self, plan: StepPlan) -> tuple[list[Sequence], list[int], torch.Tensor]:
-        """Run an explicit plan (profiling and tests); returns (seqs, tokens, logits)."""
+    def run_plan(self, plan: StepPlan) -> StepResult:
+        """Run an explicit plan (profiling and tests)."""
         return self.runner.run(plan)
 
     def _append_token_or_fail(self, seq: Sequence, token: int) -> RequestOutput:
@@ -323,7 +330,8 @@ class LLMEngine:
         seq.emitted_chars = end
         return RequestOutput(seq.request_id, new_ids, text, prompt_tokens=len(seq.prompt_ids),
                              completion_tokens=len(seq.output_ids), first_token=first,
-                             scheduled_at=seq.scheduled_at if first else None)
+                             scheduled_at=seq.scheduled_at if first else None,
+                             prefill_lora=replace(seq.prefill_lora) if first else None)
 
     def _retire(self, seq: Sequence) -> None:
         """Take ``seq`` out of the engine for good: its KV blocks and adapter are released."""
@@ -353,9 +361,14 @@ class LLMEngine:
         out.error = error if reason == "error" else None
         return out
 
+    def close(self) -> None:
+        """Stop adapter loads and release shared memory (the CPU prefill ring and host segments)."""
+        self.residency.close()
+
     # ---- state for the worker service --------------------------------------------------
     def stats(self) -> EngineStats:
-        info = lambda s: RunningInfo(s.request_id, s.adapter, s.rank, len(s.prompt_ids), s.remaining_tokens,  # noqa: E731
-                                     len(s.output_ids))
+        info = lambda s: RequestLoad(key=request_key(s.request_id), adapter=s.adapter, rank=s.rank,  # noqa: E731
+                                     prompt_tokens=len(s.prompt_ids), generated_tokens=len(s.output_ids),
+                                     remaining_tokens=s.remaining_tokens)
         return EngineStats([info(s) for s in self.admission.running], [info(s) for s in self.admission.waiting],
                            self.blocks.num_free_blocks, self.blocks.num_blocks)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shared.backends import BACKENDS
 from shared.config import check_choice, option, require
 
-BACKENDS = ("bgmv", "mbgmv")
 DTYPES = ("bfloat16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -34,9 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
+from shared.backends import BACKENDS
 from shared.native_ops import cpu_lora_kernel
-
-BACKENDS = ("bgmv", "mbgmv")
 
 
 @dataclass

@@ -1,40 +1,72 @@
 """The per-step LoRA plan: which adapter applies to which tokens, and where each delta comes from.
 
 The runner orders a step's tokens so that each request's tokens are contiguous and
-requests of the same adapter are adjacent. A :class:`LoraSegment` covers one request.
-For every (segment, layer, projection) the plan decides the delta's source:
+requests of the same adapter are adjacent. A :class:`LoraSegment` covers one request (or
+adjacent requests of one resident adapter). For every (segment, layer, projection) the
+plan decides the delta's source:
 
 * **device**: the adapter's weights for that layer and projection are resident, so the
   batched backend op (BGMV or MBGMV) computes it with every other device segment;
-* **external**: the weights are not resident (a cold adapter still loading) and the
-  segment carries a :class:`DeltaSource` (CPU-assisted prefill) that supplies
-  ``x @ A @ B`` for that layer and projection;
+* **external**: the weights are not resident yet (a cold adapter still loading), the
+  segment carries an :class:`ExternalSource` whose declared ``targets`` include that
+  (layer, projection), and the step's :class:`ExternalDeltas` (the CPU prefill pool)
+  supplies ``x @ A @ B``;
 * **none**: the adapter does not target that projection, or the request has no adapter.
 
-There is one model implementation: the model calls :meth:`LoraStep.begin` before a base
-projection (so an external source can start computing while the base GEMM runs) and
-:meth:`LoraStep.apply` after it.
+The model calls :meth:`LoraStep.begin` once per (layer, input group) before the group's
+base GEMM, so the external deltas of every cold segment are computed while the GEMM runs,
+and :meth:`LoraStep.apply` after it. Input groups share one input: q/k/v, gate/up, o, down.
+There is one model implementation and one external call per (layer, group) per step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
 
 from services.gpu_worker.lora_ops import LoraBatch
 from shared.peft_adapter import LoraAdapter
+from shared.llama_shape import INPUT_GROUPS
 
 
-class DeltaSource(Protocol):
-    """Supplies LoRA deltas for one segment from outside the device path."""
+@dataclass
+class ExternalSource:
+    """One request's deltas from outside the device path (a slot of the CPU prefill ring).
 
-    def start(self, layer: int, proj: str, x: torch.Tensor) -> None:
-        """Begin computing ``x @ A @ B`` for ``x: [n, in]`` (may return before it is done)."""
+    ``targets``: the (layer, projection) pairs the adapter has weights for. ``failed`` is set
+    (with the reason) when a delta did not arrive by its deadline; the step's result for
+    this request is then discarded and it waits for its load instead.
+    """
 
-    def finish(self, layer: int, proj: str) -> torch.Tensor:
-        """The delta ``[n, out]`` for the matching :meth:`start`."""
+    request_id: str
+    slot: int
+    adapter_id: int
+    targets: frozenset[tuple[int, str]]
+    failed: str | None = None
+
+
+@dataclass(frozen=True)
+class ColdPart:
+    """Tokens ``[start, end)`` of ``source`` whose deltas for ``projs`` of this (layer, group) are external."""
+
+    start: int
+    end: int
+    source: ExternalSource
+    projs: tuple[str, ...]
+
+
+class ExternalDeltas(Protocol):
+    """Computes the deltas of every cold segment of a step, one call pair per (layer, input group)."""
+
+    def start(self, layer: int, group: str, x: torch.Tensor, parts: list[ColdPart]) -> None:
+        """Hand ``x[part.start:part.end]`` (``x: [T, in]``) of every part over; returns at once."""
+
+    def finish(self, layer: int, group: str, ys: dict[str, torch.Tensor], parts: list[ColdPart]) -> None:
+        """``ys[proj][part.start:part.end] += delta`` for every part and proj of the matching
+        :meth:`start` (``ys[proj]: [T, out]``), waiting at most until the source's deadline; a part
+        whose deltas are late gets ``source.failed`` set and is left untouched."""
 
 
 @dataclass
@@ -44,10 +76,10 @@ class LoraSegment:
     start: int
     end: int
     adapter: LoraAdapter | None  # device-resident weights (possibly only some layers)
-    external: DeltaSource | None = None
+    external: ExternalSource | None = None
 
 
-_EMPTY: dict[torch.dtype, torch.Tensor] = {}
+_EMPTY: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
 def _empty(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -57,15 +89,21 @@ def _empty(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return _EMPTY[key]
 
 
+@dataclass
 class LoraStep:
     """Applies a step's LoRA plan inside the model forward."""
 
-    def __init__(self, segments: list[LoraSegment], op: Callable[[torch.Tensor, torch.Tensor, LoraBatch], None],
-                 dtype: torch.dtype, device: torch.device) -> None:
-        self.segments = [s for s in segments if s.adapter is not None or s.external is not None]
-        self.op = op
-        self.empty = _empty(dtype, device)
-        self.adapters: list[LoraAdapter] = []
+    segments: list[LoraSegment]
+    op: Callable[[torch.Tensor, torch.Tensor, LoraBatch], None]
+    dtype: torch.dtype
+    device: torch.device
+    deltas: ExternalDeltas | None = None
+    adapters: list[LoraAdapter] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.segments = [s for s in self.segments if s.adapter is not None or s.external is not None]
+        self.empty = _empty(self.dtype, self.device)
+        self.adapters = []
         index: dict[int, int] = {}
         rows = []
         for seg in self.segments:
@@ -75,41 +113,50 @@ class LoraStep:
             if u == len(self.adapters):
                 self.adapters.append(seg.adapter)
             rows.append((seg.start, seg.end, u))
-        self._rows = rows
+        self._has_device = bool(rows)
         self._all_device = torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
+        self._cold: dict[tuple[int, str], list[ColdPart]] = {}
 
-    def _source(self, seg: LoraSegment, layer: int, proj: str) -> str:
+    @staticmethod
+    def source(seg: LoraSegment, layer: int, proj: str) -> str:
+        """``device``, ``external`` or ``none`` for ``seg``'s delta of ``(layer, proj)``."""
         if seg.adapter is not None and (layer, proj) in seg.adapter.weights:
             return "device"
-        if seg.external is not None and self._targets(seg, layer, proj):
+        if seg.external is not None and seg.external.failed is None and (layer, proj) in seg.external.targets:
             return "external"
         return "none"
 
-    @staticmethod
-    def _targets(seg: LoraSegment, layer: int, proj: str) -> bool:
-        targets = getattr(seg.external, "targets", None)
-        return targets is None or (layer, proj) in targets
-
     def sources(self, layer: int, proj: str) -> list[str]:
         """The source of each segment's delta for ``(layer, proj)`` (for inspection and tests)."""
-        return [self._source(seg, layer, proj) for seg in self.segments]
+        return [self.source(seg, layer, proj) for seg in self.segments]
 
-    def begin(self, layer: int, projs: tuple[str, ...], x: torch.Tensor) -> None:
-        """Hand ``x`` to external sources of these projections before the base GEMM."""
+    def _cold_parts(self, layer: int, group: str) -> list[ColdPart]:
+        parts = []
         for seg in self.segments:
             if seg.external is None:
                 continue
-            for proj in projs:
-                if self._source(seg, layer, proj) == "external":
-                    seg.external.start(layer, proj, x[seg.start:seg.end])
+            projs = tuple(p for p in INPUT_GROUPS[group] if self.source(seg, layer, p) == "external")
+            if projs:
+                parts.append(ColdPart(seg.start, seg.end, seg.external, projs))
+        return parts
 
-    def apply(self, layer: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        """``y += lora(x)`` for every segment: ``x: [T, in]``, ``y: [T, out]`` (in place)."""
-        if self._rows:
-            self.op(y, x, self._device_batch(layer, proj))
-        for seg in self.segments:
-            if seg.external is not None and self._source(seg, layer, proj) == "external":
-                y[seg.start:seg.end] += seg.external.finish(layer, proj).to(y.dtype)
+    def begin(self, layer: int, group: str, x: torch.Tensor) -> None:
+        """Hand ``x: [T, in]`` to the external source of every cold segment, before the base GEMM."""
+        parts = self._cold_parts(layer, group) if self.deltas is not None else []
+        if parts:
+            self.deltas.start(layer, group, x, parts)
+            self._cold[(layer, group)] = parts
+
+    def apply(self, layer: int, group: str, x: torch.Tensor, ys: tuple[torch.Tensor, ...]) -> None:
+        """``y += lora(x)`` for every segment and projection of ``group``: ``x: [T, in]``,
+        ``ys``: one ``[T, out]`` output per projection of the group, in INPUT_GROUPS order (in place)."""
+        by_proj = dict(zip(INPUT_GROUPS[group], ys))
+        if self._has_device:
+            for proj, y in by_proj.items():
+                self.op(y, x, self._device_batch(layer, proj))
+        parts = self._cold.pop((layer, group), None)
+        if parts:
+            self.deltas.finish(layer, group, by_proj, parts)
 
     def _device_batch(self, layer: int, proj: str) -> LoraBatch:
         A, B = [], []

@@ -163,36 +163,34 @@ class LlamaModel:
         s = self.config.shape
         h = rms_norm(x, layer.input_norm, self.config.rms_norm_eps)
         if lora:
-            lora.begin(i, ("q_proj", "k_proj", "v_proj"), h)
+            lora.begin(i, "qkv", h)
         qkv = F.linear(h, layer.qkv)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if lora:
-            for name, y in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
-                lora.apply(i, name, h, y)
+            lora.apply(i, "qkv", h, (q, k, v))
         q, k = self.rope.apply(q.view(-1, s.num_heads, s.head_dim), k.view(-1, s.num_kv_heads, s.head_dim), positions)
         attn = paged_attention(q, k, v.view(-1, s.num_kv_heads, s.head_dim), kv[0], kv[1], meta)
         if lora:
-            lora.begin(i, ("o_proj",), attn)
+            lora.begin(i, "o", attn)
         out = F.linear(attn, layer.o)
         if lora:
-            lora.apply(i, "o_proj", attn, out)
+            lora.apply(i, "o", attn, (out,))
         return out
 
     def _mlp_block(self, i: int, layer: LayerWeights, x: torch.Tensor, lora: LoraStep | None) -> torch.Tensor:
         h = rms_norm(x, layer.post_norm, self.config.rms_norm_eps)
         if lora:
-            lora.begin(i, ("gate_proj", "up_proj"), h)
+            lora.begin(i, "gate_up", h)
         gate_up = F.linear(h, layer.gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
         if lora:
-            lora.apply(i, "gate_proj", h, gate)
-            lora.apply(i, "up_proj", h, up)
+            lora.apply(i, "gate_up", h, (gate, up))
         act = F.silu(gate) * up
         if lora:
-            lora.begin(i, ("down_proj",), act)
+            lora.begin(i, "down", act)
         out = F.linear(act, layer.down)
         if lora:
-            lora.apply(i, "down_proj", act, out)
+            lora.apply(i, "down", act, (out,))
         return out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

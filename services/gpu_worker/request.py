@@ -68,6 +68,21 @@ class EngineRequest:
 
 
 @dataclass
+class PrefillLora:
+    """How a request's (last, successful) prefill got its LoRA deltas.
+
+    ``cpu_layers``: layers whose deltas the CPU prefill pool computed; ``device_layers``: layers
+    computed on the device; ``waited_ms``: time it waited for its adapter before that prefill;
+    ``fallback``: why an assisted attempt fell back to waiting (None if none did).
+    """
+
+    cpu_layers: int = 0
+    device_layers: int = 0
+    waited_ms: float = 0.0
+    fallback: str | None = None
+
+
+@dataclass
 class RequestOutput:
     """What one engine step produced for one request.
 
@@ -87,3 +102,4 @@ class RequestOutput:
     first_token: bool = False  # True for the output carrying the first generated token
     logits: object | None = None  # float32 [vocab] tensor when the engine records logits
     scheduled_at: float | None = None  # wall time its prefill was first scheduled (first-token output only)
+    prefill_lora: PrefillLora | None = None  # how its prefill got its LoRA deltas (first-token output only)

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-from services.gpu_worker.adapter_manager import AdapterManager
 from services.gpu_worker.admission import StepPlan
 from services.gpu_worker.attention import AttentionMetadata, DecodeGroup
 from services.gpu_worker.kv_cache import BlockManager
 from services.gpu_worker.lora_plan import LoraSegment, LoraStep
+from services.gpu_worker.residency.protocol import AdapterResidency
 from services.gpu_worker.model import LlamaModel
 from services.gpu_worker.sampling import sample
 from services.gpu_worker.sequence import Sequence
@@ -27,6 +27,26 @@ class StepBatch:
     meta: AttentionMetadata
     last_index: torch.Tensor  # [N] the token whose logits sample each sequence's next token
     segments: list[LoraSegment]  # one per request; adjacent requests of one resident adapter share one
+
+
+@dataclass
+class StepResult:
+    """What one step computed: the sequences in batch order, their sampled tokens and float32 logits
+    ``[N, vocab]``, and the assisted sequences whose CPU deltas were late (their token is invalid)."""
+
+    seqs: list[Sequence]
+    tokens: list[int]
+    logits: torch.Tensor
+    fell_back: dict[str, str]  # request id -> why
+
+
+def layer_split(seg: LoraSegment) -> tuple[int, int]:
+    """``(cpu layers, device layers)`` of ``seg`` this step: layers with a CPU-computed delta, and
+    layers whose every delta comes from the device."""
+    device = {layer for layer, _ in seg.adapter.weights} if seg.adapter is not None else set()
+    cpu = {layer for layer, proj in seg.external.targets
+           if seg.adapter is None or (layer, proj) not in seg.adapter.weights} if seg.external is not None else set()
+    return len(cpu), len(device - cpu)
 
 
 MIN_DECODE_GROUP = 8  # sequences; smaller groups cost more in per-op overhead than they save in padding
@@ -65,9 +85,9 @@ class ModelRunner:
     """Executes steps of the model for the engine."""
 
     def __init__(self, model: LlamaModel, blocks: BlockManager, kv: list[tuple[torch.Tensor, torch.Tensor]],
-                 lora_op, adapters: AdapterManager) -> None:
+                 lora_op, residency: AdapterResidency) -> None:
         self.model, self.blocks, self.kv = model, blocks, kv
-        self.lora_op, self.adapters = lora_op, adapters
+        self.lora_op, self.residency = lora_op, residency
         self.device = model.device
 
     def build(self, plan: StepPlan) -> StepBatch:
@@ -92,8 +112,11 @@ class ModelRunner:
                 decode_idx.append(start)
             last.append(len(ids) - 1)
             if seq.adapter is not None:
-                _add_segment(segments, LoraSegment(start, len(ids), self.adapters.device_adapter(seq.adapter),
-                                                   self.adapters.delta_source(seq.adapter)))
+                seg = LoraSegment(start, len(ids), self.residency.device_adapter(seq.adapter),
+                                  self.residency.external(seq.request_id, seq.adapter))
+                if prefill:
+                    seq.prefill_lora.cpu_layers, seq.prefill_lora.device_layers = layer_split(seg)
+                _add_segment(segments, seg)
         meta = AttentionMetadata(self._tensor(slots), prefill_ranges)
         decoding = [e[0] for e in entries if not e[1]]
         meta.decode = [self._decode_group([decoding[i] for i in g], [decode_idx[i] for i in g])
@@ -124,14 +147,16 @@ class ModelRunner:
         """Float32 logits ``[N, vocab]`` for each sequence's next token."""
         lora = None
         if batch.segments:
-            lora = LoraStep(batch.segments, self.lora_op, self.model.dtype, self.device)
+            lora = LoraStep(batch.segments, self.lora_op, self.model.dtype, self.device, self.residency.deltas())
         with torch.inference_mode():
             hidden = self.model.forward(batch.input_ids, batch.positions, batch.meta, self.kv, lora)
             return self.model.logits(hidden[batch.last_index])
 
-    def run(self, plan: StepPlan) -> tuple[list[Sequence], list[int], torch.Tensor]:
-        """Run a step: returns the sequences (in batch order), their sampled tokens and logits."""
+    def run(self, plan: StepPlan) -> StepResult:
+        """Run a step: the sequences (in batch order), their sampled tokens and logits, and which fell back."""
         batch = self.build(plan)
         logits = self.forward(batch).cpu()
         tokens = sample(logits, [s.params for s in batch.seqs], [s.generator for s in batch.seqs])
-        return batch.seqs, tokens, logits
+        fell_back = {seg.external.request_id: seg.external.failed for seg in batch.segments
+                     if seg.external is not None and seg.external.failed is not None}
+        return StepResult(batch.seqs, tokens, logits, fell_back)

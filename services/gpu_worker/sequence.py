@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from services.gpu_worker.request import SamplingParams
+from services.gpu_worker.request import PrefillLora, SamplingParams
 
 
 class Status(enum.Enum):
@@ -36,6 +36,9 @@ class Sequence:
     emitted_chars: int = 0  # how much of ``text`` was streamed
     num_preemptions: int = 0
     scheduled_at: float | None = None  # wall time its prefill was first scheduled
+    waiting_since: float | None = None  # monotonic time it first waited for its adapter
+    prefill_lora: PrefillLora = field(default_factory=PrefillLora)
+    assist_failed: bool = False  # an assisted step fell back: it waits for its load from now on
 
     @property
     def all_ids(self) -> list[int]:

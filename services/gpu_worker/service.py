@@ -34,11 +34,12 @@ from nats.aio.msg import Msg
 from opentelemetry import context as otel_context
 
 from services.gpu_worker.adapter_admin import AdapterAdmin
-from services.gpu_worker.engine import EngineStats, LLMEngine, RunningInfo
+from services.gpu_worker.engine import EngineStats, LLMEngine
 from services.gpu_worker.engine_config import EngineConfig
-from services.gpu_worker.request import (DuplicateRequestError, EngineRequest, RequestError, RequestOutput,
-                                        SamplingParams, UnknownAdapterRequestError)
+from services.gpu_worker.request import (DuplicateRequestError, EngineRequest, PrefillLora, RequestError,
+                                        RequestOutput, SamplingParams, UnknownAdapterRequestError)
 from services.gpu_worker.residency.config import ResidencyConfig
+from services.gpu_worker.residency.pool_health import PoolHealth
 from services.gpu_worker.residency.telemetry import register_residency_metrics
 from services.gpu_worker.step_thread import StepThread
 from services.gpu_worker.worker_config import WorkerConfig
@@ -49,6 +50,7 @@ from shared.nats_auth import load_credentials
 from shared.served_name import served_model_name
 from shared.schemas import (AdapterInfo, CancelRequest, Chunk, RequestLoad, ServiceError, SubmitAck, Usage,
                             WorkerState, WorkerSubmit, error_info)
+from shared.schemas.cpu_prefill import PoolHeartbeat, PoolHello, PoolWelcome
 from shared.schemas.names import request_key
 from shared.telemetry import Telemetry, extract_context, setup_telemetry, start_span
 
@@ -71,6 +73,7 @@ class Tracked:
     scheduled: float | None = None
     chunks: int = 0
     tokens: int = 0  # generated and sent so far
+    prefill_lora: PrefillLora | None = None  # how its prefill got its LoRA deltas
 
 
 def sampling_params(submit: WorkerSubmit) -> SamplingParams:
@@ -124,9 +127,7 @@ class GpuWorkerService:
         stack.callback(self.telemetry.shutdown)
         self._loop = asyncio.get_running_loop()
         self.engine = await asyncio.to_thread(self._build_engine)
-        report = getattr(self.engine.adapters, "residency", None)
-        if report is not None:
-            register_residency_metrics(self.telemetry.meter, report, self.config.worker_id)
+        register_residency_metrics(self.telemetry.meter, self.engine.residency.report, self.config.worker_id)
         self.bus = await Bus.open(self.config.nats_url, f"gpu-worker-{self.config.worker_id}", stack,
                                   self.config.grace_s, load_credentials(self.config.nats_creds))
         for task in (self._publish_chunks(), self._publish_states(), self._watch_engine()):
@@ -138,16 +139,35 @@ class GpuWorkerService:
         wid = self.config.worker_id
         await self.bus.serve(subjects.worker_submit(wid), WorkerSubmit, self._on_submit, concurrent=False)
         await self.bus.serve(subjects.worker_cancel(wid), CancelRequest, self._on_cancel, concurrent=False)
-        await AdapterAdmin(wid, self.engine.adapters).serve(self.bus)
+        await AdapterAdmin(wid, self.engine.residency).serve(self.bus)
+        if self.engine.pool is not None:
+            await self._serve_pool(self.engine.pool)
         logger.info("gpu_worker %s serving %s (%s, backend %s)", wid, self.model_name,
                     self.engine_config.resolved_device(), self.engine_config.backend)
+
+    async def _serve_pool(self, pool: PoolHealth) -> None:
+        """Answer the CPU prefill pool's hello and heartbeats (cpu_assist mode)."""
+        assert self.bus is not None
+        wid = self.config.worker_id
+
+        async def hello(message: PoolHello, msg: Msg) -> PoolWelcome:
+            return pool.welcome(message)
+
+        async def heartbeat(message: PoolHeartbeat, msg: Msg) -> PoolWelcome:
+            return pool.heartbeat(message)
+
+        await self.bus.serve(subjects.cpu_prefill_hello(wid), PoolHello, hello)
+        await self.bus.serve(subjects.cpu_prefill_heartbeat(wid), PoolHeartbeat, heartbeat)
+        logger.info("gpu_worker %s: cpu_assist, waiting for its cpu_prefill pool on %s", wid, pool.ring_name)
 
     def _build_engine(self) -> LLMEngine:
         from shared.model_store import resolve_model_dir
 
         model_dir = resolve_model_dir(None if self.config.model == "default" else self.config.model)
         self.model_name = served_model_name(model_dir, self.config.model_name)
-        return LLMEngine(model_dir, self.engine_config, self.config.adapter_paths(), residency=self.residency)
+        return LLMEngine(model_dir, self.engine_config, self.config.adapter_paths(),
+                         residency=self.residency or ResidencyConfig(cold_start="cached"),
+                         worker_id=self.config.worker_id)
 
     async def _stop_engine(self) -> None:
         """Let running requests finish within the grace period, then stop the step thread."""
@@ -158,9 +178,7 @@ class GpuWorkerService:
         for request_id in list(self._tracked):
             self.engine.abort(request_id)
         await asyncio.to_thread(self._thread.stop)
-        close = getattr(self.engine.adapters, "close", None)
-        if close is not None:
-            close()
+        self.engine.close()
 
     # ---- requests in -------------------------------------------------------------------
     async def _on_submit(self, submit: WorkerSubmit, msg: Msg) -> SubmitAck:
@@ -222,7 +240,7 @@ class GpuWorkerService:
         self._loop.call_soon_threadsafe(self._on_step, outputs, stats)
 
     def _on_step(self, outputs: list[RequestOutput], stats: EngineStats) -> None:
-        changed = self._stats is None or _ids(self._stats) != _ids(stats)
+        changed = self._stats is None or _keys(self._stats) != _keys(stats)
         self._stats = stats
         for out in outputs:
             tracked = self._tracked.get(out.request_id)
@@ -241,6 +259,7 @@ class GpuWorkerService:
         now = time.time()
         if out.first_token:
             tracked.first_token, tracked.scheduled = now, out.scheduled_at or now
+            tracked.prefill_lora = out.prefill_lora
         chunk = Chunk(request_id=out.request_id, index=tracked.chunks, token_ids=out.new_token_ids,
                       text=out.text_delta, finish_reason=out.finish_reason, worker_id=self.config.worker_id)
         tracked.chunks += 1
@@ -282,11 +301,11 @@ class GpuWorkerService:
     def state(self) -> WorkerState:
         assert self.engine is not None
         stats = self._stats or self.engine.stats()
-        known = _ids(stats)
-        queued = [_load(r) for r in stats.waiting]
-        queued += [self._pending_load(t) for rid, t in self._tracked.items() if rid not in known]
+        known = _keys(stats)
+        queued = list(stats.waiting)
+        queued += [self._pending_load(t) for rid, t in self._tracked.items() if request_key(rid) not in known]
         return WorkerState(worker_id=self.config.worker_id, model=self.model_name, backend=self.engine_config.backend,
-                           running=[_load(r) for r in stats.running], queued=queued, adapters=self._adapter_infos(),
+                           running=list(stats.running), queued=queued, adapters=self._adapter_infos(),
                            free_kv_blocks=stats.free_kv_blocks, total_kv_blocks=stats.total_kv_blocks,
                            block_size=self.engine_config.block_size, max_batch_size=self.engine_config.max_batch_size,
                            max_queued=self.config.max_queued, max_model_len=self.engine.max_model_len, seq=self.seq,
@@ -303,17 +322,13 @@ class GpuWorkerService:
         if adapter is None or self.engine is None:
             return 0
         try:
-            return self.engine.adapters.rank(adapter)
+            return self.engine.residency.rank(adapter)
         except KeyError:
             return 0
 
     def _adapter_infos(self) -> list[AdapterInfo]:
         assert self.engine is not None
-        infos = getattr(self.engine.adapters, "adapter_infos", None)
-        if infos is not None:
-            return infos()
-        return [AdapterInfo(name=n, rank=self.engine.adapters.rank(n), level="device")
-                for n in self.engine.adapters.names()]
+        return self.engine.residency.adapter_infos()
 
     async def publish_state(self) -> None:
         """Publish the next state; nothing once the engine died (silence tells the fleet it is gone)."""
@@ -341,6 +356,11 @@ class GpuWorkerService:
         except Exception:  # telemetry must never stop the chunk publisher
             logger.exception("cannot record telemetry of %s", out.request_id)
 
+    def _record_assist(self, tracked: Tracked, attrs: dict, scheduled: float, first: float) -> None:
+        lora = tracked.prefill_lora
+        if self.telemetry is not None and lora is not None and (lora.cpu_layers or lora.fallback):
+            _assist_span(self.telemetry, tracked, attrs, scheduled, first)
+
     def _record(self, tracked: Tracked, out: RequestOutput) -> None:
         assert self.telemetry is not None
         end = time.time()
@@ -354,6 +374,7 @@ class GpuWorkerService:
                                   ("worker.decode", first, end)):
             span = start_span_at(self.telemetry, name, tracked.parent, attrs, start)
             span.end(end_time=int(max(stop, start) * 1e9))
+        self._record_assist(tracked, attrs, scheduled, first)
         m = self.telemetry.metrics
         labels = {"adapter": submit.adapter or "", "worker": self.config.worker_id}
         m.requests.add(1, {**labels, "finish_reason": out.finish_reason or ""})
@@ -362,6 +383,17 @@ class GpuWorkerService:
             if out.completion_tokens > 1:
                 m.tpot.record((end - tracked.first_token) / (out.completion_tokens - 1), labels)
         m.e2e.record(end - tracked.submitted, labels)
+
+
+def _assist_span(telemetry: Telemetry, tracked: Tracked, attrs: dict, start: float, stop: float) -> None:
+    """A ``worker.cpu_assist`` span over an assisted prefill, with an event if it fell back."""
+    lora = tracked.prefill_lora
+    attrs = {**attrs, "cpu_layers": lora.cpu_layers, "device_layers": lora.device_layers,
+             "waited_ms": round(lora.waited_ms, 3)}
+    span = start_span_at(telemetry, "worker.cpu_assist", tracked.parent, attrs, start)
+    if lora.fallback is not None:
+        span.add_event("cpu_assist.fallback", {"reason": lora.fallback})
+    span.end(end_time=int(max(stop, start) * 1e9))
 
 
 def start_span_at(telemetry: Telemetry, name: str, parent: otel_context.Context, attrs: dict, start: float):
@@ -374,14 +406,8 @@ def start_span_at(telemetry: Telemetry, name: str, parent: otel_context.Context,
                                        start_time=int(start * 1e9))
 
 
-def _ids(stats: EngineStats) -> set[str]:
-    return {r.request_id for r in stats.running} | {r.request_id for r in stats.waiting}
-
-
-def _load(info: RunningInfo) -> RequestLoad:
-    return RequestLoad(key=request_key(info.request_id), adapter=info.adapter, rank=info.rank,
-                       prompt_tokens=info.prompt_tokens, generated_tokens=info.generated_tokens,
-                       remaining_tokens=info.remaining_tokens)
+def _keys(stats: EngineStats) -> set[str]:
+    return {r.key for r in stats.running} | {r.key for r in stats.waiting}
 
 
 async def _cancel(task: asyncio.Task) -> None:

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from services.scheduler.fleet import WorkerRecord
-from services.scheduler.policies import NoCapacity, Policy, RouteRequest
+from services.scheduler.policies import NoCapacity, Policy, PolicyRequest
 from shared.batch_stats import BatchStats
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class DecisionLog:
     def enabled(self) -> bool:
         return self._stream is not None
 
-    def record(self, request_id: str, attempt: int, request: RouteRequest, records: Sequence[WorkerRecord],
+    def record(self, request_id: str, attempt: int, request: PolicyRequest, records: Sequence[WorkerRecord],
                excluded: Iterable[str], choice: str | NoCapacity, now: float, choose_s: float) -> None:
         """Log one decision: ``records`` as the policy saw them (before the choice is reserved)."""
         if self._stream is None:

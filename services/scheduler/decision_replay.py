@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from services.scheduler.decision_log import FORMAT_VERSION, DecisionLogError
-from services.scheduler.policies import NoCapacity, Policy, PolicyConfig, RouteRequest, make_policy
-from services.scheduler.worker_view import DEVICE, HOST, WorkerView
+from services.scheduler.policies import NoCapacity, Policy, PolicyConfig, PolicyRequest, make_policy
+from services.scheduler.worker_view import WorkerView
 from shared.batch_stats import BatchStats, BatchStatsError
+from shared.levels import Level
 from shared.perf_model import PerfModel
 
 SUMMARY_SUMS = ("count", "sum_rank", "max_rank", "adapters")
@@ -57,7 +58,7 @@ class Decision:
     request_id: str
     attempt: int
     decided_at: float
-    request: RouteRequest
+    request: PolicyRequest
     excluded: tuple[str, ...]
     choice: str | None
     no_capacity: str | None
@@ -68,7 +69,7 @@ class Decision:
     def from_entry(cls, entry: Mapping[str, Any]) -> Decision:
         r = entry["request"]
         return cls(entry["request_id"], int(entry["attempt"]), float(entry["decided_at"]),
-                   RouteRequest(int(r["rank"]), int(r["prompt_tokens"]), r["adapter"]), tuple(entry["excluded"]),
+                   PolicyRequest(int(r["rank"]), int(r["prompt_tokens"]), r["adapter"]), tuple(entry["excluded"]),
                    entry["choice"], entry["no_capacity"], float(entry["choose_us"]), tuple(entry["workers"]))
 
     def views(self) -> list[WorkerView]:
@@ -87,8 +88,8 @@ def _view(snapshot: Mapping[str, Any], adapter: str | None) -> WorkerView:
                       running=stats_from_summary(snapshot["running"]),
                       waiting=stats_from_summary(snapshot["waiting"]),
                       total=stats_from_summary(snapshot["total"]),
-                      resident={adapter} if adapter is not None and level == DEVICE else set(),
-                      host={adapter} if adapter is not None and level == HOST else set(),
+                      resident={adapter} if adapter is not None and level == Level.DEVICE else set(),
+                      host={adapter} if adapter is not None and level == Level.HOST else set(),
                       free_kv_blocks=snapshot["free_kv_blocks"], block_size=int(snapshot["block_size"]))
 
 

@@ -17,8 +17,8 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from services.scheduler.worker_view import DEVICE, HOST, WorkerView
-from services.scheduler.worker_view import RequestLoad as ViewLoad
+from services.scheduler.worker_view import WorkerView
+from shared.levels import Level
 from shared.schemas import RequestBody, RequestLoad, WorkerState
 from shared.schemas.names import request_key
 
@@ -56,29 +56,24 @@ class WorkerRecord:
         state = self.state
         self.view = WorkerView.build(
             state.worker_id, state.max_batch_size,
-            running=[ViewLoad(r.rank, r.context_tokens, r.adapter) for r in state.running],
-            waiting=[_waiting(r) for r in list(state.queued) + [p.load for p in self.pending.values()]],
-            resident={a.name for a in state.adapters if a.level == DEVICE},
-            host={a.name for a in state.adapters if a.level == HOST},
+            running=state.running,
+            waiting=list(state.queued) + [p.load for p in self.pending.values()],
+            resident={a.name for a in state.adapters if a.level == Level.DEVICE},
+            host={a.name for a in state.adapters if a.level == Level.HOST},
             free_kv_blocks=state.free_kv_blocks, block_size=state.block_size)
 
     def add_pending(self, load: RequestLoad, now: float) -> None:
         self.drop_pending(load.key)
         self.pending[load.key] = PendingRoute(load, now)
-        self.view.add_waiting(*_waiting(load))
+        self.view.add_load(load)
 
     def drop_pending(self, key: str) -> None:
         route = self.pending.pop(key, None)
         if route is not None:
-            self.view.drop_waiting(*_waiting(route.load))
+            self.view.drop_load(route.load)
 
     def adapter_names(self) -> set[str]:
         return {a.name for a in self.state.adapters}
-
-
-def _waiting(load: RequestLoad) -> ViewLoad:
-    """A queued request as the view counts it: tokens = the context it will prefill."""
-    return ViewLoad(load.rank, load.context_tokens, load.adapter)
 
 
 class Fleet:

@@ -69,8 +69,9 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-from services.scheduler.worker_view import DEVICE, WorkerView
+from services.scheduler.worker_view import WorkerView
 from shared.config import check_choice, option, require
+from shared.levels import Level
 from shared.perf_model import PerfModel
 
 POLICY_NAMES = ("rank_aware", "random", "round_robin", "least_loaded", "first_fit", "adapter_affinity")
@@ -82,8 +83,9 @@ class PolicyError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class RouteRequest:
-    """What a policy knows about the request being routed."""
+class PolicyRequest:
+    """What a policy knows about the request being routed (the scheduler derives it from the
+    wire ``shared.schemas.RouteRequest``; the simulator from its workload)."""
 
     rank: int  # LoRA rank of its adapter, 0 for the base model
     prompt_tokens: int
@@ -144,7 +146,7 @@ class Policy(ABC):
     def __init__(self, config: PolicyConfig) -> None:
         self.config = config
 
-    def choose(self, workers: Sequence[WorkerView], request: RouteRequest) -> str | NoCapacity:
+    def choose(self, workers: Sequence[WorkerView], request: PolicyRequest) -> str | NoCapacity:
         """The worker_id to route ``request`` to, or NoCapacity."""
         if not workers:
             return NoCapacity("no candidate workers")
@@ -154,7 +156,7 @@ class Policy(ABC):
         return workers[self.pick(workers, request)].worker_id
 
     @abstractmethod
-    def pick(self, workers: Sequence[WorkerView], request: RouteRequest) -> int:
+    def pick(self, workers: Sequence[WorkerView], request: PolicyRequest) -> int:
         """Index into the non-empty ``workers`` of the chosen one."""
 
 
@@ -183,7 +185,7 @@ class RankAware(Policy):
         self._padding = perf.decode.padding
         self._pads = config.padding_lifetime and self._padding(1, 1, 0, 1) > 0  # a model with padding terms
 
-    def pick(self, workers: Sequence[WorkerView], request: RouteRequest) -> int:
+    def pick(self, workers: Sequence[WorkerView], request: PolicyRequest) -> int:
         rank, tokens, adapter = request.rank, request.prompt_tokens, request.adapter
         own, typical = self._prefills(rank, tokens, adapter)
         slo = self.slo_us if self.config.slo_penalty else float("inf")
@@ -215,7 +217,7 @@ class RankAware(Policy):
         own = pre.cost_of(1, rank, rank, tokens, tokens * rank, tokens * tokens, 0 if adapter is None else 1)
         return own, pre.cost_of(1, rank, rank, typical, typical * rank, typical * typical, 1)
 
-    def _score(self, view: WorkerView, request: RouteRequest, own: float, typical: float,
+    def _score(self, view: WorkerView, request: PolicyRequest, own: float, typical: float,
                room: bool) -> tuple[float, float]:
         """(Algorithm 1's total plus the added terms, predicted time per token) on ``view``."""
         config, inv_len = self.config, self._inv_len
@@ -257,7 +259,7 @@ class RandomPolicy(Policy):
         super().__init__(config)
         self._rng = random.Random(config.seed)
 
-    def pick(self, workers: Sequence[WorkerView], request: RouteRequest) -> int:
+    def pick(self, workers: Sequence[WorkerView], request: PolicyRequest) -> int:
         return self._rng.randrange(len(workers))
 
 
@@ -268,7 +270,7 @@ class RoundRobin(Policy):
         super().__init__(config)
         self._next = 0
 
-    def pick(self, workers: Sequence[WorkerView], request: RouteRequest) -> int:
+    def pick(self, workers: Sequence[WorkerView], request: PolicyRequest) -> int:
         i = self._next % len(workers)
         self._next = i + 1
         return i
@@ -277,14 +279,14 @@ class RoundRobin(Policy):
 class LeastLoaded(Policy):
     name = "least_loaded"
 
-    def pick(self, workers: Sequence[WorkerView], request: RouteRequest) -> int:
+    def pick(self, workers: Sequence[WorkerView], request: PolicyRequest) -> int:
         return _least_loaded(workers)
 
 
 class FirstFit(Policy):
     name = "first_fit"
 
-    def pick(self, workers: Sequence[WorkerView], request: RouteRequest) -> int:
+    def pick(self, workers: Sequence[WorkerView], request: PolicyRequest) -> int:
         for i, view in enumerate(workers):
             if view.total.count < view.max_batch:
                 return i
@@ -294,13 +296,13 @@ class FirstFit(Policy):
 class AdapterAffinity(Policy):
     name = "adapter_affinity"
 
-    def pick(self, workers: Sequence[WorkerView], request: RouteRequest) -> int:
+    def pick(self, workers: Sequence[WorkerView], request: PolicyRequest) -> int:
         adapter, factor = request.adapter, self.config.affinity_overload
         best, best_load = -1, 1 << 62
         if adapter is not None:
             for i, view in enumerate(workers):
                 load = view.total.count
-                if load < best_load and load < factor * view.max_batch and view.residency(adapter) == DEVICE:
+                if load < best_load and load < factor * view.max_batch and view.residency(adapter) == Level.DEVICE:
                     best, best_load = i, load
         return best if best >= 0 else _least_loaded(workers)
 

@@ -32,8 +32,7 @@ from opentelemetry import trace
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.decision_log import DecisionLog
 from services.scheduler.fleet import Fleet
-from services.scheduler.policies import NoCapacity, Policy, PolicyConfig, make_policy
-from services.scheduler.policies import RouteRequest as PolicyRequest
+from services.scheduler.policies import NoCapacity, Policy, PolicyConfig, PolicyRequest, make_policy
 from shared import subjects
 from shared.bus import Bus
 from shared.config import from_env

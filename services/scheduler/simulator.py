@@ -34,11 +34,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.scheduler.policies import NoCapacity, Policy, RouteRequest
-from services.scheduler.worker_view import HOST, WorkerView
+from services.scheduler.policies import NoCapacity, Policy, PolicyRequest
+from services.scheduler.worker_view import WorkerView
 from services.scheduler.workload import Workload
 from shared.batch_stats import BatchStats
 from shared.config import option, require
+from shared.levels import Level
 from shared.perf_model import PerfModel
 
 IDLE, PREFILL, DECODE = 0, 1, 2
@@ -125,7 +126,7 @@ class Simulator:
         for i, t in enumerate(self.arrival):
             while events and events[0][0] <= t:
                 self._pop_event()
-            decision = choose(views, RouteRequest(rank[i], prompt[i], adapter[i]))
+            decision = choose(views, PolicyRequest(rank[i], prompt[i], adapter[i]))
             if isinstance(decision, NoCapacity):
                 continue
             self._enqueue(self.by_id[decision], i, t)
@@ -235,7 +236,7 @@ class Simulator:
                     break
                 if old != adapter and not in_use.has_adapter(old):
                     del lru[old]
-        return self.perf.cold_start_us(rank, tokens, HOST)
+        return self.perf.cold_start_us(rank, tokens, Level.HOST)
 
     def _result(self) -> SimResult:
         placed = np.asarray(self.placed, dtype=np.int64)

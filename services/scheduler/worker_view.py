@@ -10,7 +10,7 @@ Three :class:`BatchStats` are kept consistent by the methods below:
 
 - ``running``: admitted requests (prefilling or decoding); tokens = current context;
 - ``waiting``: requests queued at the worker or routed there and not yet reported;
-  tokens = prompt length;
+  tokens = the context it will prefill (the prompt, plus any tokens generated before a re-route);
 - ``total``: running + waiting (what a new request would share decode steps with).
 """
 
@@ -18,19 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Collection, Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 from shared.batch_stats import BatchStats
-
-DEVICE, HOST, DISK = "device", "host", "disk"
-
-
-class RequestLoad(NamedTuple):
-    """One request as a state message reports it."""
-
-    rank: int
-    tokens: int
-    adapter: Hashable | None = None
+from shared.levels import Level
+from shared.schemas import RequestLoad
 
 
 @dataclass(eq=False)
@@ -58,15 +49,27 @@ class WorkerView:
               waiting: Iterable[RequestLoad] = (), resident: Collection[Hashable] = (),
               host: Collection[Hashable] = (), free_kv_blocks: int | None = None,
               block_size: int = 16) -> "WorkerView":
-        """A view from a state message's request lists (loops over requests once, here)."""
+        """A view from a state message's request lists (loops over requests once, here).
+
+        Each request counts its ``context_tokens``: the current context of a running one, the
+        context a waiting one will prefill.
+        """
         view = cls(worker_id, max_batch, resident=set(resident), host=set(host),
                    free_kv_blocks=free_kv_blocks, block_size=block_size)
         for r in running:
-            view.running.add(r.rank, r.tokens, r.adapter)
-            view.total.add(r.rank, r.tokens, r.adapter)
+            view.running.add(r.rank, r.context_tokens, r.adapter)
+            view.total.add(r.rank, r.context_tokens, r.adapter)
         for r in waiting:
-            view.add_waiting(r.rank, r.tokens, r.adapter)
+            view.add_load(r)
         return view
+
+    def add_load(self, load: RequestLoad) -> None:
+        """A request routed here (or queued here), as a state message reports it."""
+        self.add_waiting(load.rank, load.context_tokens, load.adapter)
+
+    def drop_load(self, load: RequestLoad) -> None:
+        """Undo :meth:`add_load` (the request left without being admitted)."""
+        self.drop_waiting(load.rank, load.context_tokens, load.adapter)
 
     def add_waiting(self, rank: int, tokens: int, adapter: Hashable | None = None) -> None:
         """A request routed here (or queued here), not yet admitted; ``tokens`` = prompt."""
@@ -93,11 +96,11 @@ class WorkerView:
         self.total.advance(steps, self.running)
         self.running.advance(steps)
 
-    def residency(self, adapter: Hashable | None) -> str:
+    def residency(self, adapter: Hashable | None) -> Level:
         """Where the adapter is: DEVICE (or no adapter), HOST or DISK."""
         if adapter is None or adapter in self.resident:
-            return DEVICE
-        return HOST if adapter in self.host else DISK
+            return Level.DEVICE
+        return Level.HOST if adapter in self.host else Level.DISK
 
     def has_room(self, prompt_tokens: int) -> bool:
         """Whether one more request fits the batch (and the KV cache, when known)."""

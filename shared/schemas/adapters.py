@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shared.levels import LEVELS
 from shared.schemas.names import NAME_PATTERN, WORKER_ID_PATTERN
 from shared.schemas.wire import Message, Struct, spec
-
-LEVELS = ("device", "host", "disk")
 
 
 @dataclass

@@ -24,13 +24,12 @@ import torch
 
 from bench.live_routing import live_stack_config, report, run_live
 from bench.live_workload import LiveWorkload
-from services.gpu_worker import profiler as profiler_mod
+from services.gpu_worker.profiling import profiler as profiler_mod
 from services.gpu_worker.engine_config import EngineConfig
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.decision_log import stats_summary
 from services.scheduler.decision_replay import replay
 from services.scheduler.policies import PolicyConfig, make_policy
-from services.scheduler.worker_view import RequestLoad as ViewLoad
 from services.scheduler.worker_view import WorkerView
 from shared.native_ops import cpu_lora_kernel
 from shared.perf_model import PerfModel
@@ -107,9 +106,9 @@ def test_logged_inputs_are_what_the_workers_published(live_run):
         for snap in decision.workers:
             state = published[(snap["worker_id"], snap["seq"])]
             assert snap["state_timestamp"] == state.timestamp
-            assert snap["running"] == _summary([ViewLoad(r.rank, r.context_tokens, r.adapter) for r in state.running])
+            assert snap["running"] == _summary(state.running)
             assert snap["waiting"]["count"] == len(state.queued) + snap["pending"]
-            queued = _summary([ViewLoad(r.rank, r.context_tokens, r.adapter) for r in state.queued])
+            queued = _summary(state.queued)
             assert snap["pending"] or snap["waiting"] == queued
             assert snap["total"]["count"] == snap["running"]["count"] + snap["waiting"]["count"]
             assert snap["max_batch"] == state.max_batch_size and snap["free_kv_blocks"] == state.free_kv_blocks

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from services.gpu_worker.engine_config import EngineConfig
-from services.gpu_worker.residency_config import ResidencyConfig
+from services.gpu_worker.residency.config import ResidencyConfig
 from services.gpu_worker.service import GpuWorkerService
 from services.gpu_worker.worker_config import WorkerConfig
 from tests.service.helpers import start_gateway, start_scheduler, wait_until

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from services.gpu_worker.engine_config import EngineConfig
-from services.gpu_worker.residency_config import ResidencyConfig
+from services.gpu_worker.residency.config import ResidencyConfig
 from services.gpu_worker.service import GpuWorkerService
 from services.gpu_worker.worker_config import WorkerConfig
 from shared import subjects
@@ -82,7 +82,7 @@ async def test_http_load_use_unload(cluster):
 
 async def test_http_bad_registrations_get_400_and_change_nothing(cluster):
     _, base, worker = cluster
-    root_adapters = set(worker.engine.adapters.names())  # the root's adapters are known from the start
+    root_adapters = set(worker.engine.residency.names())  # the root's adapters are known from the start
     url = f"{base}/v1/load_lora_adapter"
     async with aiohttp.ClientSession() as http:
         for path in ("../outside", "/etc", "qv_r8/../../outside"):
@@ -95,17 +95,17 @@ async def test_http_bad_registrations_get_400_and_change_nothing(cluster):
         assert (await _post(http, url, {"lora_path": "qv_r8"}))[0] == 400
         assert (await _post(http, url, {"lora_name": "b"}))[0] == 400
         assert (await _post(http, url, {"lora_name": "../b", "lora_path": "qv_r8"}))[0] == 400
-    assert set(worker.engine.adapters.names()) == root_adapters | {"a"}
+    assert set(worker.engine.residency.names()) == root_adapters | {"a"}
 
 
 async def test_nats_adapters_subjects(nats_server, stack, cluster):
     _, _, worker = cluster
-    root_adapters = set(worker.engine.adapters.names())
+    root_adapters = set(worker.engine.residency.names())
     bus = await client(stack, nats_server.url)
     listing = await bus.request(subjects.ADAPTERS_LOAD, AdapterLoad(name="pinned-one", path="all7_r16", pinned=True),
                                 AdapterList, timeout=5)
     assert listing.worker_id == "w1" and {a.name: a.pinned for a in listing.adapters}["pinned-one"]
-    await wait_until(lambda: worker.engine.adapters.level("pinned-one") == "device")
+    await wait_until(lambda: worker.engine.residency.level("pinned-one") == "device")
     with pytest.raises(RemoteError) as err:
         await bus.request(subjects.ADAPTERS_LOAD, AdapterLoad(name="esc", path="../outside"), AdapterList, timeout=5)
     assert err.value.info.code == "invalid_request"
@@ -131,7 +131,7 @@ async def _error(http, url, body=None, data=None):
 async def test_http_hostile_adapters_are_refused_at_registration(cluster, adapter_root, tiny_adapters, tmp_path):
     _, base, worker = cluster
     build_hostile_adapters(tiny_adapters["qv_r8"], adapter_root / "uploads")
-    before = set(worker.engine.adapters.names())
+    before = set(worker.engine.residency.names())
     url = f"{base}/v1/load_lora_adapter"
     async with aiohttp.ClientSession() as http:
         for kind, reason in HOSTILE_REFUSALS.items():
@@ -143,12 +143,12 @@ async def test_http_hostile_adapters_are_refused_at_registration(cluster, adapte
         assert status == 200 and time.monotonic() - start < 5  # RE2: linear time, the worker never stalls
         status, _ = await _post(http, url, {"lora_name": "sql", "lora_path": "qv_r8"})  # the rest still works
         assert status == 200
-    assert set(worker.engine.adapters.names()) == before | {"evil", "sql"}
+    assert set(worker.engine.residency.names()) == before | {"evil", "sql"}
 
 
 async def test_http_bad_lora_path_and_name_get_openai_style_400(cluster):
     _, base, worker = cluster
-    before = set(worker.engine.adapters.names())
+    before = set(worker.engine.residency.names())
     url = f"{base}/v1/load_lora_adapter"
     bad_bodies = [{"lora_name": "x", "lora_path": "qv\x00_r8"}, {"lora_name": "x", "lora_path": "a" * 5000},
                   {"lora_name": "x", "lora_path": "qv_r8/" + "b" * 300},
@@ -165,7 +165,7 @@ async def test_http_bad_lora_path_and_name_get_openai_style_400(cluster):
             assert status == 400 and answer["error"]["type"] == "invalid_request_error", answer
         status, answer = await _error(http, f"{base}/v1/unload_lora_adapter", {"lora_name": "y" * 5000})
         assert status == 400
-    assert set(worker.engine.adapters.names()) == before
+    assert set(worker.engine.residency.names()) == before
 
 
 async def test_bad_folders_in_the_root_are_skipped_at_start(nats_server, stack, tiny_model_dir, tiny_adapters,
@@ -182,7 +182,7 @@ async def test_bad_folders_in_the_root_are_skipped_at_start(nats_server, stack, 
         gateway = await start_gateway(stack, nats_server.url, tiny_model_dir, adapter_dir=str(root),
                                       model_name=worker.model_name)
     await wait_until(lambda: "w2" in gateway.watch.live_workers())
-    assert "good" in worker.engine.adapters.names() and "rank_bool" not in worker.engine.adapters.names()
+    assert "good" in worker.engine.residency.names() and "rank_bool" not in worker.engine.residency.names()
     for kind in ("rank_bool", "huge_int", "deep_config", "backref_targets", "long_pattern"):
         lines = [r.getMessage() for r in caplog.records if f"{root / kind} skipped" in r.getMessage()]
         assert len(lines) == 2, (kind, lines)  # one line from the worker, one from the gateway

@@ -5,7 +5,7 @@ from __future__ import annotations
 from bench.live_routing import record_cost_us, seq_behind
 from bench.live_workload import LiveWorkload, make_schedule
 from services.scheduler.decision_replay import Decision
-from services.scheduler.policies import RouteRequest
+from services.scheduler.policies import PolicyRequest
 from shared.schemas import WorkerState
 
 
@@ -14,7 +14,7 @@ def _state(seq: int, timestamp: float) -> WorkerState:
 
 
 def _decision(at: float, held: int) -> Decision:
-    return Decision("r", 0, at, RouteRequest(8, 4, "a"), (), "w0", None, 1.0, ({"worker_id": "w0", "seq": held},))
+    return Decision("r", 0, at, PolicyRequest(8, 4, "a"), (), "w0", None, 1.0, ({"worker_id": "w0", "seq": held},))
 
 
 def test_seq_behind_counts_states_taken_before_the_decision_but_not_held():

@@ -6,13 +6,14 @@ import json
 import logging
 
 from bench import sched_sweep, synthetic_profile
+from shared.backends import BACKENDS
 
 
 def _run(tmp_path, caplog, jobs: int, *extra: str, policy: str = "rank_aware,least_loaded") -> tuple[dict, str]:
     caplog.clear()
     caplog.set_level(logging.INFO, logger="services.scheduler.experiment")
     profiles = {}
-    for backend in ("bgmv", "mbgmv"):
+    for backend in BACKENDS:
         profiles[backend] = tmp_path / f"{backend}.json"
         assert synthetic_profile.main(["--backend", backend, "--out", str(profiles[backend])]) == 0
     out = tmp_path / f"sweep-{jobs}.json"
@@ -32,7 +33,7 @@ def test_the_sweep_reports_each_profile_the_same_whether_swept_in_parallel_or_no
     serial, progress = _run(tmp_path, caplog, jobs=1)
     parallel, _ = _run(tmp_path, caplog, jobs=2)
     assert serial["synthetic"] and serial["workers"] == 2
-    for backend in ("bgmv", "mbgmv"):
+    for backend in BACKENDS:
         result = serial["profiles"][backend]
         assert result["rates"] == [1.0, 3.0, 6.0] and set(result["policies"]) == {"rank_aware", "least_loaded"}
         assert all(len(points) == 3 for points in result["policies"].values())
@@ -49,7 +50,7 @@ def test_with_adapter_slots_adapter_affinity_follows_residency(tmp_path, caplog)
     everywhere, _ = _run(tmp_path, caplog, 1, "--workers", "8", policy=policy)
     cached, _ = _run(tmp_path, caplog, 1, "--workers", "8", "--adapter-slots", "4", policy=policy)
     assert everywhere["adapter_slots"] == 0 and cached["adapter_slots"] == 4
-    for backend in ("bgmv", "mbgmv"):
+    for backend in BACKENDS:
         alike = everywhere["profiles"][backend]["policies"]
         assert _simulated(alike["adapter_affinity"]) == _simulated(alike["least_loaded"])
         apart = cached["profiles"][backend]["policies"]

@@ -11,14 +11,14 @@ from services.scheduler.config import SchedulerConfig
 from services.scheduler.decision_log import DecisionLog, DecisionLogError, stats_summary
 from services.scheduler.decision_replay import lag_summary, read_log, replay, stats_from_summary
 from services.scheduler.fleet import Fleet
-from services.scheduler.policies import PolicyConfig, RouteRequest, make_policy
+from services.scheduler.policies import PolicyConfig, PolicyRequest, make_policy
 from shared.batch_stats import BatchStats
+from shared.levels import LEVELS
 from shared.perf_model import PerfModel
 from shared.schemas import AdapterInfo, RequestLoad, WorkerState
 from shared.schemas.names import request_key
 
 RANKS = {"a8": 8, "b16": 16, "c32": 32, "d64": 64}
-LEVELS = ("device", "host", "disk")
 
 
 def _perf() -> PerfModel:
@@ -56,7 +56,7 @@ def _drive(policy, path, decisions: int = 150, seed: int = 3):
             seqs[w] += 1
             fleet.observe(_state(w, seqs[w], rng), now)
         adapter = rng.choice([None, *RANKS])
-        request = RouteRequest(RANKS.get(adapter, 0), rng.randint(1, 80), adapter)
+        request = PolicyRequest(RANKS.get(adapter, 0), rng.randint(1, 80), adapter)
         records = fleet.live(now)
         choice = policy.choose([r.view for r in records], request)
         live_costs.append([perf.decode_us_with(r.view.total, request.rank, request.prompt_tokens, adapter)
@@ -141,5 +141,5 @@ def test_bad_logs_are_rejected_with_the_line(tmp_path):
 def test_a_failing_write_turns_the_log_off():
     log = DecisionLog.open("/dev/full", "s", make_policy(PolicyConfig(policy="random")))
     assert not log.enabled
-    log.record("r", 0, RouteRequest(8, 4, "a"), [], (), "w0", 0.0, 0.0)
+    log.record("r", 0, PolicyRequest(8, 4, "a"), [], (), "w0", 0.0, 0.0)
     assert log.written == 0

@@ -7,11 +7,14 @@ import dataclasses
 import numpy as np
 import pytest
 
-from services.scheduler.policies import (POLICY_NAMES, NoCapacity, PolicyConfig, PolicyError, RouteRequest,
+from services.scheduler.policies import (POLICY_NAMES, NoCapacity, PolicyConfig, PolicyError, PolicyRequest,
                                          default_slo_us, make_policy)
-from services.scheduler.worker_view import DEVICE, DISK, HOST, RequestLoad, WorkerView
+from services.scheduler.worker_view import WorkerView
 from shared.config import ConfigError
+from shared.levels import Level
 from shared.perf_model import PerfModel
+from shared.schemas import RequestLoad
+from shared.schemas.names import request_key
 
 SLO_US = 36_000.0
 # The toy servers: server 1 runs 24 rank-32 requests, server 2 16 rank-64 ones. Their
@@ -21,11 +24,17 @@ SLO_US = 36_000.0
 # attention (the context term) carries part of server 2's step time, the example holds.
 SERVER1 = (24, 32, 200)
 SERVER2 = (16, 64, 865)
-NEW = RouteRequest(rank=64, prompt_tokens=100)
+NEW = PolicyRequest(rank=64, prompt_tokens=100)
+
+
+def _load(rank: int, context: int, adapter: str | None = None) -> RequestLoad:
+    """A running request of ``context`` tokens as a worker's state reports it."""
+    return RequestLoad(key=request_key(f"{adapter}-{rank}-{context}"), adapter=adapter, rank=rank,
+                       prompt_tokens=context)
 
 
 def _toy_view(worker_id: str, count: int, rank: int, context: int) -> WorkerView:
-    return WorkerView.build(worker_id, max_batch=64, running=[RequestLoad(rank, context, f"{worker_id}-a")] * count)
+    return WorkerView.build(worker_id, max_batch=64, running=[_load(rank, context, f"{worker_id}-a")] * count)
 
 
 def _toy_model(backend: str, lora_term: str, lora_coef: float, per_request: float,
@@ -82,13 +91,13 @@ def _flat_model() -> PerfModel:
 
 
 def _views(loads: list[int], rank: int = 16, max_batch: int = 32) -> list[WorkerView]:
-    return [WorkerView.build(f"w{i}", max_batch, running=[RequestLoad(rank, 100, "a")] * n)
+    return [WorkerView.build(f"w{i}", max_batch, running=[_load(rank, 100, "a")] * n)
             for i, n in enumerate(loads)]
 
 
 def test_rank_aware_prefers_an_idle_worker():
     policy = make_policy(PolicyConfig(), _flat_model(), 1e9)
-    assert policy.choose(_views([5, 0, 3]), RouteRequest(16, 50, "a")) == "w1"
+    assert policy.choose(_views([5, 0, 3]), PolicyRequest(16, 50, "a")) == "w1"
 
 
 def test_rank_aware_skips_workers_that_would_break_the_slo():
@@ -99,9 +108,9 @@ def test_rank_aware_skips_workers_that_would_break_the_slo():
     slo = model.decode_us_with(views[1].total, 16, 50, "a") + 1.0
     assert model.decode_us_with(views[0].total, 16, 50, "a") > slo  # w0 is cheaper per request but infeasible
     policy = make_policy(PolicyConfig(prefill_in_slo=False), model, slo)
-    assert policy.choose(views, RouteRequest(16, 50, "a")) == "w1"
+    assert policy.choose(views, PolicyRequest(16, 50, "a")) == "w1"
     unpenalised = make_policy(PolicyConfig(prefill_in_slo=False, slo_penalty=False), model, slo)
-    assert unpenalised.choose(views, RouteRequest(16, 50, "a")) == "w0"
+    assert unpenalised.choose(views, PolicyRequest(16, 50, "a")) == "w0"
 
 
 def test_rank_aware_when_nothing_is_feasible_or_free():
@@ -110,11 +119,11 @@ def test_rank_aware_when_nothing_is_feasible_or_free():
     views = _views([1, 4, 6])
     views[0].add_waiting(1024, 10, "big")  # w0: the slowest step, but the fewest requests to slow down
     assert model.decode_us(views[0].total) > model.decode_us(views[1].total)
-    assert policy.choose(views, RouteRequest(16, 50, "a")) == "w0"  # Algorithm 1's total decides
+    assert policy.choose(views, PolicyRequest(16, 50, "a")) == "w0"  # Algorithm 1's total decides
     full = _views([4, 4, 4], max_batch=4)
-    assert make_policy(PolicyConfig(), model, 1e9).choose(full, RouteRequest(16, 50, "a")) == "w0"
+    assert make_policy(PolicyConfig(), model, 1e9).choose(full, PolicyRequest(16, 50, "a")) == "w0"
     full[0].add_waiting(16, 50, "a")
-    assert make_policy(PolicyConfig(), model, 1e9).choose(full, RouteRequest(16, 50, "a")) == "w1"
+    assert make_policy(PolicyConfig(), model, 1e9).choose(full, PolicyRequest(16, 50, "a")) == "w1"
 
 
 def _bgmv_model(prefill: dict[str, float] | None = None) -> PerfModel:
@@ -123,29 +132,29 @@ def _bgmv_model(prefill: dict[str, float] | None = None) -> PerfModel:
 
 
 def _ranked_view(worker_id: str, ranks: list[int], max_batch: int = 32) -> WorkerView:
-    return WorkerView.build(worker_id, max_batch, running=[RequestLoad(r, 0, f"{worker_id}-{i}")
-                                                           for i, r in enumerate(ranks)])
+    return WorkerView.build(worker_id, max_batch, running=[_load(r, 0, f"{worker_id}-{i}")
+                                                     for i, r in enumerate(ranks)])
 
 
 def test_rank_aware_padding_lifetime_keeps_high_ranks_together():
     model = _bgmv_model()
     # w0: one rank-64 request pads nine rank-8 ones; w1: eleven rank-64 requests
     views = [_ranked_view("w0", [64] + [8] * 9), _ranked_view("w1", [64] * 11)]
-    req = RouteRequest(64, 0)
+    req = PolicyRequest(64, 0)
     # Algorithm 1 alone: the same step increase on both, so the worker with fewer requests
     assert make_policy(PolicyConfig(padding_lifetime=False), model, 1e9).choose(views, req) == "w0"
     # on w0 the newcomer outlives the lone rank-64 request with probability 1/2 and keeps
     # the rank-8 ones padded to 64: 10 * 9 * (64 - 8) / 2 = 2520 us a step
     assert make_policy(PolicyConfig(), model, 1e9).choose(views, req) == "w1"
     # a request below every rank present pads nothing
-    assert make_policy(PolicyConfig(), model, 1e9).choose(views, RouteRequest(8, 0)) == "w0"
+    assert make_policy(PolicyConfig(), model, 1e9).choose(views, PolicyRequest(8, 0)) == "w0"
 
 
 def test_rank_aware_queue_delay_picks_among_full_workers_by_cost_and_wait():
     model = _bgmv_model()
     views = [_ranked_view("w0", [64] * 4, max_batch=4), _ranked_view("w1", [8] * 4, max_batch=4)]
     views[0].add_waiting(64, 0, "q")
-    req = RouteRequest(64, 0)
+    req = PolicyRequest(64, 0)
     # every worker is full: the least loaded one would pad w1's four rank-8 requests to 64
     assert make_policy(PolicyConfig(queue_delay=False), model, 1e9).choose(views, req) == "w1"
     policy = make_policy(PolicyConfig(avg_response_len=100), model, 1e9)
@@ -160,7 +169,7 @@ def test_rank_aware_queue_delay_picks_among_full_workers_by_cost_and_wait():
 def test_rank_aware_predicted_time_per_token_counts_a_long_prefill_once():
     model = _bgmv_model({"tokens": 100.0})  # a 1000-token prompt: 100 ms; a typical 10-token one: 1 ms
     views = [_ranked_view("w0", [64] * 10), _ranked_view("w1", [8] * 5)]
-    req = RouteRequest(64, 1000)
+    req = PolicyRequest(64, 1000)
     config = PolicyConfig(avg_response_len=100, reference_prompt_tokens=10)
     after = [model.decode_us_with(v.total, 64, 1000) for v in views]
     # w0 has the lower total; its predicted time per token is 18.14 + (10 * 1 + 100) / 100 ms,
@@ -175,16 +184,16 @@ def test_rank_aware_predicted_time_per_token_counts_a_long_prefill_once():
 
 def test_rank_aware_counts_cold_start_cost_by_residency_level():
     model = _flat_model()
-    views = [WorkerView.build(f"w{i}", 32, running=[RequestLoad(16, 100, "x")] * 4, resident={"x"},
+    views = [WorkerView.build(f"w{i}", 32, running=[_load(16, 100, "x")] * 4, resident={"x"},
                               host={"x", "hot"}) for i in range(3)]
     views[1].resident = {"x", "hot"}
     policy = make_policy(PolicyConfig(), model, 1e9)
-    assert [v.residency("hot") for v in views] == [HOST, DEVICE, HOST]
-    assert policy.choose(views, RouteRequest(16, 50, "hot")) == "w1"
+    assert [v.residency("hot") for v in views] == [Level.HOST, Level.DEVICE, Level.HOST]
+    assert policy.choose(views, PolicyRequest(16, 50, "hot")) == "w1"
     views[1].resident = {"x"}
     views[0].host = {"x"}
-    assert views[0].residency("hot") == DISK
-    assert policy.choose(views, RouteRequest(16, 50, "hot")) == "w1"  # host beats disk
+    assert views[0].residency("hot") == Level.DISK
+    assert policy.choose(views, PolicyRequest(16, 50, "hot")) == "w1"  # host beats disk
 
 
 def test_routed_requests_are_counted_before_the_worker_reports_them():
@@ -194,7 +203,7 @@ def test_routed_requests_are_counted_before_the_worker_reports_them():
         policy = make_policy(PolicyConfig(policy=name), model, 1e9)
         chosen = []
         for _ in range(3):
-            choice = policy.choose(views, RouteRequest(16, 50, "a"))
+            choice = policy.choose(views, PolicyRequest(16, 50, "a"))
             chosen.append(choice)
             next(v for v in views if v.worker_id == choice).add_waiting(16, 50, "a")
         assert sorted(chosen) == ["w0", "w1", "w2"], name
@@ -202,7 +211,7 @@ def test_routed_requests_are_counted_before_the_worker_reports_them():
 
 def test_random_is_seeded_and_round_robin_cycles():
     views = _views([0, 0, 0, 0])
-    req = RouteRequest(8, 10)
+    req = PolicyRequest(8, 10)
     picks = [make_policy(PolicyConfig(policy="random", seed=3)).choose(views, req) for _ in range(2)]
     assert picks[0] == picks[1]
     rand = make_policy(PolicyConfig(policy="random", seed=3))
@@ -213,7 +222,7 @@ def test_random_is_seeded_and_round_robin_cycles():
 
 def test_least_loaded_and_first_fit():
     views = _views([5, 2, 7], max_batch=6)
-    req = RouteRequest(8, 10)
+    req = PolicyRequest(8, 10)
     assert make_policy(PolicyConfig(policy="least_loaded")).choose(views, req) == "w1"
     first_fit = make_policy(PolicyConfig(policy="first_fit"))
     assert first_fit.choose(views, req) == "w0"  # 5 < 6: fill the first server
@@ -224,23 +233,23 @@ def test_least_loaded_and_first_fit():
 
 
 def test_adapter_affinity_prefers_residency_unless_overloaded():
-    views = [WorkerView.build(f"w{i}", 4, running=[RequestLoad(8, 10, "z")] * n, resident=res)
+    views = [WorkerView.build(f"w{i}", 4, running=[_load(8, 10, "z")] * n, resident=res)
              for i, (n, res) in enumerate([(1, set()), (3, {"hot"}), (2, set())])]
     policy = make_policy(PolicyConfig(policy="adapter_affinity"))
-    assert policy.choose(views, RouteRequest(8, 10, "hot")) == "w1"
+    assert policy.choose(views, PolicyRequest(8, 10, "hot")) == "w1"
     views[1].add_waiting(8, 10, "hot")  # now at max batch: overloaded
-    assert policy.choose(views, RouteRequest(8, 10, "hot")) == "w0"
-    assert policy.choose(views, RouteRequest(0, 10)) == "w0"
+    assert policy.choose(views, PolicyRequest(8, 10, "hot")) == "w0"
+    assert policy.choose(views, PolicyRequest(0, 10)) == "w0"
 
 
 @pytest.mark.parametrize("name", POLICY_NAMES)
 def test_no_candidates_or_full_queues_is_no_capacity(name):
     policy = make_policy(PolicyConfig(policy=name, max_waiting=1), _flat_model(), 1e9)
-    assert isinstance(policy.choose([], RouteRequest(8, 10)), NoCapacity)
+    assert isinstance(policy.choose([], PolicyRequest(8, 10)), NoCapacity)
     views = _views([1, 1])
     for v in views:
         v.add_waiting(8, 10)
-    decision = policy.choose(views, RouteRequest(8, 10))
+    decision = policy.choose(views, PolicyRequest(8, 10))
     assert isinstance(decision, NoCapacity) and "waiting" in decision.reason
 
 

@@ -6,7 +6,7 @@ rank and prompt length of a small grid, and for each level the adapter may start
 (``host``: in host memory; ``disk``: only its files, read through the OS page cache as
 a worker reads them), one request is timed from ``add_request`` to its first token
 twice: with its adapter on the device (warm), and again after
-:meth:`TieredAdapters.demote` moved it to the level (cold). The sample's latency is
+:meth:`~services.gpu_worker.residency.protocol.AdapterResidency.demote` moved it to the level (cold). The sample's latency is
 ``cold - warm``, the prefill itself cancelling out. Each point is measured ``repeats``
 times in shuffled order and keeps its fastest warm and fastest cold time (timing noise
 on a shared host only ever adds).
@@ -25,7 +25,6 @@ from typing import Callable
 
 from services.gpu_worker.engine import LLMEngine
 from services.gpu_worker.request import EngineRequest, SamplingParams
-from services.gpu_worker.residency.tiered import TieredAdapters
 from shared.perf_model import ProfileError
 
 LEVELS = ("host", "disk")
@@ -53,8 +52,8 @@ class ColdStartProfiler:
     _serial: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.engine.adapters, TieredAdapters):
-            raise ProfileError("cold-start profiling needs an engine with adapter residency (on_demand)")
+        if self.engine.residency.report().mode != "on_demand":
+            raise ProfileError("cold-start profiling needs an engine in on_demand mode")
 
     def grid(self) -> list[ColdPoint]:
         return [ColdPoint(level, rank, tokens) for level in LEVELS for rank in sorted(self.adapters_by_rank)
@@ -87,7 +86,7 @@ class ColdStartProfiler:
         prompt = [rng.randrange(3, vocab) for _ in range(point.prompt_tokens)]
         self._first_token_us(adapter, prompt)  # brings the adapter onto the device
         warm = self._first_token_us(adapter, prompt)
-        self.engine.adapters.demote(adapter, point.level)
+        self.engine.residency.demote(adapter, point.level)
         return warm, self._first_token_us(adapter, prompt)
 
     def _first_token_us(self, adapter: str, prompt: list[int]) -> float:
@@ -126,10 +125,10 @@ def prompt_lengths(prompt_min: int, prompt_max: int) -> tuple[int, ...]:
 
 def link_label(engine: LLMEngine) -> str:
     """How adapters reached the device while profiling, for the profile's ``cold_start_link``."""
-    link = engine.adapters.link
-    if getattr(link, "emulated", False):
-        bandwidth = f"{link.gbps:g} GB/s" if link.gbps else "unlimited bandwidth"
-        return f"EMULATED link: {bandwidth}, {link.latency_s * 1e3:g} ms per load"
+    report = engine.residency.report()
+    if report.link_emulated:
+        bandwidth = f"{report.link_gbps:g} GB/s" if report.link_gbps else "unlimited bandwidth"
+        return f"EMULATED link: {bandwidth}, {report.link_latency_ms:g} ms per load"
     if engine.model.device.type == "cuda":
         return "cuda host-to-device copy"
     return "cpu memory copy (no link; not emulated)"

@@ -227,7 +227,7 @@ def measure_cold_starts(model_dir: Path, engine_config: EngineConfig, config: Pr
                                  config.repeats, config.seed, lambda d, t: progress("cold starts", d, t))
         return cold.run(), link_label(engine)
     finally:
-        engine.adapters.close()
+        engine.close()
 
 
 def add_cold_starts(existing: PerfModel, model_dir: Path, engine_config: EngineConfig, config: ProfileConfig,

@@ -6,6 +6,11 @@ and validating the PEFT directory on a miss. Past the budget the least recently 
 adapters are dropped back to disk-only. An adapter larger than the whole budget is
 still returned, just not kept. Thread-safe: the loader thread reads through it while
 the step loop drops unloaded adapters.
+
+With ``shared_prefix`` (cpu_assist mode) each host copy lives in one shared-memory
+segment (:class:`~shared.shm_exchange.AdapterSegment`, numbered by a per-store adapter id)
+that the CPU prefill pool maps: a cold request's CPU work reads the same bytes, with no
+copy per request and no second read from disk. A dropped adapter's segment is unlinked.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from shared.adapter_registry import AdapterRecord
 from shared.llama_shape import LlamaShape
 from shared.peft_adapter import LoraAdapter, load_adapter
+from shared.shm_exchange import AdapterSegment
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +35,10 @@ def to_host(adapter: LoraAdapter, dtype: torch.dtype, pin: bool) -> LoraAdapter:
         t = t.to("cpu", dtype).contiguous()
         return t.pin_memory() if pin else t
 
-    weights = {k: (place(a), place(b)) for k, (a, b) in adapter.weights.items()}
+    return _with_weights(adapter, {k: (place(a), place(b)) for k, (a, b) in adapter.weights.items()})
+
+
+def _with_weights(adapter: LoraAdapter, weights: dict) -> LoraAdapter:
     return LoraAdapter(adapter.name, adapter.path, weights, adapter.base_model, adapter.use_rslora,
                        adapter.target_projections, adapter.config)
 
@@ -38,10 +47,13 @@ class HostStore:
     """Host-memory tier of adapter residency, LRU within ``budget_bytes``."""
 
     def __init__(self, budget_bytes: int, shape: LlamaShape, max_rank: int, dtype: torch.dtype, pin: bool,
-                 base_model: str | None = None) -> None:
+                 base_model: str | None = None, shared_prefix: str | None = None) -> None:
         self.budget_bytes, self.shape, self.max_rank = budget_bytes, shape, max_rank
         self.dtype, self.pin, self.base_model = dtype, pin, base_model
+        self.shared_prefix = shared_prefix
         self._adapters: OrderedDict[str, LoraAdapter] = OrderedDict()
+        self._segments: dict[str, AdapterSegment] = {}
+        self._next_id = 1
         self.used_bytes = 0
         self.hits = self.misses = self.evictions = 0
         self._lock = threading.Lock()
@@ -55,18 +67,40 @@ class HostStore:
                 self.hits += 1
                 return adapter
             self.misses += 1
-        adapter = to_host(load_adapter(record.name, record.path, self.shape, self.max_rank, self.base_model),
-                          self.dtype, self.pin)
-        self._keep(adapter)
+        loaded = load_adapter(record.name, record.path, self.shape, self.max_rank, self.base_model)
+        if self.shared_prefix is None:
+            adapter = to_host(loaded, self.dtype, self.pin)
+            self._keep(adapter)
+            return adapter
+        return self._keep_shared(loaded)
+
+    def _keep_shared(self, loaded: LoraAdapter) -> LoraAdapter:
+        """Copy ``loaded`` once into a new shared-memory segment and keep it (or not, past the budget)."""
+        with self._lock:
+            adapter_id, self._next_id = self._next_id, self._next_id + 1
+        weights = {k: (a.to(self.dtype), b.to(self.dtype)) for k, (a, b) in loaded.weights.items()}
+        segment = AdapterSegment.create(self.shared_prefix, adapter_id, weights, pin=self.pin)
+        adapter = _with_weights(loaded, segment.weights)
+        self._keep(adapter, segment)
         return adapter
 
-    def _keep(self, adapter: LoraAdapter) -> None:
+    def shared(self, name: str) -> tuple[int, frozenset[tuple[int, str]]] | None:
+        """``(adapter id, (layer, projection) targets)`` of ``name``'s shared host copy, or None."""
+        with self._lock:
+            segment, adapter = self._segments.get(name), self._adapters.get(name)
+            if segment is None or adapter is None:
+                return None
+            return segment.adapter_id, frozenset(adapter.weights)
+
+    def _keep(self, adapter: LoraAdapter, segment: AdapterSegment | None = None) -> None:
         with self._lock:
             self._pop(adapter.name)
+            if segment is not None:
+                self._segments[adapter.name] = segment
             if adapter.nbytes > self.budget_bytes:
                 log.info("adapter %s (%d bytes) exceeds the host budget; not kept in host memory",
                          adapter.name, adapter.nbytes)
-                return
+                return  # its segment (if any) stays until the name is dropped or the store closes
             while self.used_bytes + adapter.nbytes > self.budget_bytes:
                 victim = next(iter(self._adapters))
                 self._pop(victim)
@@ -79,6 +113,15 @@ class HostStore:
         old = self._adapters.pop(name, None)
         if old is not None:
             self.used_bytes -= old.nbytes
+        segment = self._segments.pop(name, None)
+        if segment is not None:
+            segment.close()
+
+    def close(self) -> None:
+        """Drop every adapter (and unlink its segment)."""
+        with self._lock:
+            for name in list(self._adapters) + list(self._segments):
+                self._pop(name)
 
     def contains(self, name: str) -> bool:
         with self._lock:

@@ -43,6 +43,8 @@ def weights_nbytes(weights: Weights) -> int:
 
 class Link(Protocol):
     emulated: bool
+    gbps: float | None  # the emulated bandwidth (None: a real link)
+    latency_ms: float  # the emulated per-load latency (0 on a real link)
 
     def begin(self) -> None:
         """A new adapter transfer starts."""
@@ -62,7 +64,7 @@ class EmulatedLink:
 
     def __init__(self, gbps: float, latency_ms: float,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
-        self.gbps, self.latency_s = gbps, latency_ms / 1e3
+        self.gbps, self.latency_ms, self.latency_s = gbps, latency_ms, latency_ms / 1e3
         self._clock, self._sleep = clock, sleep
         self._deadline = 0.0
         self.emulated = gbps > 0 or latency_ms > 0
@@ -96,6 +98,8 @@ class CudaLink:
     """The real link: async copies from pinned memory on a dedicated stream, one event per group."""
 
     emulated = False
+    gbps = None
+    latency_ms = 0.0
 
     def __init__(self, device: str) -> None:
         self.device = torch.device(device)

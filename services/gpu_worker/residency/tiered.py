@@ -1,25 +1,23 @@
-"""Tiered adapter residency: disk -> host store -> device cache, behind the engine's AdapterManager.
+"""Tiered adapter residency: disk -> host store -> device cache, the engine's AdapterResidency.
 
-:class:`TieredAdapters` combines the :class:`~shared.adapter_registry.AdapterRegistry`
-(names, paths, the resolver), the :class:`HostStore`, the :class:`DeviceCache` and the
-:class:`AdapterLoader`. How a request whose adapter is not on the device proceeds is the
-serving mode (``ResidencyConfig.cold_start``):
+:class:`TieredResidency` combines the :class:`~shared.adapter_registry.AdapterRegistry`
+(names, paths, the resolver), the :class:`HostStore`, the :class:`DeviceCache`, the
+:class:`AdapterLoader` and a :class:`~services.gpu_worker.residency.cold_start.ColdStart`
+strategy, which decides what a request whose adapter is not on the device does:
 
 * ``cached``: every adapter known at start-up is queued for loading at once (served by the
   loader thread as the step loop polls; :meth:`pending_loads` says how many remain) and
   never evicted; the budget is unbounded (the ideal the paper measures against);
 * ``on_demand``: the request's arrival (:meth:`prefetch`) queues a load; admission skips
-  it until :meth:`ready` says every layer is resident (as S-LoRA does), while running
-  requests keep decoding.
-
-The seam for CPU-assisted prefill: a mode that admits a request as soon as its load has
-started, using :meth:`device_adapter` for the layers already resident
-(:meth:`resident_layers`) and :meth:`delta_source` for the rest.
+  it until every layer is resident (as S-LoRA does), while running requests keep decoding;
+* ``cpu_assist``: as soon as the load has started, the request runs with CPU-computed
+  deltas for the layers not resident yet (:meth:`external`), handing each layer group over
+  to the device path as it lands.
 
 Loads that need device space start in FIFO order of first request: when the cache is
 full of adapters in use, the queue head waits for a running request to finish, and no
 later miss overtakes it. The step loop calls every method except :meth:`register`,
-:meth:`unregister`, :meth:`residency` and :meth:`adapter_infos`, which any thread may call.
+:meth:`unregister`, :meth:`report` and :meth:`adapter_infos`, which any thread may call.
 """
 
 from __future__ import annotations
@@ -29,41 +27,27 @@ import queue
 import sys
 import threading
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import torch
 
+from services.gpu_worker.lora_plan import ExternalDeltas, ExternalSource
+from services.gpu_worker.residency.cold_start import Admit, ColdStart
 from services.gpu_worker.residency.link import Link, make_link
 from services.gpu_worker.residency.loader import AdapterLoader, Landed, LoadJob
-from services.gpu_worker.adapter_manager import UnknownAdapterError
+from services.gpu_worker.residency.protocol import UnknownAdapterError
 from services.gpu_worker.residency.device_cache import DeviceCache
 from services.gpu_worker.residency.host_store import HostStore
 from services.gpu_worker.residency.config import ResidencyConfig
 from services.gpu_worker.residency.metrics import ResidencyCounters
+from services.gpu_worker.residency.report import AdapterResidencyInfo, ResidencyReport
 from shared.adapter_registry import AdapterNotFoundError, AdapterRecord, AdapterRegistry, RegistryError, check_name
 from shared.llama_shape import LlamaShape
 from shared.peft_adapter import AdapterError, LoraAdapter, validate_adapter
 from shared.schemas.adapters import AdapterInfo
 
 log = logging.getLogger(__name__)
-
-
-@runtime_checkable
-class ResidencyHooks(Protocol):
-    """What the engine tells a residency-managing AdapterManager beyond the base protocol."""
-
-    def prefetch(self, name: str) -> None:
-        """A request for ``name`` entered the engine."""
-
-    def failure(self, name: str) -> str | None:
-        """Why waiting requests of ``name`` can never run, or None."""
-
-    def loads_in_flight(self) -> int:
-        """Loads submitted and not yet fully landed (an idle step loop waits on them)."""
-
-    def wait_for_progress(self, timeout: float) -> bool:
-        """Block until a load makes progress or ``timeout`` passes."""
 
 
 class AdapterUnavailableError(UnknownAdapterError):
@@ -86,31 +70,31 @@ def free_device_bytes(device: str) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def device_budget(config: ResidencyConfig, device: str) -> int:
-    """The device cache's byte budget: unbounded when cached, else explicit or a share of free memory."""
-    if config.cold_start == "cached":
+def device_budget(config: ResidencyConfig, device: str, preloads: bool) -> int:
+    """The device cache's byte budget: unbounded when every adapter is preloaded, else explicit or a
+    share of free memory."""
+    if preloads:
         return sys.maxsize
     if config.device_adapter_bytes:
         return config.device_adapter_bytes
     return int(free_device_bytes(device) * config.device_adapter_fraction)
 
 
-class TieredAdapters:
-    """An AdapterManager over the registry, host store, device cache and loader."""
+class TieredResidency:
+    """The AdapterResidency over the registry, host store, device cache, loader and a cold-start strategy."""
 
     def __init__(self, config: ResidencyConfig, shape: LlamaShape, max_rank: int, dtype: torch.dtype, device: str,
-                 base_model: str | None = None, adapters: dict[str, str | Path] | None = None,
-                 host_store: HostStore | None = None, link: Link | None = None) -> None:
+                 host_store: HostStore, cold_start: ColdStart, adapters: dict[str, str | Path] | None = None,
+                 link: Link | None = None) -> None:
         self.config, self.device, self.dtype = config, device, dtype
-        on_cuda = torch.device(device).type == "cuda"
         self.shape, self.max_rank = shape, max_rank
+        self.cold_start = cold_start
         self.registry = AdapterRegistry(config.adapter_dir or None, max_rank, torch.finfo(dtype).bits // 8, shape)
         for name, path in (adapters or {}).items():
             self.registry.add_trusted(name, path)
-        self.host_store = host_store or HostStore(config.host_adapter_bytes, shape, max_rank, dtype, on_cuda,
-                                                  base_model)
+        self.host_store = host_store
         self.link = link or make_link(device, config.emulate_link_gbps, config.emulate_link_latency_ms)
-        self.cache = DeviceCache(device_budget(config, device))
+        self.cache = DeviceCache(device_budget(config, device, cold_start.preloads))
         self.loader = AdapterLoader(self.host_store, self.link, shape.num_layers, config.load_groups)
         self.counters = ResidencyCounters()
         self._pending: deque[str] = deque()  # loads waiting for device space, FIFO
@@ -123,11 +107,11 @@ class TieredAdapters:
         self._fresh: set[str] = set()  # loaded, kept from eviction until a request of it starts
         log.info("adapter residency: mode %s, device budget %s bytes, host budget %d bytes%s", config.cold_start,
                  "unbounded" if self.cache.budget_bytes == sys.maxsize else self.cache.budget_bytes,
-                 config.host_adapter_bytes, ", EMULATED link" if getattr(self.link, "emulated", False) else "")
+                 config.host_adapter_bytes, ", EMULATED link" if self.link.emulated else "")
         # Every adapter in the root is known (at disk level) from the start, so workers
         # advertise it and the scheduler can route its requests in every mode.
         self.registry.discover()
-        if config.cold_start == "cached":
+        if cold_start.preloads:
             for record in self.registry.records():
                 self._want(record.name)
             log.info("cached mode: %d adapters queued for preloading", len(self._pending))
@@ -177,7 +161,7 @@ class TieredAdapters:
         entry = self.cache.get(name)
         if entry is not None and record.pinned:
             entry.pinned = True
-        if record.pinned or self.config.cold_start == "cached":
+        if record.pinned or self.cold_start.preloads:
             self._want(name)
 
     def _on_unload(self, name: str) -> None:
@@ -192,7 +176,7 @@ class TieredAdapters:
         self._failures.pop(name, None)
         log.info("adapter %s unloaded", name)
 
-    # ---- the AdapterManager protocol (step loop) ---------------------------------------
+    # ---- the AdapterResidency protocol (step loop) --------------------------------------
     def rank(self, name: str) -> int:
         try:
             return self.registry.resolve(name).rank
@@ -214,14 +198,18 @@ class TieredAdapters:
             self._failures.pop(name, None)  # a new request retries a failed load
             self._want(name)
 
-    def ready(self, name: str) -> bool:
+    def admit(self, name: str, tokens: int, assist: bool = True) -> Admit:
+        """``DEVICE`` when every layer of ``name`` is resident, else what the cold-start strategy says
+        (``ASSISTED`` only when ``assist``: a request that fell back once waits for its load)."""
         with self._lock:
             self._asked[name] = self._polls
             entry = self.cache.get(name)
             if entry is not None and entry.usable:
-                return True
+                return Admit.DEVICE
             self._want(name)
-            return False
+            if not assist:
+                return Admit.WAIT
+            return self.cold_start.admit(name, tokens, self.cache.get(name))
 
     def failure(self, name: str) -> str | None:
         """Why requests waiting for ``name`` can never run (unloaded, load failed, too big), or None."""
@@ -231,25 +219,36 @@ class TieredAdapters:
             return self._failures.get(name)
 
     def device_adapter(self, name: str) -> LoraAdapter | None:
+        """The device copy of ``name`` (possibly only the layer groups landed so far), or None."""
         entry = self.cache.get(name)
         return entry.adapter if entry is not None else None
 
-    def delta_source(self, name: str) -> None:
-        """No external delta source: cached and on_demand compute every delta on the device."""
-        return None
+    def external(self, request_id: str, name: str) -> ExternalSource | None:
+        """The request's CPU-computed deltas for this step (None: every delta it needs is on the device)."""
+        return self.cold_start.source(request_id, self.cache.get(name))
+
+    def deltas(self) -> ExternalDeltas | None:
+        """What computes the external sources' deltas this step."""
+        return self.cold_start.deltas()
 
     def resident_layers(self, name: str) -> set[int]:
         """Layers of ``name`` whose weights are on the device now."""
         entry = self.cache.get(name)
         return set(entry.resident_layers) if entry is not None else set()
 
-    def acquire(self, name: str) -> None:
+    def acquire(self, request_id: str, name: str, verdict: Admit) -> None:
+        """A request of ``name`` starts running (pins the adapter against eviction); an ``ASSISTED``
+        one gets its external source."""
         with self._lock:
             self.cache.acquire(name)
             self._unfresh(name)
+            if verdict is Admit.ASSISTED:
+                self.cold_start.open(request_id, name)
 
-    def release(self, name: str) -> None:
+    def release(self, request_id: str, name: str) -> None:
+        """A request of ``name`` stopped running: its external source (if any) is closed."""
         with self._lock:
+            self.cold_start.close(request_id)
             self.cache.release(name)
 
     def names(self) -> list[str]:
@@ -354,7 +353,10 @@ class TieredAdapters:
         return self.loader.wait(timeout)
 
     def close(self) -> None:
+        """Stop the loader and release shared memory (the ring, the host store's segments)."""
         self.loader.close()
+        self.cold_start.shutdown()
+        self.host_store.close()
 
     def demote(self, name: str, level: str) -> None:
         """Take ``name`` off the device, keeping it in ``host`` memory or on ``disk`` only
@@ -392,21 +394,20 @@ class TieredAdapters:
         with self._lock:
             return [AdapterInfo(r.name, r.rank, self.level(r.name), r.pinned) for r in self.registry.records()]
 
-    def residency(self) -> dict:
-        """Tiers, budgets, counters and the load-time histogram, for worker state and metrics."""
+    def report(self) -> ResidencyReport:
+        """Tiers, budgets, counters, the link and the CPU pool, for worker metrics and benches."""
         with self._lock:
-            entries = {e.name: e for e in self.cache.entries()}
-            adapters = [{"name": r.name, "rank": r.rank, "level": self.level(r.name), "pinned": r.pinned,
-                         "nbytes": r.nbytes, "in_use": entries[r.name].users if r.name in entries else 0}
-                        for r in self.registry.records()]
+            users = {e.name: e.users for e in self.cache.entries()}
+            adapters = [AdapterResidencyInfo(r.name, r.rank, self.level(r.name), r.pinned, r.nbytes,
+                                             users.get(r.name, 0)) for r in self.registry.records()]
             budget = self.cache.budget_bytes
-            return {"mode": self.config.cold_start, "adapters": adapters,
-                    "device": {"budget_bytes": None if budget == sys.maxsize else budget,
-                               "used_bytes": self.cache.used_bytes, "loading": sorted(self._jobs),
-                               "waiting_for_space": list(self._pending)},
-                    "host": {"budget_bytes": self.host_store.budget_bytes, "used_bytes": self.host_store.used_bytes,
-                             "evictions": self.host_store.evictions},
-                    "link": {"emulated": bool(getattr(self.link, "emulated", False)),
-                             "gbps": getattr(self.link, "gbps", None),
-                             "latency_ms": getattr(self.link, "latency_s", 0.0) * 1e3},
-                    **self.counters.to_dict()}
+            return ResidencyReport(
+                mode=self.cold_start.mode, adapters=adapters,
+                device_budget_bytes=None if budget == sys.maxsize else budget, device_used_bytes=self.cache.used_bytes,
+                loading=sorted(self._jobs), waiting_for_space=list(self._pending),
+                host_budget_bytes=self.host_store.budget_bytes, host_used_bytes=self.host_store.used_bytes,
+                host_evictions=self.host_store.evictions, link_emulated=self.link.emulated,
+                link_gbps=self.link.gbps, link_latency_ms=self.link.latency_ms,
+                counters=replace(self.counters, load_ms=replace(self.counters.load_ms,
+                                                                counts=list(self.counters.load_ms.counts))),
+                assist=self.cold_start.report())

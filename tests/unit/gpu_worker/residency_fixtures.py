@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.gpu_worker.residency_config import ResidencyConfig
-from services.gpu_worker.tiered_adapters import TieredAdapters
+from services.gpu_worker.residency.config import ResidencyConfig
+from services.gpu_worker.residency.factory import Model, make_residency
+from services.gpu_worker.residency.tiered import TieredResidency
 from shared.llama_shape import LlamaShape
 from tests.tiny_adapters import make_lora_adapter
 from shared.tiny_models import load_tiny_base
@@ -38,12 +39,12 @@ def tiny_shape(tiny_model_dir) -> LlamaShape:
 
 @pytest.fixture
 def make_manager(residency_root, tiny_shape):
-    """Build TieredAdapters (float32 on CPU) over ``residency_root``; closed after the test."""
+    """Build a TieredResidency (float32 on CPU) over ``residency_root``; closed after the test."""
     made = []
 
-    def build(root: Path | None = None, **config) -> TieredAdapters:
-        cfg = ResidencyConfig(adapter_dir=str(root or residency_root), **config)
-        manager = TieredAdapters(cfg, tiny_shape, 64, torch.float32, "cpu")
+    def build(root: Path | None = None, **config) -> TieredResidency:
+        cfg = ResidencyConfig(adapter_dir=str(root or residency_root), **{"load_groups": 1, **config})
+        manager = make_residency(cfg, Model(tiny_shape, 64, torch.float32, "cpu", 256)).residency
         made.append(manager)
         return manager
 

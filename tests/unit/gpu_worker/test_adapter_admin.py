@@ -7,7 +7,6 @@ import shutil
 import pytest
 
 from services.gpu_worker.adapter_admin import AdapterAdmin
-from services.gpu_worker.adapter_manager import StaticAdapters
 from shared.schemas import AdapterListRequest, AdapterLoad, AdapterUnload, ServiceError
 from tests.unit.gpu_worker.residency_fixtures import make_manager, residency_root, tiny_shape  # noqa: F401
 
@@ -18,22 +17,22 @@ def admin(make_manager) -> AdapterAdmin:
 
 
 async def test_load_list_unload(admin):
-    root_adapters = set(admin.adapters.names())  # every adapter of the root is known from the start
+    root_adapters = set(admin.residency.names())  # every adapter of the root is known from the start
     listing = await admin.on_load(AdapterLoad(name="x", path="a0", pinned=True, owner="tenant-a"))
     assert listing.worker_id == "w7"
     assert [(a.name, a.rank, a.pinned) for a in listing.adapters if a.name not in root_adapters] == [("x", 8, True)]
-    assert admin.adapters.registry.lookup("x").owner == "tenant-a"
+    assert admin.residency.registry.lookup("x").owner == "tenant-a"
     assert {a.name for a in (await admin.on_list(AdapterListRequest())).adapters} == root_adapters | {"x"}
     assert {a.name for a in (await admin.on_unload(AdapterUnload(name="x"))).adapters} == root_adapters
 
 
 @pytest.mark.parametrize("path", ["../a0", "/etc", "a0/../../x"])
 async def test_paths_outside_the_root_are_invalid_requests(admin, path):
-    before = admin.adapters.names()
+    before = admin.residency.names()
     with pytest.raises(ServiceError) as err:
         await admin.on_load(AdapterLoad(name="x", path=path))
     assert err.value.info.code == "invalid_request" and "outside the adapter root" in err.value.info.message
-    assert admin.adapters.names() == before and "x" not in before
+    assert admin.residency.names() == before and "x" not in before
 
 
 async def test_duplicate_name_with_another_path(admin):
@@ -56,10 +55,19 @@ async def test_unknown_unload_is_not_found(admin):
     assert err.value.info.code == "model_not_found"
 
 
-async def test_static_adapters_cannot_be_changed(tiny_model_dir, tiny_adapters, tiny_shape):
+async def test_a_worker_without_adapter_root_refuses_runtime_loads(tiny_model_dir, tiny_adapters, tiny_shape):
     import torch
 
-    admin = AdapterAdmin("w7", StaticAdapters({"qv": tiny_adapters["qv_r8"]}, tiny_shape, 64, torch.float32, "cpu"))
-    with pytest.raises(ServiceError, match="fixed adapter set"):
-        await admin.on_load(AdapterLoad(name="x", path="/tmp"))
-    assert [(a.name, a.level) for a in (await admin.on_list(AdapterListRequest())).adapters] == [("qv", "device")]
+    from services.gpu_worker.residency.config import ResidencyConfig
+    from services.gpu_worker.residency.factory import Model, make_residency
+
+    residency = make_residency(ResidencyConfig(cold_start="cached"), Model(tiny_shape, 64, torch.float32, "cpu", 256),
+                               adapters={"qv": tiny_adapters["qv_r8"]}).residency
+    try:
+        admin = AdapterAdmin("w7", residency)
+        with pytest.raises(ServiceError, match="no adapter root") as err:
+            await admin.on_load(AdapterLoad(name="x", path="/tmp"))
+        assert err.value.info.code == "invalid_request"
+        assert [a.name for a in (await admin.on_list(AdapterListRequest())).adapters] == ["qv"]
+    finally:
+        residency.close()

@@ -28,11 +28,11 @@ def admin(make_manager, residency_root, tmp_path) -> AdapterAdmin:
 
 @pytest.mark.parametrize("kind", sorted(REFUSED))
 async def test_hostile_adapter_is_an_invalid_request_at_registration(admin, kind):
-    before = admin.adapters.names()
+    before = admin.residency.names()
     with pytest.raises(ServiceError) as err:
         await admin.on_load(AdapterLoad(name="x", path=f"uploads/{kind}"))
     assert err.value.info.code == "invalid_request" and REFUSED[kind] in err.value.info.message
-    assert admin.adapters.names() == before
+    assert admin.residency.names() == before
     listing = await admin.on_load(AdapterLoad(name="fine", path="a1"))  # the worker goes on
     assert "fine" in {a.name for a in listing.adapters}
 

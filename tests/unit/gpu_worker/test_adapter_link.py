@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from services.gpu_worker.adapter_link import EmulatedLink, make_link
+from services.gpu_worker.residency.link import EmulatedLink, make_link
 
 
 class FakeClock:

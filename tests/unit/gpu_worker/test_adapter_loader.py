@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
-from services.gpu_worker.adapter_link import EmulatedLink
-from services.gpu_worker.adapter_loader import AdapterLoader, Landed, layer_groups
-from services.gpu_worker.host_store import HostStore
+from services.gpu_worker.residency.link import EmulatedLink
+from services.gpu_worker.residency.loader import AdapterLoader, Landed, layer_groups
+from services.gpu_worker.residency.host_store import HostStore
 from shared.adapter_registry import AdapterRegistry
 from tests.unit.gpu_worker.residency_fixtures import residency_root, tiny_shape  # noqa: F401
 

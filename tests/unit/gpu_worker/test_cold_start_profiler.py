@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from services.gpu_worker import cold_start_profiler
-from services.gpu_worker import profiler as profiler_mod
-from services.gpu_worker.cold_start_profiler import prompt_lengths
+from services.gpu_worker.profiling import cold_start as cold_start_profiler
+from services.gpu_worker.profiling import profiler as profiler_mod
+from services.gpu_worker.profiling.cold_start import prompt_lengths
 from services.gpu_worker.engine_config import EngineConfig
-from services.gpu_worker.profile_config import ProfileConfig
-from services.gpu_worker.profiler import add_cold_starts, profile
+from services.gpu_worker.profiling.config import ProfileConfig
+from services.gpu_worker.profiling.profiler import add_cold_starts, profile
 from shared.perf_model import ProfileError, ProfileMismatchError
 
 LOAD_MS = 40.0  # EMULATED latency of every load: the cold samples must see it

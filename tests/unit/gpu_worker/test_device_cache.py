@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.gpu_worker.device_cache import CacheFullError, DeviceCache
+from services.gpu_worker.residency.device_cache import CacheFullError, DeviceCache
 from shared.peft_adapter import LoraAdapter
 
 

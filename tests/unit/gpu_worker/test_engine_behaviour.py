@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from services.gpu_worker.adapter_manager import StaticAdapters
+from services.gpu_worker.lora_plan import ExternalSource
 from services.gpu_worker.engine import LLMEngine
 from services.gpu_worker.engine_config import EngineConfig
 from services.gpu_worker.request import EngineRequest, RequestError, SamplingParams
@@ -152,37 +152,36 @@ def test_mismatched_base_model_warns_only(bad_adapters, tiny_model_dir, caplog):
 
 
 class HostDeltas:
-    """A DeltaSource computing x @ A @ B from the host copy (stands in for the CPU workers)."""
+    """ExternalDeltas in plain torch from the host copies (what the CPU prefill pool computes)."""
 
-    def __init__(self, adapter: LoraAdapter, layers: set[int]) -> None:
-        self.host, self.layers = adapter, layers
-        self.targets = {k for k in adapter.weights if k[0] in layers}
-        self.pending: dict[tuple[int, str], torch.Tensor] = {}
-        self.calls = 0
+    def __init__(self, adapters: dict[int, LoraAdapter]) -> None:
+        self.adapters = adapters
+        self.calls: list[tuple[int, str, int]] = []  # (layer, group, cold segments in the call)
+        self.pending: list[torch.Tensor] = []
 
-    def start(self, layer: int, proj: str, x: torch.Tensor) -> None:
-        a, b = self.host.weights[(layer, proj)]
-        self.pending[(layer, proj)] = x.float() @ a @ b
-        self.calls += 1
+    def start(self, layer, group, x, parts) -> None:
+        self.pending = [x[p.start:p.end].clone() for p in parts]
+        self.calls.append((layer, group, len(parts)))
 
-    def finish(self, layer: int, proj: str) -> torch.Tensor:
-        return self.pending.pop((layer, proj))
+    def finish(self, layer, group, ys, parts) -> None:
+        for part, rows in zip(parts, self.pending):
+            for proj in part.projs:
+                a, b = self.adapters[part.source.adapter_id].weights[(layer, proj)]
+                ys[proj][part.start:part.end] += (rows.float() @ a.float() @ b.float()).to(ys[proj].dtype)
 
 
-class PartlyResident(StaticAdapters):
-    """Adapters whose first layer is 'not yet resident': those deltas are supplied from outside."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.sources = {n: HostDeltas(a, {0}) for n, a in self._adapters.items()}
-        self.partial = {n: LoraAdapter(a.name, a.path, {k: w for k, w in a.weights.items() if k[0] != 0})
-                        for n, a in self._adapters.items()}
-
-    def device_adapter(self, name):
-        return self.partial[name]
-
-    def delta_source(self, name):
-        return self.sources[name]
+def _cold_first_layer(engine: LLMEngine) -> HostDeltas:
+    """Make layer 0 of every adapter 'not resident': its deltas come from a HostDeltas instead."""
+    residency = engine.residency
+    full = {name: residency.device_adapter(name) for name in residency.names()}
+    ids = {name: i for i, name in enumerate(full)}
+    partial = {n: LoraAdapter(a.name, a.path, {k: w for k, w in a.weights.items() if k[0] != 0}) for n, a in full.items()}
+    deltas = HostDeltas({ids[n]: a for n, a in full.items()})
+    residency.device_adapter = partial.get
+    residency.external = lambda rid, name: ExternalSource(rid, 0, ids[name], frozenset(k for k in full[name].weights
+                                                                                     if k[0] == 0))
+    residency.deltas = lambda: deltas
+    return deltas
 
 
 @pytest.mark.parametrize("backend", ["bgmv", "mbgmv"])
@@ -190,13 +189,35 @@ def test_deltas_supplied_from_outside_give_identical_outputs(backend, tiny_model
     requests = _requests(list(tiny_adapters) + [None], vocab=384, seed=5)
     config = EngineConfig(backend=backend, **FP32)
     full = run_engine(LLMEngine(tiny_model_dir, config, dict(tiny_adapters)), requests, keep_logits=True)
-    shape = LlamaShape.from_model_dir(tiny_model_dir)
-    manager = PartlyResident(dict(tiny_adapters), shape, 64, torch.float32, "cpu")
-    split = run_engine(LLMEngine(tiny_model_dir, config, manager), requests, keep_logits=True)
+    engine = LLMEngine(tiny_model_dir, config, dict(tiny_adapters))
+    deltas = _cold_first_layer(engine)
+    split = run_engine(engine, requests, keep_logits=True)
     assert split[0] == full[0]
     for a, b in zip(split[1], full[1]):
         assert torch.allclose(a, b, atol=1e-5)
-    assert all(src.calls > 0 for src in manager.sources.values())
+    # one call per (layer, input group) per step, covering every cold segment of the step
+    assert deltas.calls and {layer for layer, _, _ in deltas.calls} == {0}
+    assert max(n for _, _, n in deltas.calls) > 1
+    assert len(deltas.calls) <= 4 * engine.steps  # not one call per projection or per segment
+
+
+def test_a_wrong_external_delta_changes_the_output(tiny_model_dir, tiny_adapters):
+    """The check above can fail: a delta added to the wrong projection gives other tokens."""
+    requests = _requests(list(tiny_adapters), vocab=384, seed=5)
+    config = EngineConfig(**FP32)
+    full = run_engine(LLMEngine(tiny_model_dir, config, dict(tiny_adapters)), requests, keep_logits=True)
+    engine = LLMEngine(tiny_model_dir, config, dict(tiny_adapters))
+    deltas = _cold_first_layer(engine)
+    finish = deltas.finish
+
+    def swapped(layer, group, ys, parts):
+        if group == "qkv":
+            ys = {"q_proj": ys["q_proj"], "k_proj": ys["v_proj"], "v_proj": ys["k_proj"]}
+        finish(layer, group, ys, parts)
+
+    deltas.finish = swapped
+    wrong = run_engine(engine, requests, keep_logits=True)
+    assert any(not torch.allclose(a, b, atol=1e-3) for a, b in zip(wrong[1], full[1]))
 
 
 def test_tied_embeddings_and_llama3_rope_match_transformers(tiny_model_dir_tied):

@@ -94,7 +94,7 @@ def test_a_failure_handling_one_requests_token_fails_only_that_request(engine):
 def test_a_planning_failure_fails_what_the_engine_holds_and_serving_goes_on(engine):
     add(engine, "x", "y")
     engine.step()
-    poll, calls = engine.adapters.poll, []
+    poll, calls = engine.residency.poll, []
 
     def failing_once():
         calls.append(1)
@@ -102,7 +102,7 @@ def test_a_planning_failure_fails_what_the_engine_holds_and_serving_goes_on(engi
             raise RuntimeError("injected adapter store fault")
         poll()
 
-    engine.adapters.poll = failing_once
+    engine.residency.poll = failing_once
     outputs = engine.step()
     assert sorted(o.request_id for o in outputs if o.finished) == ["x", "y"]
     assert all(o.finish_reason == "error" and "RuntimeError" in o.error for o in outputs)

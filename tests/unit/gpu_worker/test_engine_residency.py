@@ -12,7 +12,7 @@ import pytest
 from services.gpu_worker.engine import LLMEngine
 from services.gpu_worker.engine_config import EngineConfig
 from services.gpu_worker.request import EngineRequest, RequestError, SamplingParams
-from services.gpu_worker.residency_config import ResidencyConfig
+from services.gpu_worker.residency.config import ResidencyConfig
 from tests.unit.gpu_worker.residency_fixtures import SMALL, residency_root, small_bytes, tiny_shape  # noqa: F401
 
 
@@ -35,7 +35,7 @@ def make_engine(tiny_model_dir, residency_root):
 
     yield build
     for engine in made:
-        engine.adapters.close()
+        engine.residency.close()
 
 
 def add(engine: LLMEngine, rid: str, adapter: str | None, max_tokens: int = 6, prompt_len: int = 5) -> None:
@@ -53,7 +53,7 @@ def step(engine: LLMEngine, results: dict[str, Result]) -> int:
         if o.finished:
             r.reason, r.error = o.finish_reason, o.error
     if not outputs:
-        engine.adapters.wait_for_progress(0.02)
+        engine.residency.wait_for_progress(0.02)
     return len(outputs)
 
 
@@ -73,9 +73,9 @@ def _workload(engine: LLMEngine) -> None:
 
 def test_on_demand_outputs_match_cached(make_engine, tiny_shape):
     cached = make_engine(cold_start="cached")
-    while cached.adapters.pending_loads():  # let the preload finish so every request is a hit
+    while cached.residency.pending_loads():  # let the preload finish so every request is a hit
         cached.step()
-        cached.adapters.wait_for_progress(0.02)
+        cached.residency.wait_for_progress(0.02)
     _workload(cached)
     expected = drain(cached, {})
     on_demand = make_engine(cold_start="on_demand", device_adapter_bytes=2 * small_bytes(tiny_shape),
@@ -84,9 +84,9 @@ def test_on_demand_outputs_match_cached(make_engine, tiny_shape):
     got = drain(on_demand, {})
     assert {k: v.tokens for k, v in got.items()} == {k: v.tokens for k, v in expected.items()}
     assert all(r.reason == "length" for r in got.values())
-    report = on_demand.adapters.residency()
+    report = on_demand.residency.report().to_dict()
     assert report["loads"] >= len(SMALL) and report["evictions"] > 0 and report["misses"] > 0
-    assert cached.adapters.residency()["hit_rate"] == 1.0
+    assert cached.residency.report().to_dict()["hit_rate"] == 1.0
 
 
 def test_other_requests_keep_decoding_while_a_load_is_in_flight(make_engine):
@@ -170,13 +170,13 @@ def test_unload_while_running(make_engine, tiny_shape):
     while len(results.get("running", Result()).tokens) < 3:
         step(engine, results)
     add(engine, "queued", "a0", max_tokens=12)  # accepted, not yet admitted when the unload lands
-    engine.adapters.unregister("a0")
+    engine.residency.unregister("a0")
     with pytest.raises(RequestError, match="unknown adapter 'a0'"):
         add(engine, "new", "a0")
     drain(engine, results)
     assert results["running"].reason == "length" and len(results["running"].tokens) == 12
     assert results["queued"].reason == "error" and "unknown adapter" in results["queued"].error
-    assert "a0" not in engine.adapters.cache
-    engine.adapters.register("a0", "a0")
+    assert "a0" not in engine.residency.cache
+    engine.residency.register("a0", "a0")
     add(engine, "again", "a0", max_tokens=2)
     assert drain(engine, results)["again"].reason == "length"

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from services.gpu_worker.host_store import HostStore
+from services.gpu_worker.residency.host_store import HostStore
 from shared.adapter_registry import AdapterRegistry
 from shared.peft_adapter import AdapterError
 from tests.unit.gpu_worker.residency_fixtures import residency_root, small_bytes, tiny_shape  # noqa: F401

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from services.gpu_worker import profiler as profiler_mod
+from services.gpu_worker.profiling import profiler as profiler_mod
 from services.gpu_worker.engine_config import EngineConfig
-from services.gpu_worker.profile_config import ProfileConfig
-from services.gpu_worker.profiler import profile
+from services.gpu_worker.profiling.config import ProfileConfig
+from services.gpu_worker.profiling.profiler import profile
 from shared.config import ConfigError
 from shared.perf_model import PerfModel, ProfileMismatchError
 

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from services.gpu_worker.residency_config import ResidencyConfig
+from services.gpu_worker.residency.config import ResidencyConfig
 from shared.config import ConfigError, add_arguments, from_namespace
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.gpu_worker.residency_metrics import LoadHistogram, ResidencyCounters
+from services.gpu_worker.residency.metrics import LoadHistogram, ResidencyCounters
 
 
 def test_histogram_is_cumulative():

@@ -1,4 +1,4 @@
-"""TieredAdapters on its own: byte budget by rank, LRU, pinning, FIFO waits, failures, unload, visibility."""
+"""TieredResidency on its own: byte budget by rank, LRU, pinning, FIFO waits, failures, unload, visibility."""
 
 from __future__ import annotations
 
@@ -7,30 +7,35 @@ import time
 
 import pytest
 
-from services.gpu_worker.adapter_manager import UnknownAdapterError
-from services.gpu_worker.tiered_adapters import AdapterUnavailableError, TieredAdapters
+from services.gpu_worker.residency.protocol import UnknownAdapterError
+from services.gpu_worker.residency.cold_start import Admit
+from services.gpu_worker.residency.tiered import AdapterUnavailableError, TieredResidency
 from tests.unit.gpu_worker.residency_fixtures import (SMALL, make_manager, residency_root,  # noqa: F401
                                                       small_bytes, tiny_shape)
 
 
-def settle(m: TieredAdapters, names: list[str], timeout: float = 10.0) -> None:
+def ready(m: TieredResidency, name: str) -> bool:
+    return m.admit(name, 1) is Admit.DEVICE
+
+
+def settle(m: TieredResidency, names: list[str], timeout: float = 10.0) -> None:
     """Resolve the names (as the engine does on arrival), then poll until every one is ready."""
     for n in names:
         m.rank(n)
     deadline = time.monotonic() + timeout
-    while not all(m.ready(n) for n in names):
-        assert time.monotonic() < deadline, f"not ready: {[n for n in names if not m.ready(n)]}"
+    while not all(ready(m, n) for n in names):
+        assert time.monotonic() < deadline, f"not ready: {[n for n in names if not ready(m, n)]}"
         m.poll()
         m.wait_for_progress(0.02)
 
 
-def poll_for(m: TieredAdapters, seconds: float, asking: tuple[str, ...] = ()) -> None:
+def poll_for(m: TieredResidency, seconds: float, asking: tuple[str, ...] = ()) -> None:
     """Poll for a while; waiting requests of ``asking`` ask for their adapter each step, as admission does."""
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         m.poll()
         for name in asking:
-            m.ready(name)
+            ready(m, name)
         m.wait_for_progress(0.01)
 
 
@@ -63,8 +68,8 @@ def test_lru_eviction(make_manager, one):
     m = make_manager(device_adapter_bytes=2 * one)
     for name in ("a0", "a1", "a0"):  # a request of each runs; a0 is now the most recently used
         settle(m, [name])
-        m.acquire(name)
-        m.release(name)
+        m.acquire(name, name, Admit.DEVICE)
+        m.release(name, name)
     settle(m, ["a2"])
     assert [e.name for e in m.cache.entries()] == ["a0", "a2"]
     assert m.level("a1") == "host" and m.level("a2") == "device"
@@ -74,7 +79,7 @@ def test_pinned_adapter_loads_at_once_and_stays(make_manager, one):
     m = make_manager(device_adapter_bytes=2 * one)
     m.register("pinned-a3", "a3", pinned=True)
     poll_for(m, 0.2)
-    assert m.ready("pinned-a3")  # loaded without any request
+    assert ready(m, "pinned-a3")  # loaded without any request
     for name in ("a0", "a1", "a2"):
         settle(m, [name])
     assert "pinned-a3" in m.cache and m.cache.get("pinned-a3").pinned
@@ -83,19 +88,19 @@ def test_pinned_adapter_loads_at_once_and_stays(make_manager, one):
 def test_full_of_in_use_adapters_loads_wait_in_fifo_order(make_manager, one):
     m = make_manager(device_adapter_bytes=2 * one)
     settle(m, ["a0", "a1"])
-    m.acquire("a0")
-    m.acquire("a1")
+    m.acquire("a0", "a0", Admit.DEVICE)
+    m.acquire("a1", "a1", Admit.DEVICE)
     m.rank("a2")
     m.rank("a3")
-    assert not m.ready("a2") and not m.ready("a3")  # a2 asked first
+    assert not ready(m, "a2") and not ready(m, "a3")  # a2 asked first
     poll_for(m, 0.2, ("a2", "a3"))
     assert "a2" not in m.cache and "a3" not in m.cache and m.failure("a2") is None
-    assert not m.ready("a0")  # draining: no new request may start on a0 while a2 waits
-    m.release("a0")
+    assert not ready(m, "a0")  # draining: no new request may start on a0 while a2 waits
+    m.release("a0", "a0")
     poll_for(m, 0.2, ("a2", "a3"))
-    assert m.ready("a2") and "a3" not in m.cache
-    m.acquire("a2")
-    m.release("a1")
+    assert ready(m, "a2") and "a3" not in m.cache
+    m.acquire("a2", "a2", Admit.DEVICE)
+    m.release("a1", "a1")
     settle(m, ["a3"])
     assert m.failure("a3") is None and m.counters.load_failures == 0
 
@@ -133,7 +138,7 @@ def test_corrupt_adapter_fails_and_disturbs_nothing(tmp_path, make_manager, resi
     m.prefetch("a1")
     settle(m, ["a1"])
     assert "NaN" in m.failure("nan") and m.counters.load_failures == 1
-    assert "nan" not in m.cache and m.ready("a0") and m.cache.used_bytes == 2 * one
+    assert "nan" not in m.cache and ready(m, "a0") and m.cache.used_bytes == 2 * one
     m.prefetch("nan")  # a new request retries
     assert m.failure("nan") is None
 
@@ -151,14 +156,14 @@ def test_unusable_directory_is_a_typed_unknown_adapter_error(tmp_path, make_mana
 def test_unregister_in_use_frees_after_release(make_manager, one):
     m = make_manager(device_adapter_bytes=2 * one)
     settle(m, ["a0"])
-    m.acquire("a0")
+    m.acquire("a0", "a0", Admit.DEVICE)
     m.unregister("a0")
     m.poll()
     assert m.failure("a0") == "unknown adapter 'a0'"
     with pytest.raises(UnknownAdapterError):
         m.rank("a0")  # the resolver does not bring it back
     assert m.device_adapter("a0") is not None  # the running request keeps its weights
-    m.release("a0")
+    m.release("a0", "a0")
     assert "a0" not in m.cache and m.cache.used_bytes == 0
     m.register("a0", "a0")
     assert m.rank("a0") == 8 and m.failure("a0") is None
@@ -171,7 +176,7 @@ def test_residency_report(make_manager, one):
     settle(m, ["a0"])
     m.prefetch("a0")
     m.rank("a1")
-    report = m.residency()
+    report = m.report().to_dict()
     levels = {a["name"]: a["level"] for a in report["adapters"]}
     assert levels["a0"] == "device" and levels["a1"] == "disk"
     assert set(levels.values()) == {"device", "disk"}  # every other adapter of the root is known, on disk
@@ -189,16 +194,16 @@ def test_cached_mode_preloads_everything(make_manager):
         assert time.monotonic() < deadline
         m.poll()
         m.wait_for_progress(0.02)
-    assert all(m.ready(n) for n in SMALL + ["big"])  # budget unbounded: nothing was evicted
-    assert m.residency()["device"]["budget_bytes"] is None and m.counters.evictions == 0
+    assert all(ready(m, n) for n in SMALL + ["big"])  # budget unbounded: nothing was evicted
+    assert m.report().device_budget_bytes is None and m.counters.evictions == 0
 
 
 def test_on_demand_advertises_every_adapter_in_the_root(tiny_model_dir, tiny_adapters, tmp_path):
     """Workers must list disk-level adapters, or the scheduler cannot route their requests."""
     import torch
 
-    from services.gpu_worker.residency_config import ResidencyConfig
-    from services.gpu_worker.tiered_adapters import TieredAdapters
+    from services.gpu_worker.residency.config import ResidencyConfig
+    from services.gpu_worker.residency.factory import Model, make_residency
     from shared.llama_shape import LlamaShape
 
     import shutil
@@ -206,8 +211,8 @@ def test_on_demand_advertises_every_adapter_in_the_root(tiny_model_dir, tiny_ada
     root = tmp_path / "root"
     for name, path in tiny_adapters.items():
         shutil.copytree(path, root / name)
-    manager = TieredAdapters(ResidencyConfig(adapter_dir=str(root), cold_start="on_demand"),
-                             LlamaShape.from_model_dir(tiny_model_dir), 64, torch.float32, "cpu")
+    manager = make_residency(ResidencyConfig(adapter_dir=str(root), cold_start="on_demand"),
+                             Model(LlamaShape.from_model_dir(tiny_model_dir), 64, torch.float32, "cpu", 256)).residency
     try:
         infos = {i.name: i.level for i in manager.adapter_infos()}
         assert set(infos) == set(tiny_adapters)
@@ -230,11 +235,11 @@ def test_demote_moves_an_idle_adapter_to_host_or_disk(make_manager, one):
 def test_demote_refuses_an_adapter_in_use_or_a_bad_level(make_manager, one):
     m = make_manager(device_adapter_bytes=2 * one)
     settle(m, ["a0"])
-    m.acquire("a0")
+    m.acquire("a0", "a0", Admit.DEVICE)
     with pytest.raises(ValueError, match="in use"):
         m.demote("a0", "host")
     assert m.level("a0") == "device"
-    m.release("a0")
+    m.release("a0", "a0")
     with pytest.raises(ValueError, match="level"):
         m.demote("a0", "device")
     with pytest.raises(ValueError, match="unknown"):

@@ -1,0 +1,97 @@
+"""Builds a worker's adapter residency: the one place that picks the cold-start strategy.
+
+``cpu_assist`` also creates the worker's shared-memory ring (after removing segments a
+killed earlier run of this worker id left behind), keeps host copies of adapters in shared
+memory so the CPU prefill pool maps them, and returns the :class:`PoolHealth` the service
+feeds with the pool's hello and heartbeats.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from services.gpu_worker.residency.assist_exchange import AssistExchange
+from services.gpu_worker.residency.cold_start import Cached, ColdStart, OnDemand
+from services.gpu_worker.residency.config import DEFAULT_TOKENS_PER_CORE, ResidencyConfig
+from services.gpu_worker.residency.cpu_assist import CpuAssist
+from services.gpu_worker.residency.host_store import HostStore
+from services.gpu_worker.residency.link import Link
+from services.gpu_worker.residency.pool_health import PoolHealth
+from services.gpu_worker.residency.tiered import TieredResidency
+from shared.llama_shape import LlamaShape
+from shared.shm_exchange import ExchangeRing, RingGeometry, remove_stale_segments, segment_prefix
+
+log = logging.getLogger(__name__)
+
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+@dataclass(frozen=True)
+class Model:
+    """What residency needs to know of the served model and engine."""
+
+    shape: LlamaShape
+    max_rank: int
+    dtype: torch.dtype
+    device: str
+    max_tokens: int  # tokens a step may carry (a ring slot's capacity)
+    base_model: str | None = None
+
+
+@dataclass
+class Built:
+    """A residency and, in cpu_assist mode, the health of its CPU prefill pool."""
+
+    residency: TieredResidency
+    pool: PoolHealth | None
+
+
+def tokens_per_core(config: ResidencyConfig) -> int:
+    """c: explicit, else from the ``--cpu-prefill`` profile, else DEFAULT_TOKENS_PER_CORE."""
+    if config.assist_tokens_per_core:
+        return config.assist_tokens_per_core
+    if config.cpu_prefill_profile:
+        profile = json.loads(Path(config.cpu_prefill_profile).read_text())
+        return max(1, int(profile["cpu_prefill"]["tokens_per_core"]))
+    return DEFAULT_TOKENS_PER_CORE
+
+
+def make_residency(config: ResidencyConfig, model: Model, worker_id: str = "local",
+                   adapters: dict[str, str | Path] | None = None, host_store: HostStore | None = None,
+                   link: Link | None = None) -> Built:
+    """The residency for ``config.cold_start`` (``host_store``/``link``: shared by benches)."""
+    pin = torch.device(model.device).type == "cuda"
+    pool = None
+    if config.cold_start == "cpu_assist":
+        removed = remove_stale_segments(worker_id)
+        if removed:
+            log.info("removed %d shared-memory segments left by a dead run of worker %s", len(removed), worker_id)
+        prefix = segment_prefix(worker_id)
+        store = host_store or HostStore(config.host_adapter_bytes, model.shape, model.max_rank, model.dtype, pin,
+                                        model.base_model, shared_prefix=prefix)
+        strategy, pool = _cpu_assist(config, model, worker_id, prefix, store)
+    else:
+        store = host_store or HostStore(config.host_adapter_bytes, model.shape, model.max_rank, model.dtype, pin,
+                                        model.base_model)
+        strategy = Cached() if config.cold_start == "cached" else OnDemand()
+    residency = TieredResidency(config, model.shape, model.max_rank, model.dtype, model.device, store, strategy,
+                                adapters, link)
+    return Built(residency, pool)
+
+
+def _cpu_assist(config: ResidencyConfig, model: Model, worker_id: str, prefix: str,
+                store: HostStore) -> tuple[ColdStart, PoolHealth]:
+    geometry = RingGeometry(model.shape, DTYPE_NAMES[model.dtype], model.max_tokens, config.assist_slots,
+                            config.pool_workers())
+    ring = ExchangeRing.create(prefix, geometry, pin=torch.device(model.device).type == "cuda")
+    c = tokens_per_core(config)
+    exchange = AssistExchange(ring, c, config.assist_deadline_ms / 1e3, torch.device(model.device))
+    pool = PoolHealth(worker_id, ring.name, geometry)
+    log.info("cpu_assist: ring %s, %d slots of %d tokens, %d CPU workers, %d tokens per core", ring.name,
+             geometry.num_slots, geometry.max_tokens, geometry.num_cpu_workers, c)
+    return CpuAssist(exchange, pool, store), pool
