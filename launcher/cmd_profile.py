@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from launcher.cli import CliError
@@ -24,6 +25,10 @@ def register(subparsers) -> None:
     p.add_argument("--add-cold-starts", metavar="PROFILE", default=None,
                    help="measure only the cold starts and add them to this existing profile (made here, for this "
                         "model and backend); its decode and prefill samples and fits are kept")
+    p.add_argument("--cpu-prefill", action="store_true",
+                   help="also measure c, the tokens one CPU core handles within the device's per-layer prefill "
+                        "time (CPU-assisted prefill's work split), into the profile's cpu_prefill section; an "
+                        "--out profile made here for this model and backend only gains the section")
     add_arguments(p, ProfileConfig)
     p.set_defaults(func=run)
 
@@ -31,9 +36,9 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from services.gpu_worker.engine_config import EngineConfig
     from services.gpu_worker.profiling.config import ProfileConfig
-    from services.gpu_worker.profiling.profiler import add_cold_starts, profile
+    from services.gpu_worker.profiling.cpu_prefill import measure_tokens_per_core
     from shared.model_store import ModelStoreError, resolve_model_dir
-    from shared.perf_model import PerfModel, ProfileError
+    from shared.perf_model import ProfileError
 
     try:
         config = from_namespace(ProfileConfig, args)
@@ -55,11 +60,9 @@ def run(args: argparse.Namespace) -> int:
               flush=True)
 
     try:
-        if args.add_cold_starts:
-            existing = PerfModel.load(args.add_cold_starts)
-            model = add_cold_starts(existing, model_dir, engine_config, config, progress)
-        else:
-            model = profile(model_dir, engine_config, config, progress)
+        model = starting_profile(args, model_dir, engine_config, config, progress)
+        if args.cpu_prefill:
+            model = model.with_cpu_prefill(measure_tokens_per_core(model_dir, engine_config, progress=progress))
     except ProfileError as exc:
         raise CliError(str(exc)) from None
     print(file=sys.stderr)
@@ -68,10 +71,46 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def starting_profile(args: argparse.Namespace, model_dir, engine_config, config, progress):
+    """The profile before any cpu_prefill measurement: --add-cold-starts' profile with new cold starts
+    (its cpu_prefill section kept); with --cpu-prefill, the --out profile when it was made here for this
+    model; else a full profile."""
+    from services.gpu_worker.profiling.profiler import add_cold_starts, profile
+    from shared.perf_model import PerfModel
+
+    if args.add_cold_starts:
+        existing = PerfModel.load(args.add_cold_starts)
+        return add_cold_starts(existing, model_dir, engine_config, config, progress).with_cpu_prefill(
+            existing.cpu_prefill)
+    if args.cpu_prefill:
+        existing = profile_made_here(args.out, model_dir, engine_config)
+        if existing is not None:
+            return existing
+    return profile(model_dir, engine_config, config, progress)
+
+
+def profile_made_here(path: str, model_dir, engine_config):
+    """The profile at ``path`` when it was made on this device for this model and backend, else None
+    (no file, not a profile, or another model's: then a full profile replaces it)."""
+    from services.gpu_worker.profiling.profiler import model_digest
+    from shared.perf_model import PerfModel, ProfileError, current_device_name
+
+    if not os.path.isfile(path):
+        return None
+    try:
+        return PerfModel.load(path, expect_model_digest=model_digest(model_dir),
+                              expect_device=current_device_name(engine_config.resolved_device()),
+                              expect_backend=engine_config.backend)
+    except ProfileError as exc:
+        print(f"{exc}; profiling in full", file=sys.stderr)
+        return None
+
+
 def summary(out: str, model) -> dict:
     """What `caraserve profile` prints: where the profile went and how well each phase fits."""
     phases = {"decode": model.decode, "prefill": model.prefill,
               **{f"cold_{level}": cost for level, cost in model.cold_start.items()}}
     return {"out": out, "backend": model.info.backend, "device": model.info.device_name,
             "samples": len(model.samples), "cold_start_link": model.info.cold_start_link,
-            **{name: {"terms": list(cost.terms), "r2_holdout": cost.r2_holdout} for name, cost in phases.items()}}
+            **{name: {"terms": list(cost.terms), "r2_holdout": cost.r2_holdout} for name, cost in phases.items()},
+            **({"cpu_prefill": model.cpu_prefill.to_dict()} if model.cpu_prefill else {})}

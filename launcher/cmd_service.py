@@ -24,6 +24,7 @@ SERVICES = {
     "gateway": "services.gateway.service:GatewayService",
     "scheduler": "services.scheduler.service:SchedulerService",
     "gpu_worker": "services.gpu_worker.service:GpuWorkerService",
+    "cpu_prefill": "services.cpu_prefill.service:CpuPrefillService",
 }
 HEALTH_DIR_ENV = "CARASERVE_HEALTH_DIR"
 HEARTBEAT_INTERVAL_S = 2.0

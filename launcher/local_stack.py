@@ -33,6 +33,7 @@ from pathlib import Path
 
 from launcher.stack_credentials import StackCredentials
 from launcher.supervisor import Supervisor
+from services.gpu_worker.residency.config import COLD_START_MODES
 from shared.backends import BACKENDS
 from shared.config import check_choice, option, require
 from shared.nats_server import NatsServer, NatsServerConfig
@@ -61,7 +62,9 @@ class StackConfig:
     policy: str = option("least_loaded", "scheduler routing policy", POLICIES)
     profile: str = option("", "performance profile JSON for rank_aware")
     backend: str = option("bgmv", "multi-LoRA kernel family", BACKENDS)
-    cold_start: str = option("cached", "adapter cold-start mode", ("cached", "on_demand"))
+    cold_start: str = option("cached", "adapter cold-start mode (cpu_assist starts a CPU prefill pool per worker)",
+                             COLD_START_MODES)
+    cpu_prefill_workers: int = option(0, "cpu_assist: CPU processes per worker's pool; 0 = half the cores, 1 to 4")
     emulate_link_gbps: float = option(0.0, "CPU-only hosts: EMULATED host-to-device GB/s for adapter loads (0: off)")
     emulate_link_latency_ms: float = option(0.0, "CPU-only hosts: EMULATED latency of each adapter load (ms)")
     ready_timeout_s: float = option(600.0, "how long to wait for every service to be ready")
@@ -76,6 +79,8 @@ class StackConfig:
         require(1 <= self.workers <= 64, "workers must be in [1, 64]")
         require(1 <= self.schedulers <= 8, "schedulers must be in [1, 8]")
         check_choice("policy", self.policy, POLICIES)
+        check_choice("cold_start", self.cold_start, COLD_START_MODES)
+        require(0 <= self.cpu_prefill_workers <= 256, "cpu_prefill_workers must be in [0, 256]")
         require(self.policy != "rank_aware" or bool(self.profile), "policy rank_aware needs --profile")
         require(self.ready_timeout_s > 0, "ready_timeout_s must be > 0")
 
@@ -179,6 +184,8 @@ class LocalStack:
                 self._spawn(f"scheduler-{i}", self._scheduler_env(i), service="scheduler")
             for i in range(self.config.workers):
                 self._spawn(f"gpu_worker-{i}", self._worker_env(i), service="gpu_worker")
+                if self.config.cold_start == "cpu_assist":
+                    self._spawn(f"cpu_prefill-{i}", self._pool_env(i), service="cpu_prefill")
             self._spawn("gateway", self._gateway_env())
             self.wait_ready()
         except BaseException:
@@ -219,11 +226,18 @@ class LocalStack:
         env.update({"CARASERVE_WORKER_ID": f"worker-{index}", "CARASERVE_MODEL": str(self.model_dir),
                     "CARASERVE_ADAPTER_DIR": str(self.adapter_dir), "CARASERVE_BACKEND": self.config.backend,
                     "CARASERVE_COLD_START": self.config.cold_start,
+                    "CARASERVE_CPU_PREFILL_WORKERS": str(self.config.cpu_prefill_workers),
                     "CARASERVE_EMULATE_LINK_GBPS": str(self.config.emulate_link_gbps),
                     "CARASERVE_EMULATE_LINK_LATENCY_MS": str(self.config.emulate_link_latency_ms)})
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads sleep instead of spinning on shared cores
         if self.config.workers > 1:  # share the cores between workers
             env.setdefault("CARASERVE_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.config.workers)))
+        return env
+
+    def _pool_env(self, index: int) -> dict[str, str]:
+        env = self._common_env(f"cpu_prefill-{index}")
+        env.update({"CARASERVE_WORKER_ID": f"worker-{index}", "CARASERVE_MODEL": str(self.model_dir),
+                    "CARASERVE_CPU_PREFILL_WORKERS": str(self.config.cpu_prefill_workers)})
         return env
 
     def _gateway_env(self) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """The NATS identities of one local stack, generated per run (shared/nats_auth.py has the roles).
 
-Every service of ``caraserve up`` gets its own user (one per scheduler replica and per worker
-id) with a fresh random password; the files live in ``<run dir>/nats/`` (directory 0700, files
+Every service of ``caraserve up`` gets its own user (one per scheduler replica, per worker id and
+per worker's CPU prefill pool) with a fresh random password; the files live in ``<run dir>/nats/`` (directory 0700, files
 0600) and reach each service as ``CARASERVE_NATS_CREDS``. ``--nats-client-creds FILE`` writes
 one more identity per file: a NATS API client. The ``operator`` identity (every subject) is
 for tests and debugging of the local stack only.
@@ -33,6 +33,7 @@ class StackCredentials:
             creds.add(f"scheduler-{i}", "scheduler", f"scheduler-{i}")
         for i in range(workers):
             creds.add(f"worker-{i}", "gpu_worker", f"worker-{i}")
+            creds.add(f"cpu_prefill-{i}", "cpu_prefill", f"worker-{i}")
         creds.add("operator", "operator", "local")
         return creds
 

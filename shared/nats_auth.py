@@ -10,6 +10,7 @@ checked by nats-server's own ``authorization``) and may use only the subjects it
   no-capacity chunk) and replies; subscribes ``route``, ``state.*`` and its own inboxes.
 - gpu_worker ``<id>``: publishes ``state.<id>``, ``_INBOX.gw.>`` (chunks) and replies; subscribes
   ``worker.<id>.>``, ``adapters.>``, ``cpu_prefill.<id>.>`` and its own inboxes.
+- cpu_prefill ``<id>``: publishes ``cpu_prefill.<id>.hello`` / ``.heartbeat``; subscribes its own inboxes.
 - client: publishes ``generate``, ``cancel``, ``adapters.list``; subscribes its own inboxes only.
 - operator: everything (the local stack's tests and debugging only).
 
@@ -140,6 +141,13 @@ def worker_permissions(worker_id: str) -> Permissions:
         allow_responses=True)
 
 
+def cpu_prefill_permissions(worker_id: str) -> Permissions:
+    """The CPU prefill pool of gpu_worker ``worker_id`` (``*``: any): its hello and heartbeats only."""
+    inbox_name = "any" if worker_id == "*" else worker_id
+    return Permissions(publish=(subjects.cpu_prefill_hello(worker_id), subjects.cpu_prefill_heartbeat(worker_id)),
+                       subscribe=(_own_inboxes(subjects.CPU_PREFILL_INBOXES, inbox_name),))
+
+
 def operator_permissions(name: str) -> Permissions:
     """Everything: for the local stack's tests and debugging only. It sees every message, so its
     credentials stay in the stack's private run directory and are never given to clients."""
@@ -168,6 +176,7 @@ ROLES: dict[str, Role] = {
     "gateway": Role(subjects.GATEWAY_INBOXES, gateway_permissions),
     "scheduler": Role(subjects.SCHEDULER_INBOXES, scheduler_permissions),
     "gpu_worker": Role(subjects.WORKER_INBOXES, worker_permissions),
+    "cpu_prefill": Role(subjects.CPU_PREFILL_INBOXES, cpu_prefill_permissions),
     "client": Role(subjects.CLIENT_INBOXES, client_permissions),
     "operator": Role(f"{subjects.INBOX_ROOT}.operator", operator_permissions),
 }

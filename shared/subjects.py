@@ -92,12 +92,12 @@ def cpu_prefill_all(worker_id: str) -> str:
 
 def cpu_prefill_hello(worker_id: str) -> str:
     """``cpu_prefill.<id>.hello``: a CPU prefill pool introduces itself to worker ``worker_id`` (request/reply)."""
-    return f"{PREFIX}.cpu_prefill.{check_worker_id(worker_id)}.hello"
+    return f"{PREFIX}.cpu_prefill.{_id_or_any(worker_id)}.hello"
 
 
 def cpu_prefill_heartbeat(worker_id: str) -> str:
     """``cpu_prefill.<id>.heartbeat``: the pool of worker ``worker_id`` says it is alive (request/reply)."""
-    return f"{PREFIX}.cpu_prefill.{check_worker_id(worker_id)}.heartbeat"
+    return f"{PREFIX}.cpu_prefill.{_id_or_any(worker_id)}.heartbeat"
 
 
 def inbox_prefix(kind: str, name: str) -> str:

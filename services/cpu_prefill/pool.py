@@ -60,6 +60,10 @@ class CpuPool:
             self._procs[i] = self._spawn(i)
         log.info("cpu_prefill pool: %d processes on %s (cores %s)", self.workers, self.ring_name, self.cores)
 
+    @property
+    def started(self) -> bool:
+        return self._ring is not None
+
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs if p is not None]
 

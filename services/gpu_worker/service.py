@@ -51,6 +51,7 @@ from shared.served_name import served_model_name
 from shared.schemas import (AdapterInfo, CancelRequest, Chunk, RequestLoad, ServiceError, SubmitAck, Usage,
                             WorkerState, WorkerSubmit, error_info)
 from shared.schemas.cpu_prefill import PoolHeartbeat, PoolHello, PoolWelcome
+from shared.schemas.worker_state import AssistState
 from shared.schemas.names import request_key
 from shared.telemetry import Telemetry, extract_context, setup_telemetry, start_span
 
@@ -309,7 +310,15 @@ class GpuWorkerService:
                            free_kv_blocks=stats.free_kv_blocks, total_kv_blocks=stats.total_kv_blocks,
                            block_size=self.engine_config.block_size, max_batch_size=self.engine_config.max_batch_size,
                            max_queued=self.config.max_queued, max_model_len=self.engine.max_model_len, seq=self.seq,
-                           timestamp=time.time(), instance=self.instance)
+                           timestamp=time.time(), instance=self.instance, assist=self._assist_state())
+
+    def _assist_state(self) -> AssistState | None:
+        assert self.engine is not None
+        if self.engine.pool is None:
+            return None
+        a = self.engine.residency.report().assist
+        return AssistState(assisted=a.assisted, fallbacks=a.fallbacks, cpu_layers=a.cpu_layers,
+                           pool_workers=a.pool_workers, pool_alive=a.pool_alive, pool_healthy=a.pool_healthy)
 
     def _pending_load(self, tracked: Tracked) -> RequestLoad:
         s = tracked.submit

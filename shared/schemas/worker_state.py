@@ -32,6 +32,23 @@ class RequestLoad(Struct):
 
 
 @dataclass
+class AssistState(Struct):
+    """CPU-assisted prefill on a worker (cold-start mode cpu_assist): counters and the pool's health.
+
+    ``assisted``: requests admitted with CPU-computed deltas; ``fallbacks``: those that fell back
+    to waiting for their load; ``cpu_layers``: (request, layer) deltas the pool computed;
+    ``pool_workers`` / ``pool_alive``: the pool's size and its processes alive at the last heartbeat.
+    """
+
+    assisted: int = spec(0, ge=0)
+    fallbacks: int = spec(0, ge=0)
+    cpu_layers: int = spec(0, ge=0)
+    pool_workers: int = spec(0, ge=0, le=256)
+    pool_alive: int = spec(0, ge=0, le=256)
+    pool_healthy: bool = False
+
+
+@dataclass
 class WorkerState(Message):
     """A worker's load and residency, numbered by ``seq`` (increasing per worker).
 
@@ -58,6 +75,7 @@ class WorkerState(Message):
     seq: int = spec(0, ge=0)
     timestamp: float = spec(0.0, ge=0.0)
     instance: str = spec("", pattern=INSTANCE_PATTERN)
+    assist: AssistState | None = None  # cpu_assist mode only
 
     def check(self, path: str = "") -> None:
         if self.free_kv_blocks > self.total_kv_blocks:

@@ -31,7 +31,8 @@ SCALE_OVERRIDE = REPO / "docker" / "compose.scale.yaml"
 NATS_CONF = REPO / "docker" / "nats.conf"
 GLOBAL_ENV = {CACHE_ENV, cmd_service.HEALTH_DIR_ENV, *nats_auth.ENV_VARIABLES}
 OTLP_HTTP_PORT = 4318
-NATS_ROLES = {"GATEWAY": "gateway", "SCHEDULER": "scheduler", "WORKER": "gpu_worker", "CLIENT": "client"}
+NATS_ROLES = {"GATEWAY": "gateway", "SCHEDULER": "scheduler", "WORKER": "gpu_worker", "CPU_PREFILL": "cpu_prefill",
+              "CLIENT": "client"}
 PASSWORDS = {f"CARASERVE_NATS_{role}_PASSWORD": f"pw-{role.lower()}" for role in NATS_ROLES}
 
 
@@ -72,7 +73,12 @@ def test_the_compose_binary_rejects_a_broken_file(tmp_path):
 
 
 def test_the_services_the_issue_asks_for(model):
-    assert set(model["services"]) == {"nats", "otel-collector", "jaeger", "gateway", "scheduler", "gpu_worker"}
+    assert set(model["services"]) == {"nats", "otel-collector", "jaeger", "gateway", "scheduler", "gpu_worker",
+                                      "cpu_prefill"}
+    pool, worker = model["services"]["cpu_prefill"], model["services"]["gpu_worker"]
+    assert pool["ipc"] == "service:gpu_worker"  # the worker's /dev/shm: its ring and adapter segments
+    assert pool["environment"]["CARASERVE_WORKER_ID"] == worker["environment"]["CARASERVE_WORKER_ID"]
+    assert worker["environment"]["CARASERVE_COLD_START"] == "cpu_assist"
     assert "models" in model["volumes"]
     for name, svc in caraserve_services(model).items():
         assert any(v["target"] == "/models" for v in svc["volumes"]), name
@@ -161,7 +167,8 @@ def test_nats_requires_a_login_and_the_roles_match_the_code(model):
     users = nats_conf_users()
     expected = {"gateway": nats_auth.gateway_permissions("gateway"),
                 "scheduler": nats_auth.scheduler_permissions("scheduler"),
-                "gpu_worker": nats_auth.worker_permissions("*"), "client": nats_auth.client_permissions("client")}
+                "gpu_worker": nats_auth.worker_permissions("*"), "cpu_prefill": nats_auth.cpu_prefill_permissions("*"),
+                "client": nats_auth.client_permissions("client")}
     assert set(users) == set(expected)
     for name, permissions in expected.items():
         assert users[name]["permissions"] == permissions.to_server(), name

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.timeout(60)
 ADAPTERS = {"sql": 8}
 WORKER_ADAPTERS = [AdapterInfo(name="sql", rank=8, level="host")]
 IDENTITIES = {"gateway": ("gateway", "gateway"), "scheduler": ("scheduler", "scheduler-0"),
-              "w1": ("gpu_worker", "w1"), "alice": ("client", "alice"), "bob": ("client", "bob"),
+              "w1": ("gpu_worker", "w1"), "pool1": ("cpu_prefill", "w1"), "alice": ("client", "alice"), "bob": ("client", "bob"),
               "operator": ("operator", "test")}
 
 
@@ -161,6 +161,21 @@ async def test_a_client_cannot_publish_internal_subjects(secured, stack, subject
     await alice.publish(subjects.GENERATE, b"allowed")  # the public subject gets through
     await alice.flush()
     assert not any("generate" in e for e in violations.errors)
+
+
+async def test_a_cpu_prefill_pool_may_only_say_hello_and_heartbeat(secured, stack):
+    pool, violations = await raw_client(stack, secured, "pool1")
+    await pool.publish(subjects.GENERATE, b"not a client")
+    await violations.wait_for(f'permissions violation for publish to "{subjects.GENERATE}"')
+    await pool.subscribe(subjects.STATE_ALL)
+    await violations.wait_for("permissions violation for subscription")
+    await pool.publish(subjects.cpu_prefill_hello("w2"), b"another worker's pool")
+    await violations.wait_for(f'permissions violation for publish to "{subjects.cpu_prefill_hello("w2")}"')
+    before = len(violations.errors)
+    await pool.publish(subjects.cpu_prefill_heartbeat("w1"), b"its own heartbeat")
+    await pool.flush()
+    await asyncio.sleep(0.2)
+    assert len(violations.errors) == before
 
 
 async def test_only_workers_publish_states_and_only_the_scheduler_submits(secured, stack):
