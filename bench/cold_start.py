@@ -1,4 +1,4 @@
-"""Cold-start benchmark: CACHED vs ON-DEMAND adapter residency on the 512-adapter MAF trace.
+"""Cold-start benchmark: CACHED vs ON-DEMAND vs CPU-ASSISTED prefill on the 512-adapter MAF trace.
 
 What it runs, in one process, on ``LLMEngine`` directly:
 
@@ -16,10 +16,17 @@ What it runs, in one process, on ``LLMEngine`` directly:
   prompt and output lengths uniform in ``--prompt-range`` / ``--output-range``. ``n`` is
   derived from the measured prefill and decode speed so the engine runs at about
   ``--utilization`` of its capacity. The scale and ``n`` are printed and recorded.
-* **Modes:** ``cached`` (every adapter preloaded, the ideal) and ``on_demand`` (a device
-  cache of ``--cache-adapters`` adapters; a request waits for its adapter before prefill).
+* **Modes:** ``cached`` (every adapter preloaded, the ideal), ``on_demand`` (a device cache
+  of ``--cache-adapters`` adapters; a request waits for its adapter before prefill) and
+  ``cpu_assist`` (the same cache; a cold request prefills at once, its missing layers' LoRA
+  deltas computed by a pool of ``--cpu-prefill-workers`` CPU processes through the
+  shared-memory ring, each layer group handed to the device path as it lands).
 * **Decode interference:** with the on_demand engine, requests already decoding are timed
-  per step in alternating blocks with and without adapter loads in flight.
+  per step in alternating blocks with and without adapter loads in flight; for cpu_assist,
+  its requests' TPOT against the cached run's (no loads at all).
+* **Exchange:** the worker-side cost of each (layer, input group) exchange with the pool
+  (copy in, wait after the base GEMM, add the deltas), per layer; and a microbench of one
+  layer's q/k/v deltas at prompt lengths 64/256/1024 with 1 vs 2 CPU processes.
 
 The engine steps on its own thread, as in the gpu_worker service, with ``--threads`` torch
 intra-op threads (default 1: on a CPU shared with other work, torch's OpenMP pool stalls
@@ -51,18 +58,23 @@ import torch
 from bench.cold_start_workload import (MAF_DIR, POPULARITY_FILE, TRACE_FILE, Arrival, build_workload,
                                        load_popularity, load_trace, time_scale)
 from bench.random_adapters import adapter_names, ensure_adapters
+from shared.llama_shape import INPUT_GROUPS
 from services.gpu_worker.engine import LLMEngine
 from services.gpu_worker.engine_config import EngineConfig
+from launcher.local_pool import LocalPool
+from services.gpu_worker.residency.factory import Model, make_residency
 from services.gpu_worker.residency.host_store import HostStore
+from services.gpu_worker.residency.tiered import TieredResidency
 from services.gpu_worker.request import EngineRequest, SamplingParams
 from services.gpu_worker.residency.config import ResidencyConfig
-from services.gpu_worker.residency.tiered import TieredAdapters
+from shared.shm_exchange import remove_stale_segments, segment_prefix
 from shared.adapter_registry import AdapterRegistry
 from shared.llama_shape import LlamaShape
 from shared.model_store import default_model_dir
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODES = ("cached", "on_demand")
+MODES = ("cached", "on_demand", "cpu_assist")
+BENCH_WORKER = "bench"
 DECODE_BATCH = 8
 GiB = 1024 ** 3
 _T0 = time.monotonic()
@@ -93,6 +105,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-requests", type=int, default=400)
     p.add_argument("--interference-rounds", type=int, default=20)
     p.add_argument("--interference-block", type=int, default=3, help="steps per with/without-loads block")
+    p.add_argument("--cpu-prefill-workers", type=int, default=1, help="cpu_assist: CPU processes in the pool")
+    p.add_argument("--microbench-repeats", type=int, default=30)
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads of the engine (1: steady timings on a shared CPU; 0: torch default)")
     p.add_argument("--seed", type=int, default=0)
@@ -115,11 +129,14 @@ class Timing:
     last: float | None = None
     tokens: int = 0
     error: str | None = None
+    cpu_layers: int = 0  # of its prefill (cpu_assist)
 
 
 def _record(timings: dict[str, Timing], outputs, stamp: float) -> None:
     for out in outputs:
         t = timings[out.request_id]
+        if out.first_token and out.prefill_lora is not None:
+            t.cpu_layers = out.prefill_lora.cpu_layers
         if out.new_token_ids:
             t.first = stamp if t.first is None else t.first
             t.last, t.tokens = stamp, t.tokens + len(out.new_token_ids)
@@ -146,7 +163,7 @@ class StepLog:
                 "mean_batch": round(statistics.fmean(self.batch), 2)}
 
 
-def run_trace(engine: LLMEngine, manager: TieredAdapters, workload: list[Arrival], limit_s: float,
+def run_trace(engine: LLMEngine, manager: TieredResidency, workload: list[Arrival], limit_s: float,
               label: str) -> tuple[dict[str, Timing], bool, StepLog]:
     """Replay ``workload`` in real time; returns per-request timings, whether it was cut off, step log."""
     timings = {a.request_id: Timing(a.time_s) for a in workload}
@@ -194,6 +211,8 @@ def _counter_deltas(before: dict, after: dict) -> dict:
     d = {k: after[k] - before[k] for k in ("hits", "misses", "loads", "evictions")}
     d["hit_rate"] = round(d["hits"] / max(1, d["hits"] + d["misses"]), 4)
     d["load_ms"] = after["load_ms"]
+    d["assist"] = {k: after["assist"][k] - before["assist"][k]
+                   for k in ("assisted", "fallbacks", "cpu_layers", "exchange_calls", "exchange_overhead_ms", "late")}
     return d
 
 
@@ -203,7 +222,16 @@ def mode_report(timings: dict[str, Timing], residency: dict, truncated: bool, wo
     ttft = [t.first - t.arrival for t in done.values()]
     tpot = [(t.last - t.first) / (t.tokens - 1) for t in done.values() if t.tokens > 1]
     e2e = [t.last - t.arrival for t in done.values()]
+    assisted = [t for t in done.values() if t.cpu_layers]
+    assist = residency["assist"]
+    layers_per_call = len(INPUT_GROUPS)
     return {"ttft_ms": latency_stats(ttft), "tpot_ms": latency_stats(tpot), "e2e_ms": latency_stats(e2e),
+            "assisted_share": round(len(assisted) / max(1, len(done)), 4),
+            "cpu_layers_per_assisted_prefill": round(statistics.fmean(t.cpu_layers for t in assisted), 2)
+            if assisted else 0.0,
+            "cpu_layers": assist["cpu_layers"], "fallbacks": assist["fallbacks"],
+            "exchange_ms_per_layer": round(assist["exchange_overhead_ms"] / assist["exchange_calls"] * layers_per_call, 4)
+            if assist["exchange_calls"] else None,
             "hit_rate": residency["hit_rate"], "loads": residency["loads"],
             "hits": residency["hits"], "misses": residency["misses"], "evictions": residency["evictions"],
             "load_ms": residency["load_ms"], "steps": steps.summary(), "completed": len(done), "requests": len(timings),
@@ -213,17 +241,18 @@ def mode_report(timings: dict[str, Timing], residency: dict, truncated: bool, wo
 
 # ---- engines ---------------------------------------------------------------------------
 def make_engine(model_dir: Path, device: str, mode: str, root: Path, store: HostStore, shape: LlamaShape,
-                rank: int, device_bytes: int = 0, gbps: float = 0.0, latency_ms: float = 0.0, threads: int = 0
-                ) -> tuple[LLMEngine, TieredAdapters]:
+                rank: int, device_bytes: int = 0, gbps: float = 0.0, latency_ms: float = 0.0, threads: int = 0,
+                pool_workers: int = 1) -> tuple[LLMEngine, TieredResidency]:
     cfg = ResidencyConfig(adapter_dir=str(root), cold_start=mode, device_adapter_bytes=device_bytes,
-                          emulate_link_gbps=gbps, emulate_link_latency_ms=latency_ms)
-    manager = TieredAdapters(cfg, shape, rank, torch.bfloat16, device, base_model=str(model_dir), host_store=store)
+                          emulate_link_gbps=gbps, emulate_link_latency_ms=latency_ms, cpu_prefill_workers=pool_workers)
     config = EngineConfig(dtype="bfloat16", device=device, max_lora_rank=rank, num_threads=threads)
-    engine = LLMEngine(model_dir, config, adapters=manager)
-    return engine, manager
+    built = make_residency(cfg, Model(shape, rank, torch.bfloat16, device, config.max_batched_tokens, str(model_dir)),
+                           BENCH_WORKER, host_store=store)
+    engine = LLMEngine(model_dir, config, residency=built)
+    return engine, built.residency
 
 
-def wait_for_preload(manager: TieredAdapters) -> None:
+def wait_for_preload(manager: TieredResidency) -> None:
     """Let the cached mode's preload finish (the loader thread reads disk -> host -> device)."""
     total, next_report = manager.pending_loads(), time.monotonic()
     while manager.pending_loads():
@@ -279,13 +308,13 @@ def requests_for(calibration: dict, args: argparse.Namespace) -> int:
 
 
 # ---- decode interference ---------------------------------------------------------------
-def _settle_loads(manager: TieredAdapters) -> None:
+def _settle_loads(manager: TieredResidency) -> None:
     while manager.loads_in_flight():
         manager.wait_for_progress(0.05)
         manager.poll()
 
 
-def _start_decoders(engine: LLMEngine, manager: TieredAdapters, steps: int, vocab: int) -> list[str]:
+def _start_decoders(engine: LLMEngine, manager: TieredResidency, steps: int, vocab: int) -> list[str]:
     """Four requests decoding (two on resident adapters, two on the base model); returns their ids."""
     resident = [e.name for e in manager.cache.entries() if e.resident][:2]
     ids = []
@@ -299,7 +328,7 @@ def _start_decoders(engine: LLMEngine, manager: TieredAdapters, steps: int, voca
     return ids
 
 
-def _keep_loading(manager: TieredAdapters, cold) -> None:
+def _keep_loading(manager: TieredResidency, cold) -> None:
     """Start the next cold adapter's load unless one is in flight."""
     if not manager.loads_in_flight():
         name = next(cold)
@@ -307,7 +336,7 @@ def _keep_loading(manager: TieredAdapters, cold) -> None:
         manager.prefetch(name)
 
 
-def decode_interference(engine: LLMEngine, manager: TieredAdapters, cold: list[str], rounds: int,
+def decode_interference(engine: LLMEngine, manager: TieredResidency, cold: list[str], rounds: int,
                         block: int, vocab: int) -> dict:
     """Step times of requests already decoding with loads in flight vs none, in alternating blocks."""
     ids = _start_decoders(engine, manager, (2 * block + 1) * rounds + 8, vocab)
@@ -358,17 +387,17 @@ def plot_cdf(reports: dict, path: Path) -> None:
         ax.set_title(f"{title} CDF")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("Cold start: cached vs on_demand (512 rank-64 adapters, MAF trace)")
+    fig.suptitle("Cold start: cached vs on_demand vs cpu_assist (512 rank-64 adapters, MAF trace)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _run_mode(label: str, engine: LLMEngine, manager: TieredAdapters, workload, args) -> dict:
+def _run_mode(label: str, engine: LLMEngine, manager: TieredResidency, workload, args) -> dict:
     progress(f"{label}: replaying {len(workload)} requests")
-    before = manager.residency()
+    before = manager.report().to_dict()
     timings, truncated, steps = run_trace(engine, manager, workload, args.run_limit_s, label)
-    report = mode_report(timings, _counter_deltas(before, manager.residency()), truncated, workload, steps)
+    report = mode_report(timings, _counter_deltas(before, manager.report().to_dict()), truncated, workload, steps)
     progress(f"{label}: TTFT p50 {report['ttft_ms']['p50']} ms, hit rate {report['hit_rate']}, loads {report['loads']}")
     return report
 
@@ -409,7 +438,9 @@ def prepare(args: argparse.Namespace) -> Setup:
     names = adapter_names(args.adapters)
     root = ensure_adapters(model_dir, args.adapters, args.rank, targets, args.seed,
                            lambda i, n: i % 64 == 0 and progress(f"generating adapters {i}/{n}"))
-    store = HostStore(8 * GiB, shape, args.rank, torch.bfloat16, pin=device == "cuda")
+    remove_stale_segments(BENCH_WORKER)
+    store = HostStore(8 * GiB, shape, args.rank, torch.bfloat16, pin=device == "cuda",
+                      shared_prefix=segment_prefix(BENCH_WORKER))  # the cpu_assist pool maps these copies
     return Setup(device, Path(model_dir), shape, targets, names, root, load_trace(MAF_DIR / TRACE_FILE),
                  load_popularity(MAF_DIR / POPULARITY_FILE, args.adapters), store,
                  AdapterRegistry(root, args.rank, 2).resolve(names[0]).nbytes)
@@ -483,9 +514,53 @@ def run(args: argparse.Namespace) -> dict:
                                        engine.model.config.vocab_size)
     progress(f"decode interference: ratio {interference['ratio']}")
     manager.close()
+    del engine, manager
+    gc.collect()
+
+    engine, manager = make_engine(setup.model_dir, setup.device, "cpu_assist", setup.root, setup.store, setup.shape,
+                                  args.rank, device_bytes=args.cache_adapters * setup.adapter_bytes,
+                                  gbps=p["gbps"] if emulate else 0.0, latency_ms=args.latency_ms if emulate else 0.0,
+                                  threads=args.threads, pool_workers=args.cpu_prefill_workers)
+    with LocalPool(engine.pool):
+        reports["cpu_assist"] = _run_mode("cpu_assist", engine, manager, p["workload"], args)
+    load_avg["after_cpu_assist"] = _load_average()
+    manager.close()
+    setup.store.close()
+    progress("exchange microbench: one layer's q/k/v deltas, 1 vs 2 CPU processes")
+    micro = exchange_microbench(setup, args)
     return write_report(setup, args, reports, {
-        "decode_interference": interference, "link": link_report(setup, p, reports["on_demand"], args),
+        "decode_interference": interference, "assist_interference": assist_interference(reports),
+        "targets": targets(reports, interference), "exchange_microbench": micro,
+        "link": link_report(setup, p, reports["on_demand"], args),
         "calibration": p["calibration"], "workload": p["info"], "load_average": load_avg})
+
+
+def assist_interference(reports: dict) -> dict:
+    """TPOT of the cpu_assist run (assisted prefills in flight) against the cached run (no loads)."""
+    assisted, cached = reports["cpu_assist"]["tpot_ms"]["mean"], reports["cached"]["tpot_ms"]["mean"]
+    return {"tpot_cpu_assist_ms": assisted, "tpot_cached_ms": cached,
+            "ratio": round(assisted / cached, 4) if assisted and cached else None,
+            "method": "mean TPOT of the same workload: cpu_assist run vs cached run (no adapter loads)"}
+
+
+def targets(reports: dict, interference: dict) -> dict:
+    """The issue's targets, as ratios of this run's modes."""
+    ttft = {m: reports[m]["ttft_ms"]["mean"] for m in MODES}
+    vs_cached = ttft["cpu_assist"] / ttft["cached"]
+    vs_on_demand = ttft["cpu_assist"] / ttft["on_demand"]
+    tpot = assist_interference(reports)["ratio"]
+    return {"cpu_assist_vs_cached_ttft": round(vs_cached, 4), "target_vs_cached": 1.10, "met_vs_cached": vs_cached <= 1.10,
+            "cpu_assist_vs_on_demand_ttft": round(vs_on_demand, 4), "target_vs_on_demand": 0.80,
+            "met_vs_on_demand": vs_on_demand <= 0.80,
+            "assist_tpot_ratio": tpot, "target_tpot_ratio": 1.05, "met_tpot": tpot is not None and tpot <= 1.05,
+            "on_demand_loads_tpot_ratio": interference["ratio"]}
+
+
+def exchange_microbench(setup: Setup, args: argparse.Namespace) -> dict:
+    """Wall time of one layer's q/k/v deltas through the real ring and pool, 1 vs 2 CPU processes."""
+    from bench.exchange_microbench import run_microbench
+
+    return run_microbench(setup.shape, args.rank, (64, 256, 1024), args.microbench_repeats)
 
 
 def write_report(setup: Setup, args: argparse.Namespace, reports: dict, extra: dict) -> dict:

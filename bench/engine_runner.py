@@ -58,12 +58,12 @@ def run_engine(model_dir: Path, requests: list[BenchRequest], adapters: dict[str
     record.start()
     for r in requests:
         engine.add_request(EngineRequest(r.request_id, r.prompt_ids, use(r), _params(r.max_tokens)))
-    tally = _step_until_done(engine, record, wanted)
+    tally = _step_until_done(engine, record)
     record.progress(force=True)
     return record, tally
 
 
-def _step_until_done(engine: LLMEngine, record: RunRecord, wanted: dict[str, int]) -> DecodeTally:
+def _step_until_done(engine: LLMEngine, record: RunRecord) -> DecodeTally:
     shape, vocab = engine.model.config.shape, engine.model.config.vocab_size
     tally = DecodeTally()
     first_step = True
@@ -81,7 +81,7 @@ def _step_until_done(engine: LLMEngine, record: RunRecord, wanted: dict[str, int
         decode_only = (not first_step and not state.waiting and not any(o.first_token for o in outputs)
                        and len(produced) == len(state.running))
         if decode_only:
-            contexts = [r.prompt_tokens + wanted[r.request_id] - r.remaining_tokens for r in state.running]
+            contexts = [r.context_tokens for r in state.running]
             tally.steps += 1
             tally.time_s += end - start
             tally.tokens += len(produced)

@@ -181,6 +181,10 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, UnicodeDecodeError) as exc:
         raise CliError(f"cannot read {args.input}: {exc}") from None
     engine = build_engine(args)
+    report = engine.residency.report()
+    if report.link_emulated:
+        print(f"EMULATED host-to-device link: {report.link_gbps or 'unlimited'} GB/s, {report.link_latency_ms:g} ms "
+              "per adapter load (emulation, not hardware)", file=sys.stderr)
     try:
         if engine.pool is None:
             records = run_requests(engine, lines)

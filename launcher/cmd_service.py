@@ -1,4 +1,6 @@
-"""``caraserve service NAME``: run one service, configured from CARASERVE_* variables (docker-compose).
+"""``caraserve service NAME [--FLAG VALUE ...]``: run one service, configured from CARASERVE_* variables
+(docker-compose) and, overriding them, from flags of its config dataclasses
+(``caraserve service gpu_worker --cold-start cpu_assist``).
 
 Each service class (see SERVICES) provides ``from_environ(environ)``, ``config_classes()``,
 ``async start(stack)`` and a ``healthy`` property. While it runs, a heartbeat file is
@@ -37,7 +39,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("name", choices=sorted(SERVICES), help="the service to run")
     parser.add_argument("--check", action="store_true",
                         help="exit 0 if the running service's heartbeat is fresh (container healthcheck)")
+    parser.add_argument("options", nargs=argparse.REMAINDER,
+                        help="flags of the service's config (e.g. --cold-start cpu_assist); they override "
+                             "the CARASERVE_* variables")
     parser.set_defaults(func=run)
+
+
+def flag_environ(name: str, config_classes: tuple[type, ...], options: list[str]) -> dict[str, str]:
+    """The CARASERVE_* variables that ``options`` (flags of ``config_classes``) set; CliError on a bad flag."""
+    from shared.config import add_arguments
+
+    parser = argparse.ArgumentParser(prog=f"caraserve service {name}", conflict_handler="resolve",
+                                     exit_on_error=False)
+    for cls in config_classes:
+        add_arguments(parser, cls)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS  # only the flags actually given
+    try:
+        given = vars(parser.parse_args(options))
+    except (argparse.ArgumentError, SystemExit) as exc:
+        raise CliError(f"caraserve service {name}: {exc}") from None
+    return {f"CARASERVE_{key.upper()}": _env_value(value) for key, value in given.items()}
+
+
+def _env_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 def service_class(name: str) -> Any:
@@ -71,13 +101,15 @@ def check(name: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.check:
+    if args.check or "--check" in args.options:  # the flags after NAME land in options
         return check(args.name)
     from shared.bus import run_service
     from shared.config import ConfigError
 
+    cls = service_class(args.name)
+    environ = {**os.environ, **flag_environ(args.name, cls.config_classes(), args.options)}
     try:
-        service = service_class(args.name).from_environ(os.environ)
+        service = cls.from_environ(environ)
     except (ConfigError, ValueError) as exc:
         raise CliError(str(exc)) from exc
     path = heartbeat_path(args.name)

@@ -90,9 +90,9 @@ class CpuAssist:
         return self.exchange
 
     def report(self) -> AssistReport:
-        c = self.counts
+        c, x = self.counts, self.exchange.stats
         return AssistReport(c.assisted, c.fallbacks, c.cpu_layers, self.exchange.workers, self.health.alive(),
-                            self.health.healthy(), len(self._open))
+                            self.health.healthy(), len(self._open), x.calls, round(x.overhead_s * 1e3, 3), x.late)
 
     def shutdown(self) -> None:
         self.exchange.ring.close()

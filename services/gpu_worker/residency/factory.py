@@ -80,7 +80,7 @@ def make_residency(config: ResidencyConfig, model: Model, worker_id: str = "loca
                                         model.base_model)
         strategy = Cached() if config.cold_start == "cached" else OnDemand()
     residency = TieredResidency(config, model.shape, model.max_rank, model.dtype, model.device, store, strategy,
-                                adapters, link)
+                                adapters, link, owns_host_store=host_store is None)
     return Built(residency, pool)
 
 

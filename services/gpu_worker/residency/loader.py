@@ -71,6 +71,7 @@ class AdapterLoader:
         self._jobs: queue.SimpleQueue[LoadJob | None] = queue.SimpleQueue()
         self._landed: queue.SimpleQueue[Landed] = queue.SimpleQueue()
         self._progress = threading.Event()
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="adapter-loader", daemon=True)
         self._thread.start()
 
@@ -96,13 +97,14 @@ class AdapterLoader:
         return self._progress.wait(timeout)
 
     def close(self) -> None:
-        """Stop the loader thread after the load in progress."""
+        """Stop the loader thread: the group in flight finishes, queued loads are dropped."""
+        self._closed = True
         self._jobs.put(None)
         self._thread.join(timeout=30)
 
     # ---- the loader thread -------------------------------------------------------------
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
+        while (job := self._jobs.get()) is not None and not self._closed:
             job.started = time.monotonic()
             try:
                 self._load(job)
@@ -123,6 +125,8 @@ class AdapterLoader:
             group = {k: w for k, w in host.weights.items() if k[0] in layers}
             sent.append((layers, *self.link.send(group)))
         for i, (layers, weights, handle) in enumerate(sent):
+            if self._closed:
+                return
             self.link.wait(handle)
             self._report(Landed(job, layers, weights, i == len(sent) - 1))
         log.debug("adapter %s: %d bytes in %.1f ms", job.name, weights_nbytes(host.weights),

@@ -85,14 +85,14 @@ class TieredResidency:
 
     def __init__(self, config: ResidencyConfig, shape: LlamaShape, max_rank: int, dtype: torch.dtype, device: str,
                  host_store: HostStore, cold_start: ColdStart, adapters: dict[str, str | Path] | None = None,
-                 link: Link | None = None) -> None:
+                 link: Link | None = None, owns_host_store: bool = True) -> None:
         self.config, self.device, self.dtype = config, device, dtype
         self.shape, self.max_rank = shape, max_rank
         self.cold_start = cold_start
         self.registry = AdapterRegistry(config.adapter_dir or None, max_rank, torch.finfo(dtype).bits // 8, shape)
         for name, path in (adapters or {}).items():
             self.registry.add_trusted(name, path)
-        self.host_store = host_store
+        self.host_store, self.owns_host_store = host_store, owns_host_store
         self.link = link or make_link(device, config.emulate_link_gbps, config.emulate_link_latency_ms)
         self.cache = DeviceCache(device_budget(config, device, cold_start.preloads))
         self.loader = AdapterLoader(self.host_store, self.link, shape.num_layers, config.load_groups)
@@ -356,7 +356,8 @@ class TieredResidency:
         """Stop the loader and release shared memory (the ring, the host store's segments)."""
         self.loader.close()
         self.cold_start.shutdown()
-        self.host_store.close()
+        if self.owns_host_store:
+            self.host_store.close()
 
     def demote(self, name: str, level: str) -> None:
         """Take ``name`` off the device, keeping it in ``host`` memory or on ``disk`` only

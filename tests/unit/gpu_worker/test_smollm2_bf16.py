@@ -149,3 +149,34 @@ def test_first_16_greedy_tokens_match_peft_bf16(smollm2_dir, smollm2_adapters):
     failures = {PROMPTS[i]: v for i, v in enumerate(verdicts) if v not in (None, "tie")}
     assert not failures, failures
     assert verdicts.count("tie") <= MAX_TIE_DIVERGENCES, verdicts
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_cpu_assisted_prefill_matches_cached_on_smollm2_bf16(smollm2_dir, smollm2_adapters):
+    """cpu_assist with a slow EMULATED link (most layers' deltas from the CPU pool) against cached:
+    the first 16 greedy tokens agree on at least 90% of the requests."""
+    import uuid
+
+    from launcher.local_pool import LocalPool
+    from services.gpu_worker.residency.config import ResidencyConfig
+    from shared.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2_dir)
+    names = ["qv8", "all64"]
+    requests = [(tokenizer(p)["input_ids"], names[i % 2]) for i, p in enumerate(PROMPTS)]
+    config = EngineConfig(dtype="bfloat16", device="cpu")
+    cached = [tokens for tokens, _ in run_engine_with_logits(LLMEngine(smollm2_dir, config, dict(smollm2_adapters)),
+                                                              requests)]
+    slow_link = ResidencyConfig(cold_start="cpu_assist", emulate_link_gbps=0.002, emulate_link_latency_ms=200.0,
+                                cpu_prefill_workers=1)
+    engine = LLMEngine(smollm2_dir, config, dict(smollm2_adapters), slow_link, worker_id=f"s{uuid.uuid4().hex[:8]}")
+    try:
+        with LocalPool(engine.pool):
+            assisted = [tokens for tokens, _ in run_engine_with_logits(engine, requests)]
+            report = engine.residency.report().assist
+    finally:
+        engine.close()
+    same = sum(a == c for a, c in zip(assisted, cached))
+    assert same >= 0.9 * len(requests), (same, len(requests))
+    assert report.assisted >= len(names) and report.cpu_layers > 0 and report.fallbacks == 0
