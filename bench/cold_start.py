@@ -58,7 +58,6 @@ import torch
 from bench.cold_start_workload import (MAF_DIR, POPULARITY_FILE, TRACE_FILE, Arrival, build_workload,
                                        load_popularity, load_trace, time_scale)
 from bench.random_adapters import adapter_names, ensure_adapters
-from shared.llama_shape import INPUT_GROUPS
 from services.gpu_worker.engine import LLMEngine
 from services.gpu_worker.engine_config import EngineConfig
 from launcher.local_pool import LocalPool
@@ -212,7 +211,8 @@ def _counter_deltas(before: dict, after: dict) -> dict:
     d["hit_rate"] = round(d["hits"] / max(1, d["hits"] + d["misses"]), 4)
     d["load_ms"] = after["load_ms"]
     d["assist"] = {k: after["assist"][k] - before["assist"][k]
-                   for k in ("assisted", "fallbacks", "cpu_layers", "exchange_calls", "exchange_overhead_ms", "late")}
+                   for k in ("assisted", "fallbacks", "cpu_layers", "exchange_calls", "exchange_layers", "exchange_overhead_ms",
+                             "late")}
     return d
 
 
@@ -224,13 +224,14 @@ def mode_report(timings: dict[str, Timing], residency: dict, truncated: bool, wo
     e2e = [t.last - t.arrival for t in done.values()]
     assisted = [t for t in done.values() if t.cpu_layers]
     assist = residency["assist"]
-    layers_per_call = len(INPUT_GROUPS)
     return {"ttft_ms": latency_stats(ttft), "tpot_ms": latency_stats(tpot), "e2e_ms": latency_stats(e2e),
             "assisted_share": round(len(assisted) / max(1, len(done)), 4),
             "cpu_layers_per_assisted_prefill": round(statistics.fmean(t.cpu_layers for t in assisted), 2)
             if assisted else 0.0,
             "cpu_layers": assist["cpu_layers"], "fallbacks": assist["fallbacks"],
-            "exchange_ms_per_layer": round(assist["exchange_overhead_ms"] / assist["exchange_calls"] * layers_per_call, 4)
+            "exchange_ms_per_layer": round(assist["exchange_overhead_ms"] / assist["exchange_layers"], 4)
+            if assist["exchange_layers"] else None,
+            "exchange_ms_per_call": round(assist["exchange_overhead_ms"] / assist["exchange_calls"], 4)
             if assist["exchange_calls"] else None,
             "hit_rate": residency["hit_rate"], "loads": residency["loads"],
             "hits": residency["hits"], "misses": residency["misses"], "evictions": residency["evictions"],

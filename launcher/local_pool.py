@@ -23,9 +23,9 @@ READY_TIMEOUT_S = 60.0
 class LocalPool:
     """Starts a pool on the engine's ring and keeps its health current until closed."""
 
-    def __init__(self, health: PoolHealth, cores: list[int] | None = None) -> None:
+    def __init__(self, health: PoolHealth) -> None:
         self.health = health
-        self.pool = CpuPool(health.ring_name, health.geometry.num_cpu_workers, cores)
+        self.pool = CpuPool(health.ring_name, health.geometry.num_cpu_workers, health.cores)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._monitor, name="cpu-prefill-monitor", daemon=True)
 

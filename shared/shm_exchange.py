@@ -73,15 +73,23 @@ class RingMismatchError(ValueError):
 
 # ---- names and lifetime ------------------------------------------------------------------
 def segment_prefix(worker_id: str, pid: int | None = None) -> str:
+    """``caraserve-<worker id>-<owner pid>``: every segment of one worker process starts with it."""
     return f"caraserve-{worker_id}-{pid or os.getpid()}"
 
 
 def ring_name(prefix: str) -> str:
+    """The name of the worker's ring segment."""
     return f"{prefix}-ring"
 
 
 def adapter_segment_name(prefix: str, adapter_id: int) -> str:
+    """The name of adapter ``adapter_id``'s segment in the worker's host store."""
     return f"{prefix}-a{adapter_id}"
+
+
+def _is_segment_suffix(suffix: str) -> bool:
+    """True for ``ring`` and ``a<digits>``: what follows ``<prefix>-`` in a segment name."""
+    return suffix == "ring" or (suffix[:1] == "a" and suffix[1:].isdigit())
 
 
 def _pid_alive(pid: int) -> bool:
@@ -95,12 +103,16 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_segments(worker_id: str) -> list[str]:
-    """Unlink every ``caraserve-<worker_id>-<pid>-*`` segment whose pid is not a live process."""
+    """Unlink every ``caraserve-<worker_id>-<pid>-*`` segment whose pid is not a live process.
+
+    The name must be exactly ``<head><pid>-ring`` or ``<head><pid>-a<id>``, so worker ``w`` never
+    takes worker ``w-2``'s ``caraserve-w-2-<pid>-ring`` for a segment of pid 2. Returns the names removed.
+    """
     head = f"caraserve-{worker_id}-"
     removed = []
     for name in sorted(os.listdir(SHM_DIR)):
-        pid, dash, _ = name[len(head):].partition("-") if name.startswith(head) else ("", "", "")
-        if not (dash and pid.isdigit()) or _pid_alive(int(pid)):
+        pid, dash, suffix = name[len(head):].partition("-") if name.startswith(head) else ("", "", "")
+        if not (dash and pid.isdigit() and _is_segment_suffix(suffix)) or _pid_alive(int(pid)):
             continue
         try:
             os.unlink(os.path.join(SHM_DIR, name))
@@ -121,6 +133,8 @@ class _Segment:
             if self.owner:
                 os.ftruncate(fd, size)
             self.size = os.fstat(fd).st_size
+            if self.size < ALIGN:
+                raise RingMismatchError(f"{name} is {self.size} bytes: not a CaraServe segment")
             self.map = mmap.mmap(fd, self.size)
         except BaseException:
             os.close(fd)
@@ -168,6 +182,7 @@ def _cuda_unregister(address: int | None) -> None:
 _SYS_FUTEX = {"x86_64": 202, "aarch64": 98}.get(platform.machine(), 202)
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
 
 
 class _Timespec(ctypes.Structure):
@@ -178,12 +193,14 @@ def futex_wait(address: int, expected: int, timeout_s: float) -> None:
     """Sleep while the int32 at ``address`` equals ``expected``, at most ``timeout_s`` (shared futex)."""
     timeout_s = max(0.0, timeout_s)
     ts = _Timespec(int(timeout_s), int((timeout_s % 1) * 1e9))
-    _libc.syscall(_SYS_FUTEX, ctypes.c_void_p(address), _FUTEX_WAIT, ctypes.c_int(expected), ctypes.byref(ts), None, 0)
+    _libc.syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(address), ctypes.c_int(_FUTEX_WAIT),
+                  ctypes.c_int(expected), ctypes.byref(ts), None, ctypes.c_int(0))
 
 
 def futex_wake(address: int) -> None:
     """Wake every waiter on the int32 at ``address``."""
-    _libc.syscall(_SYS_FUTEX, ctypes.c_void_p(address), _FUTEX_WAKE, ctypes.c_int(2 ** 31 - 1), None, None, 0)
+    _libc.syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(address), ctypes.c_int(_FUTEX_WAKE),
+                  ctypes.c_int(2 ** 31 - 1), None, None, ctypes.c_int(0))
 
 
 # ---- geometry ----------------------------------------------------------------------------
@@ -438,6 +455,15 @@ ADAPTER_HEADER_WORDS = 4  # int64: magic, version, count, dtype code
 ADAPTER_ROW = 7  # int64: layer, projection index, rank, in, out, offset A, offset B
 
 
+def _check_rows(name: str, rows: list[list[int]], itemsize: int, size: int) -> None:
+    """RingMismatchError unless every row names a projection and its A and B lie inside the segment."""
+    for layer, proj, rank, width_in, width_out, a_off, b_off in rows:
+        fits = all(0 <= off and off + n * itemsize <= size
+                   for off, n in ((a_off, width_in * rank), (b_off, rank * width_out)))
+        if not (0 <= proj < len(PROJECTIONS) and min(layer, rank, width_in, width_out) >= 0 and fits):
+            raise RingMismatchError(f"{name} has a corrupt table row {(layer, proj, rank, width_in, width_out)}")
+
+
 class AdapterSegment:
     """An adapter's weights (A ``[in, r]``, B ``[r, out]`` per (layer, projection)) in shared memory."""
 
@@ -488,10 +514,13 @@ class AdapterSegment:
             head = np.ndarray((ADAPTER_HEADER_WORDS,), np.int64, segment.map, 0).tolist()
             if head[0] != MAGIC or head[1] != VERSION:
                 raise RingMismatchError(f"{name} is not a version-{VERSION} CaraServe adapter segment")
-            dtype = {v: k for k, v in TORCH_DTYPE_CODES.items()}[head[3]]
+            dtype = {v: k for k, v in TORCH_DTYPE_CODES.items()}.get(head[3])
+            if dtype is None or not 0 <= head[2] <= (segment.size // 8 - ADAPTER_HEADER_WORDS) // ADAPTER_ROW:
+                raise RingMismatchError(f"{name} has a corrupt header (count {head[2]}, dtype code {head[3]})")
             table = np.ndarray((ADAPTER_HEADER_WORDS + ADAPTER_ROW * head[2],), np.int64, segment.map, 0)
             rows = table[ADAPTER_HEADER_WORDS:].reshape(-1, ADAPTER_ROW).tolist()
             del table
+            _check_rows(name, rows, dtype.itemsize, segment.size)
         except BaseException:
             segment.close()
             raise

@@ -21,6 +21,8 @@ class PoolConfig:
     model: str = option("default", "the worker's model (HF Llama directory or 'default'): its geometry is "
                                    "checked against the worker's at hello")
     cpu_prefill_workers: int = option(0, "CPU processes; 0 = as many as the worker's ring expects")
+    heartbeat_s: float = option(0.5, "seconds between heartbeats (the pool beats at the shorter of this and the "
+                                      "worker's interval, so the worker never counts it missing)")
     hello_timeout_s: float = option(600.0, "give up when no worker answered the hello for this long")
 
     def __post_init__(self) -> None:
@@ -28,4 +30,5 @@ class PoolConfig:
                 f"worker_id {self.worker_id!r} must match {WORKER_ID_PATTERN}")
         require(bool(self.nats_url), "nats_url must not be empty")
         require(0 <= self.cpu_prefill_workers <= 256, "cpu_prefill_workers must be in [0, 256]")
+        require(0.01 <= self.heartbeat_s <= 60.0, "heartbeat_s must be in [0.01, 60]")
         require(self.hello_timeout_s > 0, "hello_timeout_s must be > 0")

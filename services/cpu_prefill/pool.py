@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from shared.core_split import host_cores, pool_cores
 from shared.shm_exchange import ExchangeRing, RingMismatchError
 
 log = logging.getLogger(__name__)
@@ -30,18 +31,12 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)
 
 
-def pool_cores(workers: int) -> list[int]:
-    """One core per process, from the last allowed core down (the first ones stay with the worker)."""
-    cores = sorted(os.sched_getaffinity(0))
-    return [cores[-(i % len(cores)) - 1] for i in range(workers)]
-
-
 class CpuPool:
     """``workers`` CPU prefill processes attached to ring ``ring_name``."""
 
     def __init__(self, ring_name: str, workers: int, cores: list[int] | None = None) -> None:
         self.ring_name, self.workers = ring_name, workers
-        self.cores = cores or pool_cores(workers)
+        self.cores = cores or pool_cores(workers, host_cores())
         self._procs: list[subprocess.Popen | None] = [None] * workers
         self._ring: ExchangeRing | None = None  # read-only use: the processes' ready words
 
@@ -66,6 +61,19 @@ class CpuPool:
 
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs if p is not None]
+
+    def owner_alive(self) -> bool:
+        """Whether the ring's owner (the gpu_worker) still runs; False before :meth:`start`. A worker
+        killed with SIGKILL leaves its ring behind: the pool must not keep restarting processes on it."""
+        if self._ring is None:
+            return False
+        try:
+            os.kill(self._ring.owner_pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # alive, run by another user
+        return True
 
     def alive(self) -> int:
         """Processes running and attached to the ring (each marked itself ready with its pid)."""

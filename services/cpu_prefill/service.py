@@ -1,11 +1,13 @@
 """The cpu_prefill service: the pool of CPU processes of one gpu_worker, reporting over NATS.
 
 It introduces itself to its worker with a ``PoolHello`` on ``cpu_prefill.<id>.hello`` (retrying
-until the worker answers), starts a :class:`CpuPool` on the ring the worker names, and then
-every ``heartbeat_s``: restarts any dead CPU process and sends a ``PoolHeartbeat`` (how many
-processes are alive). When the answer names another ring (the worker restarted), the pool moves
-to it. A worker that refuses the hello (another model, another exchange version, another pool
-size) is logged as one line and the service exits with status 2.
+until the worker answers, backing off from RETRY_S to MAX_RETRY_S), starts a :class:`CpuPool` on
+the ring the worker names, and then every heartbeat interval (the shorter of its own
+``heartbeat_s`` and the worker's): restarts any dead CPU process and sends a ``PoolHeartbeat``
+(how many processes are alive). When the answer names another ring (the worker restarted), the
+pool moves to it. A worker that refuses the hello with ``invalid_request`` (another model,
+another exchange version, another pool size) is logged as one line and the service exits with
+status 2; any other error answer is retried like silence.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from shared.bus import Bus
 from shared.config import from_env
 from shared.llama_shape import LlamaShape
 from shared.nats_auth import load_credentials
-from shared.schemas import RemoteError
+from shared.schemas import RemoteError, SchemaError
 from shared.schemas.cpu_prefill import PoolHeartbeat, PoolHello, PoolWelcome
 from shared.shm_exchange import VERSION, RingMismatchError
 
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 EXIT_REFUSED = 2
 REQUEST_TIMEOUT_S = 2.0
 RETRY_S = 0.5
+MAX_RETRY_S = 5.0
 
 
 class PoolRefusedError(RuntimeError):
@@ -49,8 +52,8 @@ class CpuPrefillService:
         self.bus: Bus | None = None
         self.pool: CpuPool | None = None
         self.welcome: PoolWelcome | None = None
-        self.heartbeat_s = 0.5
-        self.beats = 0
+        self.heartbeat_s = config.heartbeat_s
+        self.beats = 0  # heartbeats the worker answered
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> "CpuPrefillService":
@@ -91,22 +94,26 @@ class CpuPrefillService:
                           intermediate_size=shape.intermediate_size, num_heads=shape.num_heads,
                           num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
                           workers=self.config.cpu_prefill_workers)
-        deadline = time.monotonic() + self.config.hello_timeout_s
+        deadline, retry_s = time.monotonic() + self.config.hello_timeout_s, RETRY_S
         while True:
             try:
                 return await self.bus.request(subjects.cpu_prefill_hello(self.config.worker_id), hello, PoolWelcome,
                                               REQUEST_TIMEOUT_S)
             except RemoteError as exc:
-                log.error("cpu_prefill: refused by worker %s: %s", self.config.worker_id, exc.info.message)
-                raise SystemExit(EXIT_REFUSED) from None
-            except (nats.errors.NoRespondersError, nats.errors.TimeoutError, asyncio.TimeoutError):
-                if time.monotonic() > deadline:
-                    raise ConnectionError(f"worker {self.config.worker_id} did not answer the cpu_prefill hello "
-                                          f"within {self.config.hello_timeout_s:.0f} s") from None
-                await asyncio.sleep(RETRY_S)
+                if exc.info.code == "invalid_request":
+                    log.error("cpu_prefill: refused by worker %s: %s", self.config.worker_id, exc.info.message)
+                    raise SystemExit(EXIT_REFUSED) from None
+                log.warning("cpu_prefill: worker %s answered the hello with %s; retrying", self.config.worker_id, exc)
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError, asyncio.TimeoutError, SchemaError):
+                pass
+            if time.monotonic() > deadline:
+                raise ConnectionError(f"worker {self.config.worker_id} did not answer the cpu_prefill hello "
+                                      f"within {self.config.hello_timeout_s:.0f} s")
+            await asyncio.sleep(retry_s)
+            retry_s = min(2 * retry_s, MAX_RETRY_S)
 
     def _start_pool(self, welcome: PoolWelcome) -> None:
-        self.welcome, self.heartbeat_s = welcome, welcome.heartbeat_s
+        self.welcome, self.heartbeat_s = welcome, min(self.config.heartbeat_s, welcome.heartbeat_s)
         self.pool = CpuPool(welcome.ring, welcome.workers)
         try:
             self.pool.start()
@@ -122,19 +129,24 @@ class CpuPrefillService:
         assert self.bus is not None and self.pool is not None
         while True:
             await asyncio.sleep(self.heartbeat_s)
+            if self.pool.started and not self.pool.owner_alive():
+                log.warning("cpu_prefill: the worker process owning %s is gone; waiting for its successor's ring",
+                            self.pool.ring_name)
+                self.pool.close()
+                self.welcome = None  # only a heartbeat answer naming a new ring restarts the pool
             if not self.pool.started and self.welcome is not None:
                 self._start_pool(self.welcome)
             self.pool.restart_dead()
             beat = PoolHeartbeat(worker_id=self.config.worker_id, pid=os.getpid(), ring=self.pool.ring_name,
-                                 workers=self.pool.workers, alive=self.pool.alive(), jobs=self.beats)
+                                 workers=self.pool.workers, alive=self.pool.alive())
             try:
                 welcome = await self.bus.request(subjects.cpu_prefill_heartbeat(self.config.worker_id), beat,
                                                  PoolWelcome, REQUEST_TIMEOUT_S)
-            except (RemoteError, nats.errors.Error, asyncio.TimeoutError) as exc:
+            except (RemoteError, SchemaError, nats.errors.Error, asyncio.TimeoutError) as exc:
                 log.debug("cpu_prefill heartbeat unanswered: %s", exc)
                 continue
             self.beats += 1
-            if welcome.ring != self.pool.ring_name or welcome.workers != self.pool.workers:
+            if welcome.ring != self.pool.ring_name or welcome.workers != self.pool.workers or self.welcome is None:
                 log.info("cpu_prefill: worker %s moved to ring %s", self.config.worker_id, welcome.ring)
                 self.pool.close()
                 self._start_pool(welcome)

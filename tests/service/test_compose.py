@@ -77,6 +77,7 @@ def test_the_services_the_issue_asks_for(model):
                                       "cpu_prefill"}
     pool, worker = model["services"]["cpu_prefill"], model["services"]["gpu_worker"]
     assert pool["ipc"] == "service:gpu_worker"  # the worker's /dev/shm: its ring and adapter segments
+    assert pool["pid"] == "service:gpu_worker"  # the ring's owner pid means the same process to the pool
     assert pool["environment"]["CARASERVE_WORKER_ID"] == worker["environment"]["CARASERVE_WORKER_ID"]
     assert worker["environment"]["CARASERVE_COLD_START"] == "cpu_assist"
     assert "models" in model["volumes"]

@@ -70,7 +70,8 @@ class Profiler:
 
     def run(self) -> list[dict]:
         points = self.grid()
-        self._measure(GridPoint(4, [self.config.ranks[-1]] * 4), -1)  # warm-up
+        warm = min(4, max(self.config.batch_sizes))  # the engine holds at most the largest batch
+        self._measure(GridPoint(warm, [self.config.ranks[-1]] * warm), -1)  # warm-up
         passes: list[list[list[dict]]] = [[] for _ in points]  # point -> pass -> samples
         order = random.Random(self.config.seed + 1)
         done, total = 0, len(points) * self.config.repeats

@@ -51,6 +51,7 @@ class ExchangeStats:
     """Where exchange time goes: calls, the stall after the base GEMM, and copy-in/add time."""
 
     calls: int = 0
+    layers: int = 0  # (step, layer) pairs with at least one exchange
     overhead_s: float = 0.0  # copying in + waiting after the base GEMM + adding the deltas
     late: int = 0
 
@@ -64,6 +65,7 @@ class AssistExchange:
         self.workers = ring.geometry.num_cpu_workers
         self.stats = ExchangeStats()
         self._next_worker = 0
+        self._last_layer = -1
         self._posted: dict[tuple[int, str], tuple[list[Posted], float]] = {}
         self._quarantined: dict[int, tuple[Posted, float]] = {}  # slot -> (late job, release time)
         self._seq_on_device = (torch.zeros(ring.geometry.num_slots, dtype=torch.int32, device=device)
@@ -79,6 +81,8 @@ class AssistExchange:
 
     def start(self, layer: int, group: str, x: torch.Tensor, parts: list[ColdPart]) -> None:
         began = time.perf_counter()
+        if layer != self._last_layer:
+            self.stats.layers, self._last_layer = self.stats.layers + 1, layer
         posted = [self._post(layer, group, x, part) for part in parts]
         self.ring.ring_doorbell()
         self._posted[(layer, group)] = (posted, began)

@@ -17,6 +17,7 @@ disk-level cold start).
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 from services.gpu_worker.lora_plan import ExternalDeltas, ExternalSource
 from services.gpu_worker.residency.assist_exchange import AssistExchange
@@ -41,8 +42,10 @@ class CpuAssist:
     mode = "cpu_assist"
     preloads = False
 
-    def __init__(self, exchange: AssistExchange, health: PoolHealth, host_store: HostStore) -> None:
+    def __init__(self, exchange: AssistExchange, health: PoolHealth, host_store: HostStore,
+                 release_cores: Callable[[], None]) -> None:
         self.exchange, self.health, self.host_store = exchange, health, host_store
+        self.release_cores = release_cores
         self._free = list(range(exchange.ring.geometry.num_slots))
         self._open: dict[str, ExternalSource] = {}
         self.counts = AssistReport()
@@ -92,7 +95,9 @@ class CpuAssist:
     def report(self) -> AssistReport:
         c, x = self.counts, self.exchange.stats
         return AssistReport(c.assisted, c.fallbacks, c.cpu_layers, self.exchange.workers, self.health.alive(),
-                            self.health.healthy(), len(self._open), x.calls, round(x.overhead_s * 1e3, 3), x.late)
+                            self.health.healthy(), len(self._open), x.calls, x.layers, round(x.overhead_s * 1e3, 3),
+                            x.late)
 
     def shutdown(self) -> None:
         self.exchange.ring.close()
+        self.release_cores()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from services.gpu_worker.residency.host_store import HostStore
 from services.gpu_worker.residency.link import Link
 from services.gpu_worker.residency.pool_health import PoolHealth
 from services.gpu_worker.residency.tiered import TieredResidency
+from shared.core_split import host_cores, pool_cores, worker_cores
 from shared.llama_shape import LlamaShape
 from shared.shm_exchange import ExchangeRing, RingGeometry, remove_stale_segments, segment_prefix
 
@@ -84,6 +86,32 @@ def make_residency(config: ResidencyConfig, model: Model, worker_id: str = "loca
     return Built(residency, pool)
 
 
+@dataclass
+class CoreLease:
+    """This process runs on ``mine`` while the pool has ``pool``; :meth:`release` gives every core back."""
+
+    cores: list[int]
+    threads: int
+    mine: list[int]
+    pool: list[int]
+
+    @classmethod
+    def take(cls, pool_workers: int) -> "CoreLease":
+        """Restrict this process (and torch's threads) to the cores the pool does not take."""
+        cores = host_cores()
+        lease = cls(cores, torch.get_num_threads(), worker_cores(pool_workers, cores), pool_cores(pool_workers, cores))
+        if len(lease.mine) < len(cores):
+            os.sched_setaffinity(0, lease.mine)
+            torch.set_num_threads(max(1, min(lease.threads, len(lease.mine))))
+            log.info("cpu_assist: the worker keeps cores %s, its CPU prefill pool takes cores %s", lease.mine,
+                     lease.pool)
+        return lease
+
+    def release(self) -> None:
+        os.sched_setaffinity(0, self.cores)
+        torch.set_num_threads(self.threads)
+
+
 def _cpu_assist(config: ResidencyConfig, model: Model, worker_id: str, prefix: str,
                 store: HostStore) -> tuple[ColdStart, PoolHealth]:
     geometry = RingGeometry(model.shape, DTYPE_NAMES[model.dtype], model.max_tokens, config.assist_slots,
@@ -91,7 +119,8 @@ def _cpu_assist(config: ResidencyConfig, model: Model, worker_id: str, prefix: s
     ring = ExchangeRing.create(prefix, geometry, pin=torch.device(model.device).type == "cuda")
     c = tokens_per_core(config)
     exchange = AssistExchange(ring, c, config.assist_deadline_ms / 1e3, torch.device(model.device))
-    pool = PoolHealth(worker_id, ring.name, geometry)
+    lease = CoreLease.take(geometry.num_cpu_workers)
+    pool = PoolHealth(worker_id, ring.name, geometry, cores=lease.pool)
     log.info("cpu_assist: ring %s, %d slots of %d tokens, %d CPU workers, %d tokens per core", ring.name,
              geometry.num_slots, geometry.max_tokens, geometry.num_cpu_workers, c)
-    return CpuAssist(exchange, pool, store), pool
+    return CpuAssist(exchange, pool, store, lease.release), pool

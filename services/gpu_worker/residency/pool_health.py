@@ -27,8 +27,9 @@ class PoolHealth:
     """The pool's last heartbeat, as the worker sees it."""
 
     def __init__(self, worker_id: str, ring_name: str, geometry: RingGeometry, heartbeat_s: float = 0.5,
-                 clock=time.monotonic) -> None:
+                 clock=time.monotonic, cores: list[int] | None = None) -> None:
         self.worker_id, self.ring_name, self.geometry = worker_id, ring_name, geometry
+        self.cores = cores  # the cores the pool's processes should take (None: their own choice)
         self.heartbeat_s, self._clock = heartbeat_s, clock
         self._lock = threading.Lock()
         self._last = float("-inf")

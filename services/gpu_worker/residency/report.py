@@ -31,6 +31,7 @@ class AssistReport:
     pool_healthy: bool = False
     open_sources: int = 0
     exchange_calls: int = 0  # (layer, input group) exchanges with the pool
+    exchange_layers: int = 0  # (step, layer) pairs that had exchanges
     exchange_overhead_ms: float = 0.0  # their total copy-in + wait-after-the-GEMM + add time
     late: int = 0  # exchanges that missed their deadline
 

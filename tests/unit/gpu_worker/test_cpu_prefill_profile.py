@@ -90,14 +90,15 @@ def test_cli_adds_the_section_to_a_profile_made_here(tiny_model_dir, tmp_path, c
     assert tokens_per_core(ResidencyConfig(cold_start="on_demand", cpu_prefill_profile=str(out))) == c
 
 
+@pytest.mark.slow  # a real (small) full profile: about 30 s on two cores
 def test_cli_profiles_in_full_over_another_models_profile(tiny_model_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CARASERVE_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(profiler_mod, "ADAPTERS_PER_RANK", 2)
     out = tmp_path / "p.json"
     _profile(device_name=current_device_name("cpu"), model="Llama-2-7b", model_digest="0" * 16).save(out)
     argv = ["profile", "--model", str(tiny_model_dir), "--dtype", "float32", "--device", "cpu", "--out", str(out),
-            "--cpu-prefill", "--batch-sizes", "1", "2", "--ranks", "8", "--mixed-draws", "0", "--decode-steps", "1",
-            "--repeats", "2", "--prompt-min", "4", "--prompt-max", "8", "--no-cold-start"]
+            "--cpu-prefill", "--batch-sizes", "1", "2", "4", "--ranks", "8", "16", "--mixed-draws", "0",
+            "--decode-steps", "1", "--repeats", "1", "--prompt-min", "4", "--prompt-max", "8", "--no-cold-start"]
     assert cli.main(argv) == 0
     assert "profiling in full" in capsys.readouterr().err
     saved = PerfModel.load(out)

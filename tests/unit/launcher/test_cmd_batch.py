@@ -72,3 +72,26 @@ def test_unloadable_model_or_adapter_is_one_line(case, tiny_model_dir, bad_adapt
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.timeout(300)
+def test_cpu_assist_batch_starts_its_pool_and_says_how_prefills_got_their_deltas(batch_run, tiny_model_dir,
+                                                                                 tiny_adapters, tmp_path):
+    _, cached = batch_run
+    names = list(tiny_adapters)
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_lines(inp, [{"id": "a", "prompt_token_ids": [5, 6, 7, 8], "adapter": names[0], "max_tokens": 5,
+                       "temperature": 0, "ignore_eos": True},
+                      {"id": "b", "prompt": "hello world", "adapter": None, "max_tokens": 4, "temperature": 0,
+                       "ignore_eos": True}])
+    proc = caraserve("batch", "--model", str(tiny_model_dir), "--dtype", "float32", "--device", "cpu",
+                     "--backend", "mbgmv", "--cold-start", "cpu_assist", "--cpu-prefill-workers", "1",
+                     "--emulate-link-gbps", "0.00002", "--emulate-link-latency-ms", "300",
+                     *[f"--adapter={n}={p}" for n, p in tiny_adapters.items()], str(inp), str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "EMULATED host-to-device link" in proc.stderr
+    records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert records["a"]["token_ids"] == cached[0]["token_ids"]  # same greedy tokens as the cached run
+    assert records["a"]["prefill_lora"]["cpu_layers"] > 0 and records["a"]["prefill_lora"]["device_layers"] == 0
+    assert records["b"]["prefill_lora"] == {"cpu_layers": 0, "device_layers": 0, "waited_ms": 0.0}
+    assert set(cached[0]["prefill_lora"]) == {"cpu_layers", "device_layers", "waited_ms"}
