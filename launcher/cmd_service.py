@@ -57,7 +57,11 @@ def flag_environ(name: str, config_classes: tuple[type, ...], options: list[str]
         action.default = argparse.SUPPRESS  # only the flags actually given
     try:
         given = vars(parser.parse_args(options))
-    except (argparse.ArgumentError, SystemExit) as exc:
+    except SystemExit as exc:
+        if exc.code == 0:  # --help printed the service's flags
+            raise
+        raise CliError(f"caraserve service {name}: bad flags {' '.join(options)}") from None
+    except argparse.ArgumentError as exc:
         raise CliError(f"caraserve service {name}: {exc}") from None
     return {f"CARASERVE_{key.upper()}": _env_value(value) for key, value in given.items()}
 

@@ -400,15 +400,16 @@ class ExchangeRing:
         spin_until = time.monotonic() + spin_s
         words, w = self._slots[slot], self.geometry.num_cpu_workers
         while True:
-            missing = next((k for k in ((first_worker + j) % w for j in range(parts))
-                            if words[S_ACKS + k] != seq), None)
+            # the value seen is the one the futex waits on: an ack written after this read wakes it
+            missing = next(((k, seen) for k in ((first_worker + j) % w for j in range(parts))
+                            if (seen := int(words[S_ACKS + k])) != seq), None)
             if missing is None:
                 return True
             now = time.monotonic()
             if now >= deadline:
                 return False
             if now >= spin_until:
-                futex_wait(self._ack_address(slot, missing), int(words[S_ACKS + missing]), min(deadline - now, 0.05))
+                futex_wait(self._ack_address(slot, missing[0]), missing[1], min(deadline - now, 0.05))
 
     # ---- CPU worker side ----
     def doorbell(self) -> int:

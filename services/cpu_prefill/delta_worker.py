@@ -29,7 +29,7 @@ import torch
 
 from services.cpu_prefill.lora_slice import lora_slice
 from shared.llama_shape import INPUT_GROUPS
-from shared.shm_exchange import AdapterSegment, ExchangeRing, Job, RingMismatchError, adapter_segment_name
+from shared.shm_exchange import SHM_DIR, AdapterSegment, ExchangeRing, Job, RingMismatchError, adapter_segment_name
 
 log = logging.getLogger("caraserve.cpu_prefill.delta_worker")
 
@@ -37,6 +37,7 @@ SPIN_S = 0.002  # spin this long after work before blocking
 BLOCK_S = 0.2  # block at most this long between liveness checks
 RESCAN_S = 0.002  # after a doorbell, look for slots whose seq is not yet visible this long
 MAX_MAPPED_ADAPTERS = 64
+MAX_UNMAPPABLE = 1024  # adapter ids remembered as not mappable (each logged once)
 
 
 class DeltaWorker:
@@ -46,6 +47,7 @@ class DeltaWorker:
         self.ring, self.index = ring, index
         self.handled = [ring.seq(s) for s in range(ring.geometry.num_slots)]  # jobs posted before we came are stale
         self.adapters: OrderedDict[int, AdapterSegment] = OrderedDict()
+        self.unmappable: set[int] = set()  # logged already; still retried at each job (the store may add it)
         self.parent = os.getppid()
         self.stop = False
         self.jobs = 0
@@ -54,7 +56,10 @@ class DeltaWorker:
         bell = self.ring.doorbell()
         self.ring.mark_ready(self.index)
         while not self.stop and self._alive():
-            bell = self.ring.wait_doorbell(bell, SPIN_S, BLOCK_S)
+            rung = self.ring.wait_doorbell(bell, SPIN_S, BLOCK_S)
+            if rung == bell:  # idle: a moment to let go of what the worker's host store dropped
+                self._drop_unlinked()
+            bell = rung
             deadline = time.monotonic() + RESCAN_S
             while self._serve_slots() or time.monotonic() < deadline:
                 pass
@@ -110,12 +115,25 @@ class DeltaWorker:
         try:
             segment = AdapterSegment.attach(name)
         except (FileNotFoundError, RingMismatchError, ValueError) as exc:
-            log.warning("cpu worker %d: cannot map adapter segment %s: %s", self.index, name, exc)
+            if adapter_id not in self.unmappable:  # one line per adapter, not one per layer and group
+                log.warning("cpu worker %d: cannot map adapter segment %s (its jobs fall back): %s", self.index,
+                            name, exc)
+                if len(self.unmappable) >= MAX_UNMAPPABLE:
+                    self.unmappable.clear()
+                self.unmappable.add(adapter_id)
             return None
+        self.unmappable.discard(adapter_id)
         self.adapters[adapter_id] = segment
         while len(self.adapters) > MAX_MAPPED_ADAPTERS:
             self.adapters.popitem(last=False)[1].close()
         return segment
+
+    def _drop_unlinked(self) -> None:
+        """Unmap the adapter segments the worker unlinked (evicted from its host store): a mapping
+        would otherwise keep their memory alive until the LRU pushed them out."""
+        gone = [a for a, seg in self.adapters.items() if not os.path.exists(os.path.join(SHM_DIR, seg.name))]
+        for adapter_id in gone:
+            self.adapters.pop(adapter_id).close()
 
     def close(self) -> None:
         for segment in self.adapters.values():

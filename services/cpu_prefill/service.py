@@ -70,21 +70,26 @@ class CpuPrefillService:
 
     async def start(self, stack: contextlib.AsyncExitStack) -> None:
         wid = self.config.worker_id
+        shape = self._shape()
         self.bus = await Bus.open(self.config.nats_url, f"cpu-prefill-{wid}", stack, 1.0,
                                   load_credentials(self.config.nats_creds))
-        welcome = await self._hello(self._shape())
+        welcome = await self._hello(shape)
+        stack.callback(self._close_pool)  # before the start: a pool that fails half-way is closed too
         self._start_pool(welcome)
-        stack.callback(self._close_pool)
         task = asyncio.get_running_loop().create_task(self._heartbeats())
         stack.push_async_callback(_cancel, task)
 
     def _shape(self) -> LlamaShape:
-        """The geometry of the configured model (its config.json only; the weights stay with the worker)."""
-        if self.config.model != "default":
-            return LlamaShape.from_model_dir(self.config.model)
+        """The geometry of the configured model (its config.json only; the weights stay with the worker).
+        A model it cannot read is one error line and exit status 2, like a refusal."""
         from shared.model_store import resolve_model_dir
 
-        return LlamaShape.from_model_dir(resolve_model_dir(None))
+        try:
+            model_dir = self.config.model if self.config.model != "default" else resolve_model_dir(None)
+            return LlamaShape.from_model_dir(model_dir)
+        except (OSError, ValueError, KeyError) as exc:
+            log.error("cpu_prefill: cannot read the geometry of model %s: %s", self.config.model, exc)
+            raise SystemExit(EXIT_REFUSED) from None
 
     async def _hello(self, shape: LlamaShape) -> PoolWelcome:
         """Introduce the pool until the worker answers; exits the process if it refuses."""
@@ -133,7 +138,7 @@ class CpuPrefillService:
                 log.warning("cpu_prefill: the worker process owning %s is gone; waiting for its successor's ring",
                             self.pool.ring_name)
                 self.pool.close()
-                self.welcome = None  # only a heartbeat answer naming a new ring restarts the pool
+                self.welcome = None  # only an answer naming another ring (its successor's) restarts the pool
             if not self.pool.started and self.welcome is not None:
                 self._start_pool(self.welcome)
             self.pool.restart_dead()
@@ -146,7 +151,7 @@ class CpuPrefillService:
                 log.debug("cpu_prefill heartbeat unanswered: %s", exc)
                 continue
             self.beats += 1
-            if welcome.ring != self.pool.ring_name or welcome.workers != self.pool.workers or self.welcome is None:
+            if welcome.ring != self.pool.ring_name or welcome.workers != self.pool.workers:
                 log.info("cpu_prefill: worker %s moved to ring %s", self.config.worker_id, welcome.ring)
                 self.pool.close()
                 self._start_pool(welcome)
