@@ -56,7 +56,7 @@ def _compute_ms(x: torch.Tensor, weights: dict, repeats: int) -> float:
     for _ in range(repeats):
         start = time.perf_counter()
         for proj in PROJS:
-            lora_slice(x, *weights[(0, proj)], outs[proj])
+            lora_slice(x, *weights[(0, proj)], outs[proj], x.shape[0])
         times.append(time.perf_counter() - start)
     torch.set_num_threads(threads)
     return statistics.median(times[2:]) * 1e3

@@ -25,7 +25,7 @@
 
 namespace {
 
-constexpr int64_t kBlasThreshold = 32;  // segments at least this long use at::mm
+constexpr int64_t kBlasThreshold = 32;  // segments at least this long use at::mm (shared/native_ops.py BLAS_SEGMENT_TOKENS)
 
 struct Item {
   int64_t start;

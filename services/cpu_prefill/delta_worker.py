@@ -103,7 +103,7 @@ class DeltaWorker:
         for proj in INPUT_GROUPS[job.group]:
             pair = adapter.weights.get((job.layer, proj))
             if pair is not None:
-                lora_slice(x, pair[0], pair[1], self.ring.output_view(slot, proj, job.tokens)[start:end])
+                lora_slice(x, pair[0], pair[1], self.ring.output_view(slot, proj, job.tokens)[start:end], job.tokens)
         return True
 
     def _adapter(self, adapter_id: int) -> AdapterSegment | None:

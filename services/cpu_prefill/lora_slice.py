@@ -1,17 +1,32 @@
-"""The one op a CPU prefill worker runs: a token slice's LoRA delta, ``x @ A @ B``."""
+"""The one op a CPU prefill worker runs: a token slice's LoRA delta, ``x @ A @ B``.
+
+It computes as the CPU device path (``csrc/lora_cpu.cpp``) computes the same segment, so that a
+CPU-assisted prefill gives the tokens a device-resident one would: a segment of at least
+``BLAS_SEGMENT_TOKENS`` tokens goes through two GEMMs in the model dtype (``x @ A`` and the
+delta rounded to it); a shorter one runs in the native kernel itself, in float32, and is rounded
+once, when the worker adds it (plain torch in float32 where the kernel does not build).
+"""
 
 from __future__ import annotations
 
 import torch
 
+from shared.native_ops import BLAS_SEGMENT_TOKENS, cpu_lora_kernel
 
-def lora_slice(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+
+def lora_slice(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, segment_tokens: int) -> None:
     """``out = x @ A @ B`` for ``x: [n, in]``, ``A: [in, r]``, ``B: [r, out]`` (one dtype), written into
-    the float32 view ``out: [n, out]``. ``x @ A`` is rounded to the weights' dtype, as the device
-    path rounds it for prefill segments; ``(x @ A) @ B`` is accumulated and kept in float32, so the
-    worker rounds the delta once, when it adds it."""
-    low_rank = torch.mm(x, a)
-    torch.mm(low_rank.float(), b.float(), out=out)
+    the float32 view ``out: [n, out]``; ``segment_tokens``: the whole segment's length (``n`` is a slice of it)."""
+    if segment_tokens >= BLAS_SEGMENT_TOKENS:
+        out.copy_(torch.mm(torch.mm(x, a), b))
+        return
+    kernel = cpu_lora_kernel()
+    if kernel is None:
+        torch.mm(torch.mm(x.float(), a.float()), b.float(), out=out)
+        return
+    out.zero_()
+    rows = torch.tensor([[0, x.shape[0], 0]], dtype=torch.int64)
+    kernel.lora_segments_(out, x.float(), rows, [a.float()], [b.float()], 0)
 
 
 def lora_slice_reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ def test_lora_slice_matches_the_reference():
     for rank in (1, 8):
         x, a, b = torch.randn(5, 16, generator=gen), torch.randn(16, rank, generator=gen), torch.randn(rank, 24, generator=gen)
         out = torch.empty(5, 24)
-        lora_slice(x, a, b, out)
+        lora_slice(x, a, b, out, 5)
         assert torch.allclose(out, lora_slice_reference(x, a, b), atol=1e-5)
 
 

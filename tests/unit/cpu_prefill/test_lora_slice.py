@@ -6,22 +6,27 @@ import pytest
 import torch
 
 from services.cpu_prefill.lora_slice import lora_slice
+from shared.native_ops import BLAS_SEGMENT_TOKENS
 
 
-def reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``x @ A`` in the weights' dtype, then ``@ B`` in float32: how the device path rounds a prefill delta."""
-    return (x @ a).float() @ b.float()
+def reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, segment_tokens: int) -> torch.Tensor:
+    """How the CPU device path rounds a segment's delta: in the model dtype through BLAS for long
+    segments, in float32 for short ones (csrc/lora_cpu.cpp)."""
+    if segment_tokens >= BLAS_SEGMENT_TOKENS:
+        return (x @ a @ b).float()
+    return x.float() @ a.float() @ b.float()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rank", [1, 8])
-def test_lora_slice_writes_only_its_rows(dtype, rank):
+@pytest.mark.parametrize("segment_tokens", [5, BLAS_SEGMENT_TOKENS])
+def test_lora_slice_writes_only_its_rows(dtype, rank, segment_tokens):
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(7, 16, generator=gen).to(dtype)
     a, b = torch.randn(16, rank, generator=gen).to(dtype), torch.randn(rank, 24, generator=gen).to(dtype)
     area = torch.full((10, 24), float("nan"))
-    lora_slice(x[2:5], a, b, area[3:6])
-    assert torch.allclose(area[3:6], reference(x[2:5], a, b), rtol=1e-5, atol=1e-5)
+    lora_slice(x[2:5], a, b, area[3:6], segment_tokens)
+    assert torch.allclose(area[3:6], reference(x[2:5], a, b, segment_tokens), rtol=1e-5, atol=1e-5)
     assert area[:3].isnan().all() and area[6:].isnan().all()  # rows of other CPU workers untouched
 
 
@@ -29,5 +34,5 @@ def test_a_swapped_factor_is_not_the_delta():
     gen = torch.Generator().manual_seed(0)
     x, a, b = torch.randn(4, 8, generator=gen), torch.randn(8, 8, generator=gen), torch.randn(8, 8, generator=gen)
     out = torch.empty(4, 8)
-    lora_slice(x, b, a, out)
-    assert not torch.allclose(out, reference(x, a, b), atol=1e-3)
+    lora_slice(x, b, a, out, 4)
+    assert not torch.allclose(out, reference(x, a, b, 4), atol=1e-3)
