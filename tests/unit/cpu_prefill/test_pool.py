@@ -14,6 +14,8 @@ import uuid
 import pytest
 import torch
 
+from shared.native_ops import BLAS_SEGMENT_TOKENS
+
 from services.cpu_prefill.pool import STOP_GRACE_S, CpuPool
 from shared.llama_shape import INPUT_GROUPS, LlamaShape
 from shared.shm_exchange import (GROUP_IDS, AdapterSegment, ExchangeRing, RingGeometry, remove_stale_segments,
@@ -38,7 +40,10 @@ def adapter_weights(dtype: torch.dtype) -> dict:
 
 
 def reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (x @ a).float() @ b.float()
+    """The delta as the CPU device path rounds a segment of ``x``'s length (see lora_slice)."""
+    if x.shape[0] >= BLAS_SEGMENT_TOKENS:
+        return (x @ a @ b).float()
+    return x.float() @ a.float() @ b.float()
 
 
 def shm_names(worker_id: str) -> list[str]:
