@@ -69,7 +69,7 @@ def _with_pool(shape: LlamaShape, rank: int, workers: int, lengths: tuple[int, .
     pool = CpuPool(ring.name, workers)
     try:
         pool.start()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300  # a fresh host builds the native kernel first
         while pool.alive() < workers:
             if time.monotonic() > deadline:
                 raise RuntimeError("the CPU pool did not start")

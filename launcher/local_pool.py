@@ -17,7 +17,7 @@ from services.gpu_worker.residency.pool_health import PoolHealth
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 0.1
-READY_TIMEOUT_S = 60.0
+READY_TIMEOUT_S = 300.0  # a fresh host builds the native kernel first
 
 
 class LocalPool:

@@ -29,6 +29,7 @@ import torch
 
 from services.cpu_prefill.lora_slice import lora_slice
 from shared.llama_shape import INPUT_GROUPS
+from shared.native_ops import cpu_lora_kernel
 from shared.shm_exchange import SHM_DIR, AdapterSegment, ExchangeRing, Job, RingMismatchError, adapter_segment_name
 
 log = logging.getLogger("caraserve.cpu_prefill.delta_worker")
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.core is not None:
         os.sched_setaffinity(0, {args.core})
     torch.set_num_threads(1)
+    cpu_lora_kernel()  # built or loaded before this process says it is ready, not at its first job
     try:
         ring = ExchangeRing.attach(args.ring)
     except (FileNotFoundError, RingMismatchError) as exc:

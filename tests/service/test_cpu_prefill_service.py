@@ -23,7 +23,7 @@ from shared.schemas import SubmitAck, WorkerState
 from tests.service.test_gpu_worker_service import Inbox, _no_exit, submit_for
 from tests.service.helpers import wait_until
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(420)
 
 
 async def start_assisted_worker(nats_server, stack, model_dir, adapters, worker_id) -> GpuWorkerService:

@@ -36,7 +36,7 @@ def _adapter(rank: int) -> dict:
 
 
 def _wait_ready(pool: CpuPool, workers: int) -> None:
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300  # a fresh host builds the native kernel first
     while pool.alive() < workers:
         assert time.monotonic() < deadline, "the pool did not start"
         time.sleep(0.05)
@@ -49,7 +49,7 @@ def _exchange(ring: ExchangeRing, layer: int, group: str, x: torch.Tensor, parts
     return ring.wait_done(0, seq, parts, 0, time.monotonic() + deadline_s)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(420)
 def test_a_pool_computes_every_group_and_survives_a_sigkill():
     worker_id = f"p{uuid.uuid4().hex[:8]}"
     ring = ExchangeRing.create(segment_prefix(worker_id), RingGeometry(SHAPE, "float32", 16, 1, 2))
@@ -87,7 +87,7 @@ def test_a_pool_computes_every_group_and_survives_a_sigkill():
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"caraserve-{worker_id}-")]
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(420)
 def test_the_exchange_microbench_reports_both_pool_sizes():
     report = run_microbench(SHAPE, rank=4, lengths=(8, 32), repeats=4)
     for row in report["by_prompt_length"].values():

@@ -21,7 +21,7 @@ from shared.llama_shape import INPUT_GROUPS, LlamaShape
 from shared.shm_exchange import (GROUP_IDS, AdapterSegment, ExchangeRing, RingGeometry, remove_stale_segments,
                                  segment_prefix)
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(420)
 
 SHAPE = LlamaShape(num_layers=2, hidden_size=16, intermediate_size=32, num_heads=4, num_kv_heads=2, head_dim=4)
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -50,7 +50,7 @@ def shm_names(worker_id: str) -> list[str]:
     return [n for n in os.listdir("/dev/shm") if n.startswith(f"caraserve-{worker_id}-")]
 
 
-def wait_for(predicate, timeout_s: float = 60.0) -> None:
+def wait_for(predicate, timeout_s: float = 300.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
