@@ -347,6 +347,10 @@ class ExchangeRing:
     def owner_pid(self) -> int:
         return int(self._header[H_OWNER])
 
+    def owner_alive(self) -> bool:
+        """Whether the process that created the ring (its gpu_worker) still runs."""
+        return _pid_alive(self.owner_pid)
+
     def close(self) -> None:
         """Drop the views, unmap and (creator only) unlink. Idempotent."""
         if self._segment.closed:

@@ -67,15 +67,7 @@ class DeltaWorker:
         self.close()
 
     def _alive(self) -> bool:
-        if os.getppid() != self.parent:
-            return False
-        try:
-            os.kill(self.ring.owner_pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        return True
+        return os.getppid() == self.parent and self.ring.owner_alive()
 
     def _serve_slots(self) -> bool:
         """Compute every new job of every slot; True if there was one."""

@@ -65,15 +65,7 @@ class CpuPool:
     def owner_alive(self) -> bool:
         """Whether the ring's owner (the gpu_worker) still runs; False before :meth:`start`. A worker
         killed with SIGKILL leaves its ring behind: the pool must not keep restarting processes on it."""
-        if self._ring is None:
-            return False
-        try:
-            os.kill(self._ring.owner_pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass  # alive, run by another user
-        return True
+        return self._ring is not None and self._ring.owner_alive()
 
     def alive(self) -> int:
         """Processes running and attached to the ring (each marked itself ready with its pid)."""
