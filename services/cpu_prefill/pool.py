@@ -9,7 +9,6 @@ reports it to its in-process engine directly.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import sys

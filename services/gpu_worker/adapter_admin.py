@@ -24,9 +24,8 @@ import logging
 from nats.aio.msg import Msg
 
 from services.gpu_worker.residency.protocol import AdapterResidency
-
 from shared import subjects
-from shared.adapter_registry import AdapterNotFoundError, AdapterRecord, RegistryError
+from shared.adapter_registry import AdapterNotFoundError, RegistryError
 from shared.bus import Bus
 from shared.peft_adapter import AdapterError
 from shared.schemas import AdapterList, AdapterListRequest, AdapterLoad, AdapterUnload, ServiceError
