@@ -15,7 +15,6 @@ A service that dies before the stack is ready still fails :meth:`LocalStack.star
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -36,12 +35,12 @@ from launcher.supervisor import Supervisor
 from services.gpu_worker.residency.config import COLD_START_MODES
 from shared.backends import BACKENDS
 from shared.config import check_choice, option, require
+from shared.parent_death import die_with_parent
 from shared.nats_server import NatsServer, NatsServerConfig
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("rank_aware", "least_loaded", "random", "round_robin", "first_fit", "adapter_affinity")
-PR_SET_PDEATHSIG = 1
 ADMIN_TENANT = "admin"  # the launcher's per-run key belongs to this tenant (an admin tenant of the gateway)
 
 
@@ -85,12 +84,6 @@ class StackConfig:
         require(self.ready_timeout_s > 0, "ready_timeout_s must be > 0")
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: ask the kernel to SIGTERM this child when the launcher dies."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 class ServiceProcess:
     """One ``caraserve service NAME`` child; :meth:`start` (re)launches it with the same settings."""
 
@@ -103,7 +96,7 @@ class ServiceProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "launcher.cli", "--log-level", "INFO", "service", self.service],
                 env=self.env, stdout=log_out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=_die_with_parent)
+                start_new_session=True, preexec_fn=die_with_parent(signal.SIGTERM))
 
     def poll(self) -> int | None:
         assert self.proc is not None

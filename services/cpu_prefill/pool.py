@@ -15,19 +15,13 @@ import sys
 from pathlib import Path
 
 from shared.core_split import host_cores, pool_cores
+from shared.parent_death import die_with_parent
 from shared.shm_exchange import ExchangeRing, RingMismatchError
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
 STOP_GRACE_S = 3.0
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGKILL when the pool's process dies (Linux prctl PR_SET_PDEATHSIG)."""
-    import ctypes
-
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
 
 
 class CpuPool:
@@ -42,7 +36,7 @@ class CpuPool:
     def _spawn(self, index: int) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "services.cpu_prefill.delta_worker", "--ring", self.ring_name,
                "--index", str(index), "--core", str(self.cores[index])]
-        return subprocess.Popen(cmd, cwd=ROOT, preexec_fn=_die_with_parent)
+        return subprocess.Popen(cmd, cwd=ROOT, preexec_fn=die_with_parent(signal.SIGKILL))
 
     def start(self) -> None:
         """Start the processes (FileNotFoundError / RingMismatchError if the ring is not there)."""

@@ -316,7 +316,7 @@ class GpuWorkerService:
         assert self.engine is not None
         if self.engine.pool is None:
             return None
-        a = self.engine.residency.report().assist
+        a = self.engine.residency.assist_report()
         return AssistState(assisted=a.assisted, fallbacks=a.fallbacks, cpu_layers=a.cpu_layers,
                            pool_workers=a.pool_workers, pool_alive=a.pool_alive, pool_healthy=a.pool_healthy)
 

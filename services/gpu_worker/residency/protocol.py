@@ -14,7 +14,7 @@ from typing import Protocol
 
 from services.gpu_worker.lora_plan import ExternalDeltas, ExternalSource
 from services.gpu_worker.residency.cold_start import Admit
-from services.gpu_worker.residency.report import ResidencyReport
+from services.gpu_worker.residency.report import AssistReport, ResidencyReport
 from shared.adapter_registry import AdapterRecord
 from shared.peft_adapter import LoraAdapter
 from shared.schemas.adapters import AdapterInfo
@@ -94,6 +94,9 @@ class AdapterResidency(Protocol):
 
     def report(self) -> ResidencyReport:
         """Tiers, budgets, counters and the CPU pool."""
+
+    def assist_report(self) -> AssistReport:
+        """CPU-assisted prefill alone (cheap: for every worker state)."""
 
     def close(self) -> None:
         """Stop loads and release shared memory."""

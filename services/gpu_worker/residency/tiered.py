@@ -41,7 +41,7 @@ from services.gpu_worker.residency.device_cache import DeviceCache
 from services.gpu_worker.residency.host_store import HostStore
 from services.gpu_worker.residency.config import ResidencyConfig
 from services.gpu_worker.residency.metrics import ResidencyCounters
-from services.gpu_worker.residency.report import AdapterResidencyInfo, ResidencyReport
+from services.gpu_worker.residency.report import AdapterResidencyInfo, AssistReport, ResidencyReport
 from shared.adapter_registry import AdapterNotFoundError, AdapterRecord, AdapterRegistry, RegistryError, check_name
 from shared.llama_shape import LlamaShape
 from shared.peft_adapter import AdapterError, LoraAdapter, validate_adapter
@@ -394,6 +394,11 @@ class TieredResidency:
         """Every registered adapter with its tier, for ``WorkerState.adapters``."""
         with self._lock:
             return [AdapterInfo(r.name, r.rank, self.level(r.name), r.pinned) for r in self.registry.records()]
+
+    def assist_report(self) -> AssistReport:
+        """CPU-assisted prefill alone, without the per-adapter walk of :meth:`report`."""
+        with self._lock:
+            return self.cold_start.report()
 
     def report(self) -> ResidencyReport:
         """Tiers, budgets, counters, the link and the CPU pool, for worker metrics and benches."""
