@@ -1,4 +1,9 @@
-"""`caraserve profile`: measure the engine's batched LoRA steps here and fit the perf model."""
+"""`caraserve profile`: measure the engine's batched LoRA steps here and fit the perf model.
+
+Without ``--out`` the profile goes to the profile cache (``~/.cache/caraserve/profiles/``),
+where workers look for it at start: ``--backend auto`` (the default) makes one per kernel
+family, and a full profile replaces the quick one (``--quick``) a worker made for itself.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import os
 import sys
 
 from launcher.cli import CliError
-from shared.backends import BACKENDS
+from shared.backends import AUTO, BACKEND_CHOICES, BACKENDS
 from shared.config import ConfigError, add_arguments, from_namespace
 
 
@@ -17,11 +22,17 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("profile", help="profile decode/prefill steps and fit the performance model")
     p.add_argument("--model", default="default", help="HF Llama directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--backend", default="bgmv", choices=BACKENDS, help="kernel family to profile")
+    p.add_argument("--backend", default=AUTO, choices=BACKEND_CHOICES,
+                   help="kernel family to profile; auto: both (into the profile cache)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0: one per core)")
-    p.add_argument("--out", required=True, help="profile JSON to write")
+    p.add_argument("--out", default="", help="profile JSON to write (default: the profile cache, with the "
+                                             "cpu_prefill section, where workers find it)")
+    p.add_argument("--quick", action="store_true",
+                   help="the quick grid a worker runs at start (replaces the grid flags); marks the profile quick")
+    p.add_argument("--if-missing", action="store_true",
+                   help="into the cache: skip a family whose profile is already there (workers use this)")
     p.add_argument("--add-cold-starts", metavar="PROFILE", default=None,
                    help="measure only the cold starts and add them to this existing profile (made here, for this "
                         "model and backend); its decode and prefill samples and fits are kept")
@@ -42,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = from_namespace(ProfileConfig, args)
+        config = config.quick() if args.quick else config
+        if args.out and args.backend == AUTO:
+            raise ConfigError("--backend auto profiles both families into the profile cache; "
+                              "give --backend bgmv or mbgmv with --out")
         engine_config = EngineConfig(backend=args.backend, dtype=args.dtype, device=args.device,
                                      max_batch_size=max(config.batch_sizes), kv_cache_bytes=1 << 30,
                                      num_threads=args.num_threads)
@@ -56,9 +71,10 @@ def run(args: argparse.Namespace) -> int:
             if stages:
                 print(file=sys.stderr)  # a new stage starts on a new line
             stages.append(stage)
-        print(f"\rprofiling {args.backend} {stage}: {done}/{total} grid points", end="", file=sys.stderr,
-              flush=True)
+        print(f"\rprofiling {stage}: {done}/{total} grid points", end="", file=sys.stderr, flush=True)
 
+    if not args.out:
+        return into_cache(args, model_dir, engine_config, config, progress)
     try:
         model = starting_profile(args, model_dir, engine_config, config, progress)
         if args.cpu_prefill:
@@ -68,6 +84,41 @@ def run(args: argparse.Namespace) -> int:
     print(file=sys.stderr)
     model.save(args.out)
     print(json.dumps(summary(args.out, model), indent=1))
+    return 0
+
+
+def into_cache(args: argparse.Namespace, model_dir, engine_config, config, progress) -> int:
+    """Profile each asked family into the profile cache, with the cpu_prefill section; each
+    family's key is locked meanwhile, so workers sharing this host wait instead of profiling too."""
+    import contextlib
+
+    from services.gpu_worker.profiling.cpu_prefill import measure_tokens_per_core
+    from services.gpu_worker.profiling.profile_cache import ProfileKey, model_digest
+    from services.gpu_worker.profiling.profiler import profile_backends
+    from shared.perf_model import ProfileError, current_device_name
+
+    device_name = current_device_name(engine_config.resolved_device())
+    keys = {b: ProfileKey(model_digest(model_dir), device_name, engine_config.dtype, b)
+            for b in (BACKENDS if args.backend == AUTO else (args.backend,))}
+    with contextlib.ExitStack() as locks:
+        for key in keys.values():  # always in BACKENDS order: no two makers deadlock
+            locks.enter_context(key.lock())
+        wanted = tuple(b for b, key in keys.items() if not (args.if_missing and key.load()))
+        if not wanted:
+            print(json.dumps({"cached": [str(key.path) for key in keys.values()]}, indent=1))
+            return 0
+        try:
+            models = profile_backends(model_dir, engine_config, config, wanted, progress,
+                                      grid="quick" if args.quick else "full")
+            cpu = measure_tokens_per_core(model_dir, engine_config, progress=progress)
+        except ProfileError as exc:
+            raise CliError(str(exc)) from None
+        print(file=sys.stderr)
+        out = []
+        for backend, model in models.items():
+            model.with_cpu_prefill(cpu).save(keys[backend].path)
+            out.append(summary(str(keys[backend].path), model.with_cpu_prefill(cpu)))
+    print(json.dumps(out, indent=1))
     return 0
 
 
@@ -92,7 +143,7 @@ def starting_profile(args: argparse.Namespace, model_dir, engine_config, config,
 def profile_made_here(path: str, model_dir, engine_config):
     """The profile at ``path`` when it was made on this device for this model and backend, else None
     (no file, not a profile, or another model's: then a full profile replaces it)."""
-    from services.gpu_worker.profiling.profiler import model_digest
+    from services.gpu_worker.profiling.profile_cache import model_digest
     from shared.perf_model import PerfModel, ProfileError, current_device_name
 
     if not os.path.isfile(path):
@@ -100,7 +151,7 @@ def profile_made_here(path: str, model_dir, engine_config):
     try:
         return PerfModel.load(path, expect_model_digest=model_digest(model_dir),
                               expect_device=current_device_name(engine_config.resolved_device()),
-                              expect_backend=engine_config.backend)
+                              expect_backend=engine_config.starting_backend())
     except ProfileError as exc:
         print(f"{exc}; profiling in full", file=sys.stderr)
         return None
@@ -110,7 +161,7 @@ def summary(out: str, model) -> dict:
     """What `caraserve profile` prints: where the profile went and how well each phase fits."""
     phases = {"decode": model.decode, "prefill": model.prefill,
               **{f"cold_{level}": cost for level, cost in model.cold_start.items()}}
-    return {"out": out, "backend": model.info.backend, "device": model.info.device_name,
+    return {"out": out, "backend": model.info.backend, "grid": model.info.grid, "device": model.info.device_name,
             "samples": len(model.samples), "cold_start_link": model.info.cold_start_link,
             **{name: {"terms": list(cost.terms), "r2_holdout": cost.r2_holdout} for name, cost in phases.items()},
             **({"cpu_prefill": model.cpu_prefill.to_dict()} if model.cpu_prefill else {})}

@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         run_service(start)
-    except ConnectionError as exc:  # NATS unreachable past the connect deadline
+    except (ConnectionError, ConfigError) as exc:  # NATS unreachable past the connect deadline; a refused setting
         raise CliError(str(exc)) from exc
     return 0
 

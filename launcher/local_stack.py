@@ -30,10 +30,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launcher.metrics_ports import metrics_ports
 from launcher.stack_credentials import StackCredentials
 from launcher.supervisor import Supervisor
 from services.gpu_worker.residency.config import COLD_START_MODES
-from shared.backends import BACKENDS
+from shared.backends import BACKEND_CHOICES
 from shared.config import check_choice, option, require
 from shared.parent_death import die_with_parent
 from shared.nats_server import NatsServer, NatsServerConfig
@@ -58,14 +59,18 @@ class StackConfig:
     schedulers: int = option(1, "number of scheduler replicas (one NATS queue group)")
     model: str = option("default", "HF Llama directory, or 'default' for SmolLM2-135M-Instruct")
     adapter_dir: str = option("", "adapter root (each subdirectory a PEFT adapter); default: demo adapters")
-    policy: str = option("least_loaded", "scheduler routing policy", POLICIES)
-    profile: str = option("", "performance profile JSON for rank_aware")
-    backend: str = option("bgmv", "multi-LoRA kernel family", BACKENDS)
-    cold_start: str = option("cached", "adapter cold-start mode (cpu_assist starts a CPU prefill pool per worker)",
-                             COLD_START_MODES)
+    policy: str = option("rank_aware", "scheduler routing policy", POLICIES)
+    profile: str = option("", "reference profile JSON for workers whose own profile is pending (each worker "
+                              "finds or makes its own)")
+    backend: str = option("auto", "multi-LoRA kernel family; auto: the one each worker's profile predicts faster",
+                          BACKEND_CHOICES)
+    cold_start: str = option("cpu_assist", "adapter cold-start mode (cpu_assist starts a CPU prefill pool per "
+                                           "worker)", COLD_START_MODES)
     cpu_prefill_workers: int = option(0, "cpu_assist: CPU processes per worker's pool; 0 = half the cores, 1 to 4")
     emulate_link_gbps: float = option(0.0, "CPU-only hosts: EMULATED host-to-device GB/s for adapter loads (0: off)")
     emulate_link_latency_ms: float = option(0.0, "CPU-only hosts: EMULATED latency of each adapter load (ms)")
+    metrics_port: int = option(0, "serve Prometheus /metrics: the gateway's on this port, worker i's on "
+                                  "PORT+1+i (0 = off)")
     ready_timeout_s: float = option(600.0, "how long to wait for every service to be ready")
     run_dir: str = option("", "where service logs go (default: a new temporary directory)")
     nats_client_creds: tuple[str, ...] = option((), "write NATS API client credentials to these files "
@@ -80,8 +85,9 @@ class StackConfig:
         check_choice("policy", self.policy, POLICIES)
         check_choice("cold_start", self.cold_start, COLD_START_MODES)
         require(0 <= self.cpu_prefill_workers <= 256, "cpu_prefill_workers must be in [0, 256]")
-        require(self.policy != "rank_aware" or bool(self.profile), "policy rank_aware needs --profile")
         require(self.ready_timeout_s > 0, "ready_timeout_s must be > 0")
+        require(self.metrics_port == 0 or 0 < self.metrics_port + self.workers <= 65535,
+                "metrics_port must be 0 (off) or leave a port for each worker above it")
 
 
 class ServiceProcess:
@@ -137,6 +143,7 @@ class LocalStack:
         self._own_run_dir = not config.run_dir
         self.run_dir = Path(config.run_dir or tempfile.mkdtemp(prefix="caraserve-up-"))
         self.http_port = config.http_port
+        self.metrics_ports = metrics_ports(config.metrics_port, config.workers)  # service name -> /metrics port
         self.model_dir: Path | None = None
         self.adapter_dir: Path | None = None
         self.creds: StackCredentials | None = None
@@ -205,6 +212,8 @@ class LocalStack:
                     "CARASERVE_HEALTH_DIR": str(self.run_dir),
                     "CARASERVE_NAME": name, "OTEL_SERVICE_NAME": env.get("OTEL_SERVICE_NAME", f"caraserve-{name}")})
         env.update({k: str(v) for k, v in self.config.extra_env.items()})
+        if name in self.metrics_ports:
+            env["CARASERVE_METRICS_PORT"] = str(self.metrics_ports[name])
         return env
 
     def _scheduler_env(self, index: int) -> dict[str, str]:
@@ -250,15 +259,27 @@ class LocalStack:
         process.start()
 
     def wait_ready(self) -> None:
-        """Block until the gateway answers /health with every worker live."""
+        """Block until the gateway answers /health with every worker live and, in cpu_assist mode, its CPU
+        prefill pool attached."""
         deadline = time.monotonic() + self.config.ready_timeout_s
         while time.monotonic() < deadline:
             self._check_alive()
             health = self.health()
-            if health.get("status") == "ok" and len(health.get("workers", [])) >= self.config.workers:
+            if health.get("status") == "ok" and len(health.get("workers", [])) >= self.config.workers and all(
+                    w["cpu_prefill"] != "unhealthy" for w in health.get("worker_info", {}).values()):
                 return
             time.sleep(0.25)
         raise StackError(f"the stack was not ready within {self.config.ready_timeout_s:.0f} s (logs: {self.run_dir})")
+
+    def profile_progress(self) -> str:
+        """The latest profiling progress line of any worker's log ("" when none yet)."""
+        latest = ""
+        for name, service in self.services.items():
+            if name.startswith("gpu_worker-"):
+                for line in service.log_tail(40).splitlines():
+                    if "profile: " in line:
+                        latest = f"{name}: {line.split('profile: ', 1)[1]}"
+        return latest
 
     def health(self) -> dict:
         try:

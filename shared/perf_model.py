@@ -43,6 +43,7 @@ Profile JSON schema (``caraserve.profile/1``)::
       "synthetic": bool,                # optional: true for made-up profiles
       "cold_start_link": str,           # optional: how cold-start loads reached the device
                                         # (e.g. "EMULATED link: 16 GB/s, 0.5 ms per load")
+      "grid": "full" | "quick",         # optional (default full): quick = a worker's start-up grid
       "decode":  {"terms": [str], "coef": [float], "r2_holdout": float,   # null: undefined
                   "r2_train": float, "n_train": int, "n_holdout": int,   # r2_holdout: k-fold CV
                   "dropped_terms": [str]},
@@ -83,6 +84,7 @@ from shared.batch_stats import BatchStats, BatchStatsError
 from shared.levels import LEVELS, Level
 
 SCHEMA = "caraserve.profile/1"
+GRIDS = ("full", "quick")
 PHASES = ("decode", "prefill", "cold_host", "cold_disk")
 COLD_LEVELS = (Level.HOST.value, Level.DISK.value)  # the levels a load starts from
 TERMS = ("const", "requests", "batch_max_rank", "sum_rank", "tokens", "tokens_max_rank",
@@ -350,10 +352,13 @@ class ProfileInfo:
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     synthetic: bool = False
     cold_start_link: str = ""  # how the cold-start samples' loads reached the device
+    grid: str = "full"  # "quick": a worker's start-up grid, superseded by a full `caraserve profile`
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ProfileError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.grid not in GRIDS:
+            raise ProfileError(f"grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
 
 
 CPU_PREFILL_INTS = ("tokens_per_core", "rank", "tokens")
@@ -463,6 +468,36 @@ class PerfModel:
             return 0.0
         return cost.cost_of(1, rank, rank, tokens, tokens * rank, tokens * tokens, 1)
 
+    def cold_us(self, rank: int, tokens: int, level: str, assist_cores: int = 0) -> float:
+        """Extra prefill latency of one request whose adapter sits at ``level`` on a worker whose
+        CPU-assisted prefill pool has ``assist_cores`` healthy cores (0: no pool).
+
+        A host-level adapter on an assisting worker is priced as assisted (:meth:`assisted_us`,
+        when this profile has a cpu_prefill section), otherwise as the load it waits for; a
+        disk-level adapter waits for its host copy either way.
+        """
+        if level == Level.HOST and assist_cores > 0 and self.cpu_prefill is not None:
+            return self.assisted_us(rank, tokens, assist_cores)
+        return self.cold_start_us(rank, tokens, level)
+
+    def assisted_us(self, rank: int, tokens: int, cores: int) -> float:
+        """Extra prefill latency of a CPU-assisted cold start, from the cpu_prefill section.
+
+        The pool splits the ``tokens`` over ``k = min(cores, ceil(tokens / c))`` cores; per
+        layer a core then takes ``core_ms * ceil(tokens / k) / t0 * rank / r0`` against the
+        device's ``layer_ms * tokens / t0`` (``t0``, ``r0``: the measured point). The prefill
+        is stretched by the CPU's excess over the device, so the extra time is the request's
+        solo prefill times ``max(0, cpu / device - 1)``; 0 while the pool keeps pace.
+        """
+        cpu = self.cpu_prefill
+        if cpu is None or cores < 1 or tokens < 1:
+            raise ProfileError("assisted_us needs a cpu_prefill section, cores >= 1 and tokens >= 1")
+        k = min(cores, -(-tokens // cpu.tokens_per_core))
+        core_layer = cpu.core_ms * -(-tokens // k) / cpu.tokens * rank / cpu.rank
+        device_layer = cpu.layer_ms * tokens / cpu.tokens
+        excess = max(0.0, core_layer / device_layer - 1.0)
+        return excess * self.prefill.cost_of(1, rank, rank, tokens, tokens * rank, tokens * tokens, 1)
+
     def no_lora_tpt_us(self, batch: int, prompt_tokens: float, output_tokens: float) -> float:
         """Steady-state time per output token of the base model (rank 0) at a full ``batch``.
 
@@ -534,7 +569,7 @@ class PerfModel:
         """Write the profile JSON atomically."""
         tmp = f"{os.fspath(path)}.tmp"
         with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(self.to_dict(), fh, indent=1)
+            fh.write(self.to_text())
         os.replace(tmp, path)
 
     @classmethod
@@ -549,8 +584,11 @@ class PerfModel:
         link = d.get("cold_start_link", "")
         if not isinstance(link, str):
             raise ProfileError(f"{where}: field 'cold_start_link' must be a string")
+        grid = d.get("grid", "full")
+        if not isinstance(grid, str):
+            raise ProfileError(f"{where}: field 'grid' must be a string")
         info = ProfileInfo(**{k: d[k] for k in info_keys}, synthetic=bool(d.get("synthetic", False)),
-                           cold_start_link=link)
+                           cold_start_link=link, grid=grid)
         cold_raw = d.get("cold_start") or {}
         if not isinstance(cold_raw, Mapping):
             raise ProfileError(f"{where}: cold_start must be an object")
@@ -564,18 +602,31 @@ class PerfModel:
                    LinearCost.from_dict(d.get("prefill"), f"{where}: prefill"), cold, samples, cpu)
 
     @classmethod
+    def from_text(cls, text: str, where: str = "profile") -> "PerfModel":
+        """Parse a profile's JSON text."""
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ProfileError(f"{where}: invalid JSON ({exc})") from exc
+        return cls.from_dict(raw, where)
+
+    def to_text(self) -> str:
+        """The profile's JSON text, as :meth:`save` writes it."""
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
     def load(cls, path: str | os.PathLike, expect_model: str | None = None, expect_device: str | None = None,
              expect_model_digest: str | None = None, expect_backend: str | None = None) -> "PerfModel":
         """Read a profile; refuse one made for another model, device (``device_name``) or backend."""
         where = os.fspath(path)
         try:
             with open(path, encoding="utf-8") as fh:
-                raw = json.load(fh)
+                text = fh.read()
         except OSError as exc:
             raise ProfileError(f"cannot read profile {where}: {exc.strerror or exc}") from exc
-        except json.JSONDecodeError as exc:
-            raise ProfileError(f"{where}: invalid JSON ({exc})") from exc
-        model = cls.from_dict(raw, where)
+        except UnicodeDecodeError as exc:
+            raise ProfileError(f"{where}: not UTF-8 text ({exc.reason})") from exc
+        model = cls.from_text(text, where)
         model.check(expect_model, expect_device, expect_model_digest, expect_backend, where)
         return model
 

@@ -7,6 +7,7 @@
 | ``route`` | scheduler (queue group) | RouteRequest -> RouteReply |
 | ``worker.<id>.submit`` | the worker ``<id>`` | WorkerSubmit -> SubmitAck |
 | ``worker.<id>.cancel`` | the worker ``<id>`` | CancelRequest |
+| ``worker.<id>.profile`` | the worker ``<id>`` | ProfileRequest -> ProfileReply |
 | ``state.<id>`` | published by the worker ``<id>`` | WorkerState |
 | ``adapters.load`` / ``.unload`` / ``.list`` | workers | AdapterLoad / AdapterUnload / AdapterListRequest |
 
@@ -73,6 +74,11 @@ def worker_submit(worker_id: str) -> str:
 def worker_cancel(worker_id: str) -> str:
     """The subject on which worker ``worker_id`` accepts CancelRequest messages."""
     return f"{PREFIX}.worker.{check_worker_id(worker_id)}.cancel"
+
+
+def worker_profile(worker_id: str) -> str:
+    """The subject on which worker ``worker_id`` answers ProfileRequest with its profile."""
+    return f"{PREFIX}.worker.{check_worker_id(worker_id)}.profile"
 
 
 def worker_all(worker_id: str) -> str:

@@ -12,7 +12,9 @@ Configuration comes from the standard environment variables:
 Export is OTLP over HTTP/protobuf. With no endpoint configured (or the exporter set to
 ``none``) the service gets the API's no-op tracer and meter, so instrumentation costs a
 function call. Each service builds its own providers (not the global ones), so several
-services in one process keep distinct ``service.name`` resources.
+services in one process keep distinct ``service.name`` resources. A service that serves
+Prometheus text passes a :class:`~shared.prometheus_endpoint.PrometheusExport`: its reader
+joins the OTLP one (if any) on the same MeterProvider.
 """
 
 from __future__ import annotations
@@ -22,11 +24,14 @@ import logging
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+if TYPE_CHECKING:
+    from shared.prometheus_endpoint import PrometheusExport
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +106,7 @@ class Telemetry:
     metrics: ServingMetrics
     exporting: bool = False
     _providers: list[Any] = field(default_factory=list)
+    prometheus: PrometheusExport | None = None  # the /metrics reader, when the service serves one
 
     def shutdown(self) -> None:
         """Flush and stop the exporters (a no-op without them)."""
@@ -109,28 +115,30 @@ class Telemetry:
         self._providers.clear()
 
 
-def setup_telemetry(service_name: str, environ: Mapping[str, str] | None = None) -> Telemetry:
-    """Build ``service_name``'s tracer and meter from the OTEL_* variables in ``environ``."""
+def setup_telemetry(service_name: str, environ: Mapping[str, str] | None = None,
+                    prometheus: PrometheusExport | None = None) -> Telemetry:
+    """Build ``service_name``'s tracer and meter from the OTEL_* variables in ``environ``, plus
+    ``prometheus``'s reader and Views when given."""
     settings = ExportSettings.from_env(os.environ if environ is None else environ)
     name = settings.service_name or service_name
     providers: list[Any] = []
     tracer_provider: trace.TracerProvider = trace.NoOpTracerProvider()
     meter_provider: metrics.MeterProvider = metrics.NoOpMeterProvider()
-    if settings.traces_endpoint or settings.metrics_endpoint:
+    if settings.traces_endpoint or settings.metrics_endpoint or prometheus is not None:
         from opentelemetry.sdk.resources import Resource
 
         resource = Resource.create({"service.name": name})
         if settings.traces_endpoint:
             tracer_provider = _sdk_tracer_provider(resource, settings.traces_endpoint)
             providers.append(tracer_provider)
-        if settings.metrics_endpoint:
-            meter_provider = _sdk_meter_provider(resource, settings.metrics_endpoint)
+        if settings.metrics_endpoint or prometheus is not None:
+            meter_provider = _sdk_meter_provider(resource, settings.metrics_endpoint, prometheus)
             providers.append(meter_provider)
         logger.info("%s exports telemetry: traces=%s metrics=%s", name, settings.traces_endpoint,
                     settings.metrics_endpoint)
     tracer = tracer_provider.get_tracer("caraserve")
     meter = meter_provider.get_meter("caraserve")
-    return Telemetry(name, tracer, meter, ServingMetrics.create(meter), bool(providers), providers)
+    return Telemetry(name, tracer, meter, ServingMetrics.create(meter), bool(providers), providers, prometheus)
 
 
 def _sdk_tracer_provider(resource: Any, endpoint: str) -> Any:
@@ -143,13 +151,19 @@ def _sdk_tracer_provider(resource: Any, endpoint: str) -> Any:
     return provider
 
 
-def _sdk_meter_provider(resource: Any, endpoint: str) -> Any:
-    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+def _sdk_meter_provider(resource: Any, endpoint: str | None, prometheus: PrometheusExport | None) -> Any:
+    """One MeterProvider with an OTLP reader (``endpoint``) and/or ``prometheus``'s reader."""
     from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
-    reader = PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=endpoint))
-    return MeterProvider(resource=resource, metric_readers=[reader])
+    readers: list[Any] = []
+    if endpoint:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=endpoint)))
+    if prometheus is not None:
+        readers.append(prometheus.reader)
+    return MeterProvider(resource=resource, metric_readers=readers, views=prometheus.views if prometheus else ())
 
 
 def inject_headers(headers: dict[str, str] | None = None) -> dict[str, str] | None:

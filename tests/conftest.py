@@ -26,6 +26,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("CARASERVE_AUTO_PROFILE", "0")  # workers started by tests make no quick profile unless asked
 
 from tests.tiny_adapters import build_adapters, build_bad_adapters  # noqa: E402
 from shared.tiny_models import TINY_SEED, TINY_TIED_SEED, build_tiny_model, build_tiny_model_tied  # noqa: E402

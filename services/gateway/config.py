@@ -22,6 +22,8 @@ class GatewayConfig:
     queue_group: str = option(GATEWAY_QUEUE, "NATS queue group shared by gateway replicas")
     http_host: str = option("127.0.0.1", "HTTP listen address")
     http_port: int = option(DEFAULT_HTTP_PORT, "HTTP port; 0 picks a free one; -1 disables HTTP")
+    metrics_port: int = option(0, "serve Prometheus text on http://METRICS_HOST:PORT/metrics; 0 = off")
+    metrics_host: str = option("127.0.0.1", "the /metrics listen address")
     model_dir: str = option("default", "base model directory (tokenizer and config); 'default' = SmolLM2")
     model_name: str = option("", "name the base model is served under; empty = the directory's name")
     adapter_dir: str = option("", "directory whose sub-directories are PEFT adapters (the catalog)")
@@ -51,6 +53,7 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         require(bool(self.nats_url), "nats_url must not be empty")
         require(-1 <= self.http_port <= 65535, "http_port must be -1, 0 or a port number")
+        require(0 <= self.metrics_port <= 65535, "metrics_port must be 0 (off) or a port number")
         require(self.max_model_len >= 0, "max_model_len must be >= 0")
         require(self.default_max_tokens >= 1, "default_max_tokens must be >= 1")
         require(self.max_inflight >= 1, "max_inflight must be >= 1")

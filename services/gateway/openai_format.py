@@ -101,11 +101,17 @@ def error_body(info: ErrorInfo) -> dict[str, Any]:
     return {"error": {"message": info.message, "type": info.type, "code": info.code, "param": None}}
 
 
-def usage_body(chunk: Chunk) -> dict[str, int] | None:
-    if chunk.usage is None:
+def usage_body(chunk: Chunk) -> dict[str, Any] | None:
+    """OpenAI ``usage``, plus CaraServe's ``prefill_lora`` for a LoRA request (how its prefill got its
+    deltas: ``cpu_layers`` from the CPU prefill pool, ``device_layers``, ``waited_ms`` for its load)."""
+    usage = chunk.usage
+    if usage is None:
         return None
-    return {"prompt_tokens": chunk.usage.prompt_tokens, "completion_tokens": chunk.usage.completion_tokens,
-            "total_tokens": chunk.usage.total_tokens}
+    body: dict[str, Any] = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                            "total_tokens": usage.total_tokens}
+    if usage.prefill_lora is not None:
+        body["prefill_lora"] = usage.prefill_lora.to_dict()
+    return body
 
 
 def response_body(prepared: PreparedRequest, final: Chunk) -> dict[str, Any]:

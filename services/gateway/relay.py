@@ -43,6 +43,7 @@ from services.gateway.stream_journal import StreamJournal
 from services.gateway.worker_watch import Placement, WorkerWatch
 from shared import subjects
 from shared.bus import Bus, yield_to_io
+from shared.schemas.chunk import PrefillLoraUsage
 from shared.schemas.names import request_key
 from shared.schemas import (CancelRequest, Chunk, ErrorInfo, RemoteError, RouteReply, RouteRequest, SchemaError,
                             ServiceError, Usage, error_info)
@@ -261,15 +262,17 @@ class RequestStream:
             progress.first_token_at = time.monotonic()
         progress.generated.extend(chunk.token_ids)
         if chunk.final:
-            self._finish(chunk.error, chunk.finish_reason, chunk.token_ids, chunk.text)
+            lora = chunk.usage.prefill_lora if chunk.usage is not None else None
+            self._finish(chunk.error, chunk.finish_reason, chunk.token_ids, chunk.text, lora)
             return
         self.out.put_nowait(Chunk(request_id=self.request_id, index=progress.index, token_ids=chunk.token_ids,
                                   text=chunk.text, cancel_token=self._token_if_first()))
         progress.index += 1
 
     def _finish(self, error: ErrorInfo | None, reason: str | None = None, token_ids: list[int] | None = None,
-                text: str = "") -> None:
-        """Emit the final chunk (once) and record the request's metrics."""
+                text: str = "", prefill_lora: PrefillLoraUsage | None = None) -> None:
+        """Emit the final chunk (once) and record the request's metrics; ``prefill_lora`` is the
+        worker's account of the request's prefill, passed on in the usage."""
         if self.finished:
             return
         self.finished = True
@@ -278,7 +281,7 @@ class RequestStream:
         self.finish_reason, self.error = reason, error
         prompt = len(self.prepared.prompt_token_ids)
         usage = Usage(prompt_tokens=prompt, completion_tokens=len(progress.generated),
-                      total_tokens=prompt + len(progress.generated))
+                      total_tokens=prompt + len(progress.generated), prefill_lora=prefill_lora)
         self.out.put_nowait(Chunk(request_id=self.request_id, index=progress.index, token_ids=token_ids or [],
                                   text=text, finish_reason=reason, usage=usage, error=error,
                                   cancel_token=self._token_if_first()))

@@ -41,6 +41,7 @@ from shared.nats_auth import load_credentials
 from shared.schemas import (AdapterList, AdapterListRequest, CancelRequest, Chunk, GenerateRequest, SchemaError,
                             WorkerState, error_info)
 from shared.served_name import served_model_name
+from shared.prometheus_endpoint import PrometheusExport, serve_metrics
 from shared.telemetry import Telemetry, setup_telemetry
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class GatewayService:
         self.config = config
         self.bus: Bus | None = None
         self.telemetry: Telemetry | None = None
+        self.metrics_port = 0  # the bound /metrics port (0: off)
         self.catalog: Catalog | None = None
         self.relay: Relay | None = None
         self.watch = WorkerWatch(config.worker_timeout_s, config.missing_grace_s)
@@ -101,8 +103,11 @@ class GatewayService:
 
     async def start(self, stack: contextlib.AsyncExitStack) -> None:
         config = self.config
-        self.telemetry = setup_telemetry(SERVICE_NAME)
+        export = PrometheusExport() if config.metrics_port else None
+        self.telemetry = setup_telemetry(SERVICE_NAME, prometheus=export)
         stack.callback(self.telemetry.shutdown)
+        if export is not None:
+            self.metrics_port = await serve_metrics(export, config.metrics_host, config.metrics_port, stack)
         self.bus = bus = await Bus.open(config.nats_url, config.name, stack, config.grace_s,
                                           load_credentials(config.nats_creds))
         journal = StreamJournal(journal_path(config))
@@ -180,7 +185,10 @@ class GatewayService:
         * ``unavailable`` (HTTP 503): not connected to NATS.
 
         ``capacity`` is how many requests may be in flight now: ``min(max_inflight, sum over
-        live workers of max_batch_size + max_queued)``; past it requests get 429.
+        live workers of max_batch_size + max_queued)``; past it requests get 429. ``worker_info``
+        gives each live worker's kernel family, profile status (``pending`` while it makes its
+        profile, then the profile's digest) and CPU prefill pool (``off``, ``healthy``,
+        ``unhealthy``).
         """
         connected = self.bus is not None and self.bus.connected
         live = self.watch.live_workers()
@@ -189,7 +197,8 @@ class GatewayService:
         relay = self.relay
         return {"status": status, "nats": connected, "model": self.model_name, "workers": live,
                 "lost_workers": lost, "capacity": min(self.config.max_inflight, self.watch.capacity()),
-                "inflight": relay.limiter.count if relay else 0, "max_inflight": self.config.max_inflight}
+                "inflight": relay.limiter.count if relay else 0, "max_inflight": self.config.max_inflight,
+                "worker_info": self.watch.worker_info()}
 
     async def refresh_adapters(self) -> int:
         """Ask every worker for its adapters; returns how many answered.

@@ -55,11 +55,15 @@ class Heartbeat:
     instance: str
     keys: frozenset[str]  # the keys of the requests it holds, running or queued
     slots: int  # how many requests it holds at most: max_batch_size running + max_queued queued
+    backend: str = ""  # the kernel family it runs
+    profile: str = ""  # its profile status: pending, failed, "" or the profile's digest
+    cpu_prefill: str = "off"  # its CPU prefill pool: off (not cpu_assist), healthy or unhealthy
 
     @classmethod
     def of(cls, state: WorkerState) -> Heartbeat:
+        pool = "off" if state.assist is None else "healthy" if state.assist.pool_healthy else "unhealthy"
         return cls(state.worker_id, state.seq, state.instance, frozenset(state.request_keys()),
-                   state.max_batch_size + state.max_queued)
+                   state.max_batch_size + state.max_queued, state.backend, state.profile, pool)
 
 
 @dataclass
@@ -129,6 +133,12 @@ class WorkerWatch:
     def known_workers(self) -> list[str]:
         """Every worker heard from since this gateway started."""
         return sorted(self._seen)
+
+    def worker_info(self) -> dict[str, dict[str, str]]:
+        """Each live worker's kernel family, profile status and CPU prefill pool (``/health``)."""
+        beats = {w: self._seen[w].beat for w in self.live_workers()}
+        return {w: {"backend": b.backend, "profile": b.profile, "cpu_prefill": b.cpu_prefill}
+                for w, b in beats.items()}
 
     def capacity(self) -> int:
         """How many requests the live workers hold at most (the sum of their slots)."""

@@ -83,9 +83,11 @@ class LLMEngine:
         self.blocks = BlockManager(self._num_blocks(), self.config.block_size)
         kv = allocate_cache(mc.shape.num_layers, self.blocks.num_blocks, self.config.block_size,
                             mc.shape.num_kv_heads, mc.shape.head_dim, self.dtype, device)
-        op = get_backend(self.config.backend)
+        self.backend = self.config.starting_backend()  # the kernel family of the steps from the next one on
+        self._op = get_backend(self.backend)
         use_native = self.config.native_ops
-        self.runner = ModelRunner(self.model, self.blocks, kv, lambda y, x, b: op(y, x, b, use_native), self.residency)
+        self.runner = ModelRunner(self.model, self.blocks, kv, lambda y, x, b: self._op(y, x, b, use_native),
+                                  self.residency)
         self.admission = Admission(self.blocks, self.residency, self.config.max_batch_size,
                                    self.config.max_batched_tokens)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -126,6 +128,14 @@ class LLMEngine:
     def abort(self, request_id: str) -> None:
         """Cancel a request (thread-safe); it finishes with reason ``cancelled``."""
         self._commands.put(("abort", request_id))
+        self._wake.set()
+
+    def set_backend(self, backend: str) -> None:
+        """Run the steps from the next one on with kernel family ``backend`` (thread-safe). Both
+        families compute the same result from the same adapter weights; only the cost differs."""
+        get_backend(backend)  # refuses an unknown name here, not in the step loop
+        self.backend = backend
+        self._commands.put(("backend", backend))
         self._wake.set()
 
     def wake(self) -> None:
@@ -192,6 +202,9 @@ class LLMEngine:
                     outputs.append(self._fail(arg, exc))
 
     def _apply_command(self, kind: str, arg: Sequence | str) -> list[RequestOutput]:
+        if kind == "backend":
+            self._op = get_backend(arg)
+            return []
         if kind == "add":
             if arg.status == Status.FINISHED:
                 return []  # failed before it was applied (a failed step fails every live request)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.backends import BACKENDS
+from shared.backends import BACKEND_CHOICES, starting_backend
 from shared.config import check_choice, option, require
 
 DTYPES = ("bfloat16", "float32")
@@ -15,7 +15,9 @@ DEVICES = ("auto", "cpu", "cuda")
 class EngineConfig:
     """How the engine batches, caches and computes."""
 
-    backend: str = option("bgmv", "multi-LoRA kernel family: bgmv pads ranks, mbgmv does not", BACKENDS)
+    backend: str = option("auto", "multi-LoRA kernel family: bgmv pads ranks, mbgmv does not; auto: the one the "
+                                  "worker's profile predicts faster for its ranks (mbgmv until it knows)",
+                          BACKEND_CHOICES)
     dtype: str = option("bfloat16", "model and activation dtype", DTYPES)
     device: str = option("auto", "cuda when available, else cpu", DEVICES)
     max_batch_size: int = option(64, "max running requests per engine step")
@@ -29,7 +31,7 @@ class EngineConfig:
     native_ops: bool = option(True, "use the compiled CPU LoRA kernel from csrc/ when it builds")
 
     def __post_init__(self) -> None:
-        check_choice("backend", self.backend, BACKENDS)
+        check_choice("backend", self.backend, BACKEND_CHOICES)
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("device", self.device, DEVICES)
         require(self.max_batch_size >= 1, "max_batch_size must be >= 1")
@@ -40,6 +42,10 @@ class EngineConfig:
         require(self.kv_cache_bytes > 0, "kv_cache_bytes must be > 0")
         require(self.max_model_len >= 0, "max_model_len must be >= 0")
         require(self.num_threads >= 0, "num_threads must be >= 0")
+
+    def starting_backend(self) -> str:
+        """The kernel family the engine starts on (``auto`` starts on mbgmv)."""
+        return starting_backend(self.backend)
 
     def resolved_device(self) -> str:
         """The torch device string this config runs on."""

@@ -8,12 +8,17 @@
   that admitted or finished a request: running and queued requests (adapter, rank,
   prompt and remaining tokens), adapters with their tier, free KV blocks, the model name.
 * Each request gets spans ``worker.queue``, ``worker.prefill`` and ``worker.decode`` under
-  the trace context of its submit, and TTFT/TPOT/e2e/per-adapter metrics.
+  the trace context of its submit, and TTFT/TPOT/e2e/per-adapter metrics. With ``metrics_port``
+  the worker serves them on ``/metrics``, with vLLM's metrics (``vllm_metrics.py``) beside them.
 * A submit past ``max_batch_size + max_queued`` held requests is refused (``overloaded``); one
   whose request id this worker already holds is refused (``duplicate_request_id``) and the
   request holding it is left alone.
 * States show requests by :func:`request_key` only, never by id, and carry ``instance``, a
   random id of this process, so a restarted worker with the same id is told apart.
+* Its performance profile (``profiling/worker_profile.py``) is found in the profile cache or
+  made by a quick grid while it serves (state ``profile: pending``); then the state carries
+  the profile's digest, ``worker.<id>.profile`` answers with the profile, and backend
+  ``auto`` switches the engine to the family the profile predicts faster.
 * If the engine's step thread dies (an error the engine could not pin on requests), the
   watchdog fails every held request with a final ``worker_error`` chunk, stops publishing
   states and ends the process with EXIT_ENGINE_DIED, so a supervisor restarts it.
@@ -36,23 +41,30 @@ from opentelemetry import context as otel_context
 from services.gpu_worker.adapter_admin import AdapterAdmin
 from services.gpu_worker.engine import EngineStats, LLMEngine
 from services.gpu_worker.engine_config import EngineConfig
+from services.gpu_worker.profiling.worker_profile import ProfileSettings, Published, WorkerProfile
 from services.gpu_worker.request import (DuplicateRequestError, EngineRequest, PrefillLora, RequestError,
                                         RequestOutput, SamplingParams, UnknownAdapterRequestError)
 from services.gpu_worker.residency.config import ResidencyConfig
 from services.gpu_worker.residency.pool_health import PoolHealth
 from services.gpu_worker.residency.telemetry import register_residency_metrics
 from services.gpu_worker.step_thread import StepThread
+from services.gpu_worker.vllm_metrics import RENAMES, VllmMetrics
 from services.gpu_worker.worker_config import WorkerConfig
 from shared import subjects
+from shared.backends import AUTO
 from shared.bus import Bus, yield_to_io
-from shared.config import from_env
+from shared.config import ConfigError, from_env
 from shared.nats_auth import load_credentials
 from shared.served_name import served_model_name
 from shared.schemas import (AdapterInfo, CancelRequest, Chunk, RequestLoad, ServiceError, SubmitAck, Usage,
                             WorkerState, WorkerSubmit, error_info)
+from shared.schemas.chunk import PrefillLoraUsage
 from shared.schemas.cpu_prefill import PoolHeartbeat, PoolHello, PoolWelcome
+from shared.schemas.profile import ProfileReply, ProfileRequest
 from shared.schemas.worker_state import AssistState
 from shared.schemas.names import request_key
+from shared.perf_model import ProfileError
+from shared.prometheus_endpoint import PrometheusExport, serve_metrics
 from shared.telemetry import Telemetry, extract_context, setup_telemetry, start_span
 
 logger = logging.getLogger(__name__)
@@ -95,8 +107,13 @@ class GpuWorkerService:
         self.exit_process = exit_process
         self.instance = secrets.token_hex(8)  # this process's id in every state it publishes
         self.engine: LLMEngine | None = None
+        self.profile: WorkerProfile | None = None
+        self.model_dir = None
         self.bus: Bus | None = None
         self.telemetry: Telemetry | None = None
+        self.vllm_metrics: VllmMetrics | None = None
+        self.last_state: WorkerState | None = None  # the last published state (what /metrics reads)
+        self.metrics_port = 0  # the bound /metrics port (0: off)
         self.model_name = ""
         self.seq = 0
         self._tracked: dict[str, Tracked] = {}
@@ -124,27 +141,64 @@ class GpuWorkerService:
 
     # ---- start and stop ----------------------------------------------------------------
     async def start(self, stack: contextlib.AsyncExitStack) -> None:
-        self.telemetry = setup_telemetry(SERVICE_NAME)
+        export = PrometheusExport(RENAMES) if self.config.metrics_port else None
+        self.telemetry = setup_telemetry(SERVICE_NAME, prometheus=export)
         stack.callback(self.telemetry.shutdown)
         self._loop = asyncio.get_running_loop()
         self.engine = await asyncio.to_thread(self._build_engine)
+        try:
+            self.profile = WorkerProfile(self._profile_settings(), self._served_ranks)
+        except ProfileError as exc:
+            self.engine.close()
+            raise ConfigError(f"profile refused: {exc}") from None
         register_residency_metrics(self.telemetry.meter, self.engine.residency.report, self.config.worker_id)
+        self.vllm_metrics = VllmMetrics(self.telemetry.meter, self.model_name, self.engine_config.max_batch_size,
+                                        lambda: self.last_state)
+        self.engine.residency.add_load_listener(self.vllm_metrics.record_load)
         self.bus = await Bus.open(self.config.nats_url, f"gpu-worker-{self.config.worker_id}", stack,
                                   self.config.grace_s, load_credentials(self.config.nats_creds))
-        for task in (self._publish_chunks(), self._publish_states(), self._watch_engine()):
+        for task in (self._publish_chunks(), self._publish_states(), self._watch_engine(),
+                     self.profile.run(self._on_profile)):
             stack.push_async_callback(_cancel, self._loop.create_task(task))
         self._thread = StepThread(self.engine, self._on_step_threadsafe, self._on_death_threadsafe)
         self._thread.start()
         stack.push_async_callback(self._stop_engine)
         await self.publish_state()
+        if export is not None:
+            self.metrics_port = await serve_metrics(export, self.config.metrics_host, self.config.metrics_port, stack)
         wid = self.config.worker_id
         await self.bus.serve(subjects.worker_submit(wid), WorkerSubmit, self._on_submit, concurrent=False)
         await self.bus.serve(subjects.worker_cancel(wid), CancelRequest, self._on_cancel, concurrent=False)
         await AdapterAdmin(wid, self.engine.residency).serve(self.bus)
+        await self.bus.serve(subjects.worker_profile(wid), ProfileRequest, self._on_profile_request)
         if self.engine.pool is not None:
             await self._serve_pool(self.engine.pool)
         logger.info("gpu_worker %s serving %s (%s, backend %s)", wid, self.model_name,
                     self.engine_config.resolved_device(), self.engine_config.backend)
+
+    def _profile_settings(self) -> ProfileSettings:
+        residency = self.residency or ResidencyConfig()
+        return ProfileSettings(self.model_dir, self.engine_config.dtype, self.engine_config.resolved_device(),
+                               self.engine_config.backend, self.config.profile, self.config.auto_profile,
+                               residency.emulate_link_gbps, residency.emulate_link_latency_ms)
+
+    def _served_ranks(self) -> list[int]:
+        return sorted({info.rank for info in self._adapter_infos()})
+
+    def _on_profile(self, published: Published) -> None:
+        """The profile is ready (or superseded): serve with its family, say so in the next state."""
+        assert self.engine is not None
+        if self.engine_config.backend == AUTO:
+            self.engine.set_backend(published.backend)
+        self._dirty.set()
+
+    async def _on_profile_request(self, request: ProfileRequest, msg: Msg) -> ProfileReply:
+        assert self.profile is not None
+        published = self.profile.published
+        if published is None:
+            raise ServiceError("profile_not_ready", f"worker {self.config.worker_id}'s profile is "
+                                                    f"{self.profile.status or 'not kept'}")
+        return ProfileReply(worker_id=self.config.worker_id, digest=published.digest, profile=published.text)
 
     async def _serve_pool(self, pool: PoolHealth) -> None:
         """Answer the CPU prefill pool's hello and heartbeats (cpu_assist mode)."""
@@ -164,7 +218,7 @@ class GpuWorkerService:
     def _build_engine(self) -> LLMEngine:
         from shared.model_store import resolve_model_dir
 
-        model_dir = resolve_model_dir(None if self.config.model == "default" else self.config.model)
+        model_dir = self.model_dir = resolve_model_dir(None if self.config.model == "default" else self.config.model)
         self.model_name = served_model_name(model_dir, self.config.model_name)
         return LLMEngine(model_dir, self.engine_config, self.config.adapter_paths(),
                          residency=self.residency or ResidencyConfig(cold_start="cached"),
@@ -268,7 +322,8 @@ class GpuWorkerService:
         if out.finished:
             prompt = len(submit.prompt_token_ids)
             completion = len(submit.generated_token_ids) + out.completion_tokens
-            chunk.usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+            chunk.usage = Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                                prefill_lora=_prefill_lora_usage(submit, tracked.prefill_lora))
             if out.finish_reason == "error":
                 chunk.error = error_info("worker_error", out.error or "the request failed")
         return chunk
@@ -305,12 +360,13 @@ class GpuWorkerService:
         known = _keys(stats)
         queued = list(stats.waiting)
         queued += [self._pending_load(t) for rid, t in self._tracked.items() if request_key(rid) not in known]
-        return WorkerState(worker_id=self.config.worker_id, model=self.model_name, backend=self.engine_config.backend,
+        return WorkerState(worker_id=self.config.worker_id, model=self.model_name, backend=self.engine.backend,
                            running=list(stats.running), queued=queued, adapters=self._adapter_infos(),
                            free_kv_blocks=stats.free_kv_blocks, total_kv_blocks=stats.total_kv_blocks,
                            block_size=self.engine_config.block_size, max_batch_size=self.engine_config.max_batch_size,
                            max_queued=self.config.max_queued, max_model_len=self.engine.max_model_len, seq=self.seq,
-                           timestamp=time.time(), instance=self.instance, assist=self._assist_state())
+                           timestamp=time.time(), instance=self.instance, assist=self._assist_state(),
+                           profile=self.profile.status if self.profile else "")
 
     def _assist_state(self) -> AssistState | None:
         assert self.engine is not None
@@ -345,7 +401,8 @@ class GpuWorkerService:
         if self.engine_dead:
             return
         self.seq += 1
-        await self.bus.publish(subjects.state(self.config.worker_id), self.state())
+        self.last_state = self.state()
+        await self.bus.publish(subjects.state(self.config.worker_id), self.last_state)
 
     async def _publish_states(self) -> None:
         while True:
@@ -387,11 +444,16 @@ class GpuWorkerService:
         m = self.telemetry.metrics
         labels = {"adapter": submit.adapter or "", "worker": self.config.worker_id}
         m.requests.add(1, {**labels, "finish_reason": out.finish_reason or ""})
-        if tracked.first_token is not None:
-            m.ttft.record(tracked.first_token - tracked.submitted, labels)
-            if out.completion_tokens > 1:
-                m.tpot.record((end - tracked.first_token) / (out.completion_tokens - 1), labels)
+        ttft = None if tracked.first_token is None else tracked.first_token - tracked.submitted
+        tpot = (None if tracked.first_token is None or out.completion_tokens < 2
+                else (end - tracked.first_token) / (out.completion_tokens - 1))
+        if ttft is not None:
+            m.ttft.record(ttft, labels)
+        if tpot is not None:
+            m.tpot.record(tpot, labels)
         m.e2e.record(end - tracked.submitted, labels)
+        if self.vllm_metrics is not None:
+            self.vllm_metrics.record_request(ttft, tpot, end - tracked.submitted)
 
 
 def _assist_span(telemetry: Telemetry, tracked: Tracked, attrs: dict, start: float, stop: float) -> None:
@@ -417,6 +479,14 @@ def start_span_at(telemetry: Telemetry, name: str, parent: otel_context.Context,
 
 def _keys(stats: EngineStats) -> set[str]:
     return {r.key for r in stats.running} | {r.key for r in stats.waiting}
+
+
+def _prefill_lora_usage(submit: WorkerSubmit, lora: PrefillLora | None) -> PrefillLoraUsage | None:
+    """The usage's ``prefill_lora`` of a LoRA request that reached its first token (None otherwise)."""
+    if submit.adapter is None or lora is None:
+        return None
+    return PrefillLoraUsage(cpu_layers=lora.cpu_layers, device_layers=lora.device_layers,
+                            waited_ms=round(lora.waited_ms, 3))
 
 
 async def _cancel(task: asyncio.Task) -> None:

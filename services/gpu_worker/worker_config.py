@@ -34,8 +34,15 @@ class WorkerConfig:
     adapters: tuple[str, ...] = option((), "adapters to register at start, as NAME=DIR", default_factory=tuple)
     state_interval_s: float = option(0.1, "publish state.<id> at least this often")
     grace_s: float = option(5.0, "on shutdown, how long running requests may finish")
+    profile: str = option("", "this worker's performance profile JSON (checked against its model, device, dtype "
+                              "and backend); empty: find it in the profile cache, or make a quick one")
+    auto_profile: bool = option(True, "with no cached profile, make a quick one at start (serving meanwhile; "
+                                      "about a minute on a 2-core CPU host)")
     max_queued: int = option(64, "requests held queued beyond max_batch_size running; a submit past both is "
                                  "refused as overloaded")
+    metrics_port: int = option(0, "serve Prometheus text (vLLM's metric names included) on "
+                                  "http://METRICS_HOST:PORT/metrics; 0 = off")
+    metrics_host: str = option("127.0.0.1", "the /metrics listen address")
 
     def __post_init__(self) -> None:
         if self.worker_id in ("", HOSTNAME):
@@ -44,6 +51,7 @@ class WorkerConfig:
                 f"worker_id {self.worker_id!r} must match {WORKER_ID_PATTERN}")
         require(bool(self.nats_url), "nats_url must not be empty")
         require(self.max_queued >= 0, f"max_queued must be >= 0, got {self.max_queued}")
+        require(0 <= self.metrics_port <= 65535, f"metrics_port must be 0 (off) or a port, got {self.metrics_port}")
         require(0 < self.state_interval_s <= 1.0, "state_interval_s must be in (0, 1]")
         require(self.grace_s >= 0, "grace_s must be >= 0")
         for spec in self.adapters:

@@ -18,8 +18,9 @@ class SchedulerConfig:
     nats_creds: str = option("", "NATS credentials file (JSON user, password, inbox_prefix; mode 0600); "
                                  "empty: CARASERVE_NATS_USER/PASSWORD, else anonymous")
     name: str = option("scheduler", "this replica's NATS client name")
-    policy: str = option("least_loaded", "routing policy (its knobs are in PolicyConfig)", POLICY_NAMES)
-    profile: str = option("", "performance profile JSON (rank_aware needs one)")
+    policy: str = option("rank_aware", "routing policy (its knobs are in PolicyConfig)", POLICY_NAMES)
+    profile: str = option("", "reference performance profile JSON: rank_aware prices each worker with the "
+                              "profile it publishes, and a worker whose profile is pending with this one")
     queue_group: str = option(SCHEDULER_QUEUE, "NATS queue group shared by scheduler replicas")
     heartbeat_interval_s: float = option(0.1, "how often workers publish their state")
     missed_heartbeats: int = option(10, "missed states after which a worker is dead")

@@ -8,17 +8,22 @@ the worker acknowledged the submit with (so the state was taken after admission)
 ``pending_ttl_s`` passes. Routing decisions therefore see their own recent placements and do
 not herd onto one worker between two heartbeats.
 
+Each view carries the worker's own performance model, looked up by the profile digest its
+state names (``perf_of``, the scheduler's :class:`ProfileBook`), and the cores of its CPU
+prefill pool while that pool is healthy, so rank_aware prices it as it would serve.
+
 All methods take ``now`` (monotonic seconds) explicitly; the fleet does no I/O.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from services.scheduler.worker_view import WorkerView
 from shared.levels import Level
+from shared.perf_model import PerfModel
 from shared.schemas import RequestBody, RequestLoad, WorkerState
 from shared.schemas.names import request_key
 
@@ -41,6 +46,7 @@ class WorkerRecord:
 
     state: WorkerState
     last_seen: float
+    perf: PerfModel | None = None  # the model of the profile its state names, once fetched
     pending: dict[str, PendingRoute] = field(default_factory=dict)  # by request key
     view: WorkerView = field(init=False)
 
@@ -60,7 +66,8 @@ class WorkerRecord:
             waiting=list(state.queued) + [p.load for p in self.pending.values()],
             resident={a.name for a in state.adapters if a.level == Level.DEVICE},
             host={a.name for a in state.adapters if a.level == Level.HOST},
-            free_kv_blocks=state.free_kv_blocks, block_size=state.block_size)
+            free_kv_blocks=state.free_kv_blocks, block_size=state.block_size, perf=self.perf,
+            assist_cores=assist_cores(state))
 
     def add_pending(self, load: RequestLoad, now: float) -> None:
         self.drop_pending(load.key)
@@ -76,12 +83,20 @@ class WorkerRecord:
         return {a.name for a in self.state.adapters}
 
 
+def assist_cores(state: WorkerState) -> int:
+    """The cores of the worker's CPU prefill pool while it is healthy (0: cold adapters wait for loads)."""
+    assist = state.assist
+    return assist.pool_alive if assist is not None and assist.pool_healthy else 0
+
+
 class Fleet:
     """Live workers by id (see the module docstring)."""
 
-    def __init__(self, dead_after_s: float, pending_ttl_s: float) -> None:
+    def __init__(self, dead_after_s: float, pending_ttl_s: float,
+                 perf_of: Callable[[str], PerfModel | None] = lambda status: None) -> None:
         self.dead_after_s = dead_after_s
         self.pending_ttl_s = pending_ttl_s
+        self.perf_of = perf_of  # profile status (a digest) -> the worker's model, when known
         self._workers: dict[str, WorkerRecord] = {}
 
     def __len__(self) -> int:
@@ -94,16 +109,23 @@ class Fleet:
         """Record a state message; True when it brings a worker (back) to life."""
         record = self._workers.get(state.worker_id)
         if record is None or not self._alive(record, now):
-            self._workers[state.worker_id] = WorkerRecord(state, now)
+            self._workers[state.worker_id] = WorkerRecord(state, now, self.perf_of(state.profile))
             logger.info("worker %s is live (model %s, backend %s)", state.worker_id, state.model, state.backend)
             return True
         if state.seq < record.state.seq or state.instance != record.state.instance:
             # the worker restarted: its old pending routes are gone
             record.pending.clear()
-        record.state, record.last_seen = state, now
+        record.state, record.last_seen, record.perf = state, now, self.perf_of(state.profile)
         self._settle(record, now)
         record.rebuild()
         return False
+
+    def profile_arrived(self, digest: str) -> None:
+        """A profile was fetched: reprice the workers whose state names it."""
+        for record in self._workers.values():
+            if record.state.profile == digest:
+                record.perf = self.perf_of(digest)
+                record.rebuild()
 
     def _settle(self, record: WorkerRecord, now: float) -> None:
         """Stop counting the pending routes the new state accounts for (or that are too old)."""

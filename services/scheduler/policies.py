@@ -27,6 +27,14 @@ Call signature (the scheduler service, the simulator and the tests all use it)::
   Among equal totals (e.g. several idle workers) the lower predicted time per token
   wins.
 
+  ``Pre``, ``Dec`` and ``cold_start`` are the worker's own model (the profile it published,
+  ``WorkerView.perf``), so unlike devices are priced each by its own costs; the paper assumes
+  one profile for all servers. A cold adapter is priced by how that worker would serve it
+  (``PerfModel.cold_us``): assisted by its CPU prefill pool (small), waiting for the load
+  from host memory, or from disk. A worker whose profile is pending is priced with the
+  reference model (the scheduler's ``--profile``), else with the fastest candidate's; with
+  no model at all the request goes to the least loaded worker.
+
   Terms the paper's model leaves out (each documented in ``PolicyConfig``):
 
   - predicted time per token = ``Dec(exists + req)`` plus, with ``prefill_in_slo``,
@@ -170,37 +178,48 @@ def _least_loaded(workers: Sequence[WorkerView]) -> int:
 
 
 class RankAware(Policy):
-    """Algorithm 1 with the SLO penalty, cold-start costs and the added terms (module docstring)."""
+    """Algorithm 1 with the SLO penalty, cold-start costs and the added terms (module docstring).
+
+    Each worker is priced with its own performance model (``WorkerView.perf``, the profile
+    its worker published); a worker without one (its profile is pending) is priced with the
+    reference model ``perf``, else with the fastest model among the candidates. With no
+    model at all, the request goes to the least loaded worker.
+    """
 
     name = "rank_aware"
 
-    def __init__(self, config: PolicyConfig, perf: PerfModel, slo_us: float) -> None:
+    def __init__(self, config: PolicyConfig, perf: PerfModel | None, slo_us: float | None) -> None:
         super().__init__(config)
-        if slo_us <= 0:
+        if slo_us is not None and slo_us <= 0:
             raise PolicyError(f"rank_aware needs a positive SLO, got {slo_us!r} us")
-        self.perf = perf
-        self.slo_us = float(slo_us)
-        self._dec, self._pre = perf.decode, perf.prefill
+        self.perf = perf  # the reference model (the scheduler's --profile), or None
+        self.slo_us = slo_us  # None: derived per decision from the models (see _slo)
         self._inv_len = 1.0 / config.avg_response_len
-        self._padding = perf.decode.padding
-        self._pads = config.padding_lifetime and self._padding(1, 1, 0, 1) > 0  # a model with padding terms
+        self._default_slo: dict[PerfModel, float] = {}  # per model, computed once
 
     def pick(self, workers: Sequence[WorkerView], request: PolicyRequest) -> int:
-        rank, tokens, adapter = request.rank, request.prompt_tokens, request.adapter
-        own, typical = self._prefills(rank, tokens, adapter)
-        slo = self.slo_us if self.config.slo_penalty else float("inf")
+        models = [view.perf or self.perf for view in workers]
+        known = [m for m in models if m is not None]
+        if not known:
+            return _least_loaded(workers)
+        fallback = min(known, key=self._model_slo)
+        slo = self._slo(fallback) if self.config.slo_penalty else float("inf")
+        prefills: dict[PerfModel, tuple[float, float]] = {}
         # the best worker (least total, then least predicted time per token) among the
         # feasible ones with room [0], all with room [1] and the full ones [2]
         best = [[-1, float("inf"), float("inf")] for _ in range(3)]
         full, full_load = -1, 1 << 62
         queue_delay = self.config.queue_delay
         for i, view in enumerate(workers):
-            room = view.has_room(tokens)
+            room = view.has_room(request.prompt_tokens)
             if not room and not queue_delay:
                 if view.total.count < full_load:
                     full, full_load = i, view.total.count
                 continue
-            total, predicted = self._score(view, request, own, typical, room)
+            perf = models[i] or fallback
+            if perf not in prefills:
+                prefills[perf] = self._prefills(perf, request)
+            total, predicted = self._score(perf, view, request, *prefills[perf], room)
             tiers = ((best[0], best[1]) if predicted <= slo else (best[1],)) if room else (best[2],)
             for tier in tiers:
                 tie = 1e-6 * (1.0 + tier[1]) if tier[0] >= 0 else 0.0  # rounding noise of after - before
@@ -211,34 +230,51 @@ class RankAware(Policy):
                 return choice
         return 0
 
-    def _prefills(self, rank: int, tokens: int, adapter: Hashable | None) -> tuple[float, float]:
-        """(the newcomer's solo prefill, a typical request's prefill at its rank), in us."""
-        pre, typical = self.perf.prefill, self.config.reference_prompt_tokens
+    def _slo(self, fallback: PerfModel) -> float:
+        """The SLO in us: the explicit one, else the reference model's default, else the
+        default of the fastest candidate model (``fallback``)."""
+        if self.slo_us is not None:
+            return self.slo_us
+        return self._model_slo(self.perf or fallback)
+
+    def _model_slo(self, perf: PerfModel) -> float:
+        """:func:`default_slo_us` of ``perf`` at the config's reference point (cached)."""
+        slo = self._default_slo.get(perf)
+        if slo is None:
+            config = self.config
+            slo = self._default_slo[perf] = default_slo_us(perf, config.reference_batch,
+                                                           config.reference_prompt_tokens, config.avg_response_len)
+        return slo
+
+    def _prefills(self, perf: PerfModel, request: PolicyRequest) -> tuple[float, float]:
+        """(the newcomer's solo prefill, a typical request's prefill at its rank) on ``perf``, in us."""
+        rank, tokens, adapter = request.rank, request.prompt_tokens, request.adapter
+        pre, typical = perf.prefill, self.config.reference_prompt_tokens
         own = pre.cost_of(1, rank, rank, tokens, tokens * rank, tokens * tokens, 0 if adapter is None else 1)
         return own, pre.cost_of(1, rank, rank, typical, typical * rank, typical * typical, 1)
 
-    def _score(self, view: WorkerView, request: PolicyRequest, own: float, typical: float,
+    def _score(self, perf: PerfModel, view: WorkerView, request: PolicyRequest, own: float, typical: float,
                room: bool) -> tuple[float, float]:
         """(Algorithm 1's total plus the added terms, predicted time per token) on ``view``."""
         config, inv_len = self.config, self._inv_len
         rank, tokens, adapter = request.rank, request.prompt_tokens, request.adapter
-        exists = view.total
+        dec, exists = perf.decode, view.total
         n = exists.count
-        before, after = self._dec.cost_and_with(exists, rank, tokens, adapter)
+        before, after = dec.cost_and_with(exists, rank, tokens, adapter)
         d_decode = after - before
-        if self._pads and n and rank <= exists.max_rank:
+        if config.padding_lifetime and n and rank <= exists.max_rank:
             at_least, below = exists.rank_split(rank)
-            if at_least < n:  # the padding extension (module docstring)
+            if at_least < n:  # the padding extension (module docstring); 0 without padding terms
                 lower = n - at_least
-                d_decode += self._padding(lower, exists.sum_tokens * lower / n, below, rank) / (at_least + 1)
+                d_decode += dec.padding(lower, exists.sum_tokens * lower / n, below, rank) / (at_least + 1)
         queue = view.waiting
         if queue.count:
-            queued, with_req = self._pre.cost_and_with(queue, rank, tokens, adapter)
+            queued, with_req = perf.prefill.cost_and_with(queue, rank, tokens, adapter)
             d_prefill = with_req - queued
         else:
             d_prefill = own
         if adapter is not None and adapter not in view.resident:
-            d_prefill += self.perf.cold_start_us(rank, tokens, view.residency(adapter))
+            d_prefill += perf.cold_us(rank, tokens, view.residency(adapter), view.assist_cores)
         wait = 0.0 if room else self._slot_wait(view, before) * inv_len
         stalls = (n * typical + own) * inv_len if config.prefill_in_slo else 0.0
         return (d_prefill * inv_len + d_decode) * n + wait, after + stalls + wait
@@ -311,17 +347,19 @@ _SIMPLE = {cls.name: cls for cls in (RandomPolicy, RoundRobin, LeastLoaded, Firs
 
 
 def make_policy(config: PolicyConfig, perf: PerfModel | None = None, slo_us: float | None = None) -> Policy:
-    """Build the policy ``config.policy``; rank_aware needs the perf model.
+    """Build the policy ``config.policy``.
 
-    rank_aware's SLO: ``slo_us`` if given, else ``config.slo_ms``, else
-    :func:`default_slo_us` at ``reference_batch``, ``reference_prompt_tokens`` and
+    rank_aware prices each worker with its own model (``WorkerView.perf``) and uses ``perf``
+    as the reference for workers without one. Its SLO: ``slo_us`` if given, else
+    ``config.slo_ms``, else :func:`default_slo_us` of the reference model (or, without one,
+    of the fastest worker model) at ``reference_batch``, ``reference_prompt_tokens`` and
     ``avg_response_len``.
     """
     if config.policy in _SIMPLE:
         return _SIMPLE[config.policy](config)
-    if perf is None:
-        raise PolicyError("rank_aware needs a performance model (a profile)")
-    if slo_us is None:
-        slo_us = config.slo_ms * 1000.0 if config.slo_ms > 0 else default_slo_us(
-            perf, config.reference_batch, config.reference_prompt_tokens, config.avg_response_len)
+    if slo_us is None and config.slo_ms > 0:
+        slo_us = config.slo_ms * 1000.0
+    if slo_us is None and perf is not None:
+        slo_us = default_slo_us(perf, config.reference_batch, config.reference_prompt_tokens,
+                                config.avg_response_len)
     return RankAware(config, perf, slo_us)

@@ -12,6 +12,10 @@ For each RouteRequest (span ``scheduler.route``, child of the gateway's span):
    the route tries again; any other refusal is terminal for the request;
 3. the reply names the worker.
 
+Each worker's profile is fetched once per digest its states name (``ProfileBook``), so
+rank_aware prices every worker with its own model; ``--profile`` is only the reference for
+workers whose profile is still pending.
+
 Replicas share the ``route`` queue group, so each request is routed exactly once; each
 replica reads every state message.
 """
@@ -33,6 +37,7 @@ from services.scheduler.config import SchedulerConfig
 from services.scheduler.decision_log import DecisionLog
 from services.scheduler.fleet import Fleet
 from services.scheduler.policies import NoCapacity, Policy, PolicyConfig, PolicyRequest, make_policy
+from services.scheduler.profile_book import ProfileBook
 from shared import subjects
 from shared.bus import Bus
 from shared.config import from_env
@@ -40,6 +45,7 @@ from shared.nats_auth import load_credentials
 from shared.schemas import (CancelRequest, Chunk, ErrorInfo, RemoteError, RequestLoad, RouteReply, RouteRequest,
                             SchemaError, ServiceError, SubmitAck, WorkerState, WorkerSubmit, error_info)
 from shared.schemas.names import request_key
+from shared.schemas.profile import ProfileReply, ProfileRequest
 from shared.telemetry import Telemetry, setup_telemetry, span_from_headers
 
 logger = logging.getLogger(__name__)
@@ -85,13 +91,15 @@ class SchedulerService:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.policy = policy or build_policy(config)
-        self.fleet = Fleet(config.dead_after_s, config.pending_ttl_s)
         self.clock = clock
+        self.profiles = ProfileBook(self._ask_profile, clock)
+        self.fleet = Fleet(config.dead_after_s, config.pending_ttl_s, self.profiles.model)
         self.bus: Bus | None = None
         self.telemetry: Telemetry | None = None
         self.routed = 0
         self.decisions: DecisionLog | None = None
         self._changed: ChangeSignal | None = None
+        self._fetches: set[asyncio.Task] = set()  # profile fetches in flight
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> SchedulerService:
@@ -120,6 +128,7 @@ class SchedulerService:
             stack.callback(self.decisions.close)
         self.bus = await Bus.open(self.config.nats_url, self.config.name, stack, self.config.grace_s,
                                    load_credentials(self.config.nats_creds))
+        stack.push_async_callback(self._cancel_fetches)
         await self.bus.listen(subjects.STATE_ALL, WorkerState, self._on_state)
         reaper = asyncio.get_running_loop().create_task(self._reap(), name="scheduler reaper")
         stack.push_async_callback(_cancel, reaper)
@@ -135,8 +144,27 @@ class SchedulerService:
             logger.warning("state on %s names worker %s; ignored", msg.subject, state.worker_id)
             return
         self.fleet.observe(state, self.clock())
+        if self.profiles.wanted(state.profile):
+            task = asyncio.get_running_loop().create_task(self._fetch_profile(state))
+            self._fetches.add(task)
+            task.add_done_callback(self._fetches.discard)
         assert self._changed is not None
         self._changed.notify()
+
+    async def _fetch_profile(self, state: WorkerState) -> None:
+        if await self.profiles.fetch(state.worker_id, state.profile, state.backend):
+            self.fleet.profile_arrived(state.profile)
+            assert self._changed is not None
+            self._changed.notify()
+
+    async def _cancel_fetches(self) -> None:
+        for task in list(self._fetches):
+            await _cancel(task)
+
+    async def _ask_profile(self, worker_id: str, digest: str) -> ProfileReply:
+        assert self.bus is not None
+        return await self.bus.request(subjects.worker_profile(worker_id), ProfileRequest(digest=digest),
+                                      ProfileReply, self.config.submit_timeout_s * 5)
 
     async def _reap(self) -> None:
         while True:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from shared.batch_stats import BatchStats
 from shared.levels import Level
+from shared.perf_model import PerfModel
 from shared.schemas import RequestLoad
 
 
@@ -37,25 +38,29 @@ class WorkerView:
     host: Collection[Hashable] = field(default_factory=set)  # adapters in host memory
     free_kv_blocks: int | None = None  # None: unknown, not checked
     block_size: int = 16
+    perf: PerfModel | None = None  # this worker's own performance model; None: not known (yet)
+    assist_cores: int = 0  # cores of its healthy CPU-assisted prefill pool; 0: cold adapters wait for loads
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.assist_cores < 0:
+            raise ValueError(f"assist_cores must be >= 0, got {self.assist_cores}")
 
     @classmethod
     def build(cls, worker_id: str, max_batch: int, running: Iterable[RequestLoad] = (),
               waiting: Iterable[RequestLoad] = (), resident: Collection[Hashable] = (),
               host: Collection[Hashable] = (), free_kv_blocks: int | None = None,
-              block_size: int = 16) -> "WorkerView":
+              block_size: int = 16, perf: PerfModel | None = None, assist_cores: int = 0) -> "WorkerView":
         """A view from a state message's request lists (loops over requests once, here).
 
         Each request counts its ``context_tokens``: the current context of a running one, the
         context a waiting one will prefill.
         """
         view = cls(worker_id, max_batch, resident=set(resident), host=set(host),
-                   free_kv_blocks=free_kv_blocks, block_size=block_size)
+                   free_kv_blocks=free_kv_blocks, block_size=block_size, perf=perf, assist_cores=assist_cores)
         for r in running:
             view.running.add(r.rank, r.context_tokens, r.adapter)
             view.total.add(r.rank, r.context_tokens, r.adapter)

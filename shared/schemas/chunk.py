@@ -13,12 +13,24 @@ CANCEL_TOKEN_PATTERN = r"[A-Za-z0-9_-]{16,128}"
 
 
 @dataclass
+class PrefillLoraUsage(Struct):
+    """How a LoRA request's prefill got its deltas: layers the CPU prefill pool computed
+    (CPU-assisted cold start), layers computed on the device, and how long it waited for its
+    adapter to load before that prefill."""
+
+    cpu_layers: int = spec(0, ge=0, le=100_000)
+    device_layers: int = spec(0, ge=0, le=100_000)
+    waited_ms: float = spec(0.0, ge=0.0)
+
+
+@dataclass
 class Usage(Struct):
-    """Token counts of a finished request (OpenAI ``usage``)."""
+    """Token counts of a finished request (OpenAI ``usage``), and for a LoRA request ``prefill_lora``."""
 
     prompt_tokens: int = spec(ge=0)
     completion_tokens: int = spec(ge=0)
     total_tokens: int = spec(ge=0)
+    prefill_lora: PrefillLoraUsage | None = None
 
     def check(self, path: str = "") -> None:
         if self.total_tokens != self.prompt_tokens + self.completion_tokens:

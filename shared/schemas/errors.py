@@ -29,6 +29,7 @@ ERROR_CODES: dict[str, tuple[str, int]] = {
     "worker_lost": ("service_unavailable", 503),
     "timeout": ("service_unavailable", 503),
     "shutting_down": ("service_unavailable", 503),
+    "profile_not_ready": ("service_unavailable", 503),
     "gateway_restarted": ("service_unavailable", 503),
     "stream_interrupted": ("service_unavailable", 503),
     "worker_error": ("server_error", 500),

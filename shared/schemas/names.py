@@ -9,6 +9,8 @@ NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,255}"
 SUBJECT_PATTERN = r"[^\s.*>]{1,256}(\.[^\s.*>]{1,256}){0,32}"
 INSTANCE_PATTERN = r"[0-9a-f]{0,32}"
 REQUEST_KEY_PATTERN = r"[0-9a-f]{16}"
+PROFILE_DIGEST_PATTERN = r"[0-9a-f]{16}"
+PROFILE_STATUS_PATTERN = rf"|pending|failed|{PROFILE_DIGEST_PATTERN}"  # WorkerState.profile
 
 
 def request_key(request_id: str) -> str:

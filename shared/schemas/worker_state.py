@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shared.schemas.adapters import AdapterInfo
-from shared.schemas.names import INSTANCE_PATTERN, NAME_PATTERN, REQUEST_KEY_PATTERN, WORKER_ID_PATTERN
+from shared.schemas.names import (INSTANCE_PATTERN, NAME_PATTERN, PROFILE_STATUS_PATTERN, REQUEST_KEY_PATTERN,
+                                  WORKER_ID_PATTERN)
 from shared.schemas.wire import Message, SchemaError, Struct, spec
 
 
@@ -57,6 +58,11 @@ class WorkerState(Message):
     most ``max_batch_size`` running plus ``max_queued`` queued requests and refuses more
     (``overloaded``). ``instance`` is chosen once per process start, so a restarted worker
     with the same id is told apart (and its ``seq`` starts over).
+
+    ``profile`` is the worker's performance profile: ``pending`` while it is being made,
+    ``failed`` when it could not be made, else the profile's digest, whose full text the
+    worker serves on ``worker.<id>.profile`` (:class:`~shared.schemas.profile.ProfileRequest`);
+    "" from a worker that keeps no profile.
     """
 
     KIND = "worker_state"
@@ -76,6 +82,7 @@ class WorkerState(Message):
     timestamp: float = spec(0.0, ge=0.0)
     instance: str = spec("", pattern=INSTANCE_PATTERN)
     assist: AssistState | None = None  # cpu_assist mode only
+    profile: str = spec("", pattern=PROFILE_STATUS_PATTERN)
 
     def check(self, path: str = "") -> None:
         if self.free_kv_blocks > self.total_kv_blocks:

@@ -21,6 +21,8 @@ from shared.nats_auth import Credentials
 from shared.schemas import (AdapterInfo, CancelRequest, Chunk, RequestLoad, ServiceError, SubmitAck, Usage,
                             WorkerState, WorkerSubmit)
 from shared.schemas.names import request_key
+from shared.schemas.profile import ProfileReply, ProfileRequest
+from services.gpu_worker.profiling.profile_cache import profile_digest
 
 MODES = ("ok", "mute", "refuse", "stall", "late", "drop")
 
@@ -51,6 +53,10 @@ class FakeWorker:
     drop_after: int = 2
     publish_states: bool = True
     credentials: Credentials | None = None
+    backend: str = "bgmv"
+    profile_text: str = ""  # a profile JSON it serves on worker.<id>.profile ("" : none)
+    profile: str = ""  # its state's profile status; set from profile_text's digest when that is given
+    profile_requests: int = 0
     submits: list[WorkerSubmit] = field(default_factory=list)
     cancels: list[str] = field(default_factory=list)
     seq: int = 0
@@ -65,13 +71,16 @@ class FakeWorker:
         self._bus = await Bus.open(self.url, f"fake-{self.worker_id}", credentials=self.credentials)
         await self._bus.serve(subjects.worker_submit(self.worker_id), WorkerSubmit, self._on_submit)
         await self._bus.serve(subjects.worker_cancel(self.worker_id), CancelRequest, self._on_cancel)
+        await self._bus.serve(subjects.worker_profile(self.worker_id), ProfileRequest, self._on_profile)
+        if self.profile_text:
+            self.profile = profile_digest(self.profile_text)
         if self.publish_states:
             await self.publish_state()
             self._publisher = asyncio.get_running_loop().create_task(self._publish_loop())
         return self
 
     def state(self) -> WorkerState:
-        return WorkerState(worker_id=self.worker_id, model=self.model, backend="bgmv",
+        return WorkerState(worker_id=self.worker_id, model=self.model, backend=self.backend, profile=self.profile,
                            running=list(self._running.values()), queued=list(self._queued.values()),
                            adapters=list(self.adapters),
                            free_kv_blocks=100, total_kv_blocks=100, block_size=16,
@@ -88,13 +97,20 @@ class FakeWorker:
             await asyncio.sleep(self.state_interval_s)
             await self.publish_state()
 
+    async def _on_profile(self, request: ProfileRequest, msg: Msg) -> ProfileReply:
+        self.profile_requests += 1
+        if not self.profile_text:
+            raise ServiceError("profile_not_ready", "the fake worker has no profile")
+        return ProfileReply(worker_id=self.worker_id, digest=self.profile, profile=self.profile_text)
+
     async def _on_submit(self, submit: WorkerSubmit, msg: Msg) -> SubmitAck | None:
         self.submits.append(submit)
         if self.mode == "mute":
             return None
         if self.mode == "refuse":
             raise ServiceError(self.refuse_code, "refused by the fake worker")
-        load = RequestLoad(key=request_key(submit.request_id), adapter=submit.adapter, rank=8 if submit.adapter else 0,
+        rank = next((a.rank for a in self.adapters if a.name == submit.adapter), 8) if submit.adapter else 0
+        load = RequestLoad(key=request_key(submit.request_id), adapter=submit.adapter, rank=rank,
                            prompt_tokens=len(submit.prompt_token_ids),
                            generated_tokens=len(submit.generated_token_ids),
                            remaining_tokens=submit.remaining_tokens())

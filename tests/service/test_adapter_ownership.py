@@ -26,7 +26,7 @@ async def base(nats_server, stack, tiny_model_dir, tiny_adapters, tmp_path):
     for name, folder in (("qv_r8", "qv_r8"), ("all7_r16", "alice/sql"), ("qv_r8", "bob/sql")):
         shutil.copytree(tiny_adapters[name], root / folder)
     worker = GpuWorkerService(WorkerConfig(worker_id="w1", nats_url=nats_server.url, model=str(tiny_model_dir),
-                                           state_interval_s=0.05),
+                                           auto_profile=False, state_interval_s=0.05),
                               EngineConfig(dtype="float32", device="cpu"), ResidencyConfig(adapter_dir=str(root)))
     await worker.start(stack)
     await start_scheduler(stack, nats_server.url)

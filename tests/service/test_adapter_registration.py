@@ -36,7 +36,7 @@ def adapter_root(tmp_path, tiny_adapters):
 async def cluster(nats_server, stack, tiny_model_dir, adapter_root):
     """A residency-enabled worker w1, the scheduler and a gateway; returns (gateway, base URL, worker)."""
     worker = GpuWorkerService(WorkerConfig(worker_id="w1", nats_url=nats_server.url, model=str(tiny_model_dir),
-                                           state_interval_s=0.05),
+                                           auto_profile=False, state_interval_s=0.05),
                               EngineConfig(dtype="float32", device="cpu"),
                               ResidencyConfig(adapter_dir=str(adapter_root), emulate_link_latency_ms=5.0))
     await worker.start(stack)
@@ -175,7 +175,7 @@ async def test_bad_folders_in_the_root_are_skipped_at_start(nats_server, stack, 
     shutil.copytree(tiny_adapters["qv_r8"], root / "good")
     with caplog.at_level(logging.WARNING):
         worker = GpuWorkerService(WorkerConfig(worker_id="w2", nats_url=nats_server.url, model=str(tiny_model_dir),
-                                               state_interval_s=0.05),
+                                               auto_profile=False, state_interval_s=0.05),
                                   EngineConfig(dtype="float32", device="cpu"), ResidencyConfig(adapter_dir=str(root)))
         await worker.start(stack)
         await start_scheduler(stack, nats_server.url)

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.timeout(420)
 
 
 async def start_assisted_worker(nats_server, stack, model_dir, adapters, worker_id) -> GpuWorkerService:
-    config = WorkerConfig(worker_id=worker_id, nats_url=nats_server.url, model=str(model_dir),
+    config = WorkerConfig(worker_id=worker_id, nats_url=nats_server.url, auto_profile=False, model=str(model_dir),
                           adapters=tuple(f"{n}={p}" for n, p in adapters.items()), state_interval_s=0.05)
     residency = ResidencyConfig(cold_start="cpu_assist", cpu_prefill_workers=2, assist_tokens_per_core=2,
                                 emulate_link_gbps=2e-5, emulate_link_latency_ms=300.0)

@@ -19,7 +19,7 @@ from tests.service.helpers import start_scheduler
 
 async def start_worker(nats_server, stack, model_dir, adapters, worker_id="w1", max_queued=64, exit_process=None,
                        **engine) -> GpuWorkerService:
-    config = WorkerConfig(worker_id=worker_id, nats_url=nats_server.url, model=str(model_dir),
+    config = WorkerConfig(worker_id=worker_id, nats_url=nats_server.url, auto_profile=False, model=str(model_dir),
                           adapters=tuple(f"{n}={p}" for n, p in adapters.items()), state_interval_s=0.05,
                           max_queued=max_queued)
     service = GpuWorkerService(config, EngineConfig(dtype="float32", device="cpu", **engine),
@@ -114,7 +114,7 @@ async def test_state_reports_running_requests_and_cancel_frees_blocks(nats_serve
     last = states[-1]
     assert request_key("long") not in last.request_keys()
     assert last.free_kv_blocks == last.total_kv_blocks == service.engine.blocks.num_blocks
-    assert last.model and last.backend == "bgmv"
+    assert last.model and last.backend == "mbgmv"  # backend auto starts on mbgmv
     gaps = [b.timestamp - a.timestamp for a, b in zip(states, states[1:])]
     assert max(gaps) < 0.5, "state must be published at least every state_interval_s"
 

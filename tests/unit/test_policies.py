@@ -256,8 +256,11 @@ def test_no_candidates_or_full_queues_is_no_capacity(name):
 def test_policy_construction_errors_and_default_slo():
     with pytest.raises(ConfigError):
         PolicyConfig(policy="fastest")
-    with pytest.raises(PolicyError, match="performance model"):
-        make_policy(PolicyConfig())
+    unpriced = make_policy(PolicyConfig())  # no model anywhere yet: the least loaded worker
+    assert unpriced.slo_us is None
+    assert unpriced.choose(_views([3, 1, 2]), PolicyRequest(8, 10)) == "w1"
+    with pytest.raises(PolicyError, match="positive SLO"):
+        make_policy(PolicyConfig(), _flat_model(), -1.0)
     model = _flat_model()
     derived = make_policy(PolicyConfig(reference_batch=8, avg_response_len=100), model)
     assert derived.slo_us == pytest.approx(default_slo_us(model, 8, 128, 100))
@@ -281,3 +284,20 @@ def test_worker_view_keeps_total_equal_to_running_plus_waiting():
     assert not view.has_room(10)
     with pytest.raises(ValueError):
         WorkerView("w", 0)
+
+
+def test_a_cold_adapter_is_priced_as_its_worker_would_serve_it():
+    from shared.perf_model import CpuPrefillProfile
+
+    model = PerfModel.from_coefficients("mbgmv", {"const": 1.0}, {"const": 1000.0, "tokens": 100.0},
+                                        cold_start={"host": {"const": 50_000.0}, "disk": {"const": 200_000.0}})
+    assisted = model.with_cpu_prefill(CpuPrefillProfile(tokens_per_core=128, rank=64, tokens=256, layer_ms=2.0,
+                                                         core_ms=4.0))
+    assert model.cold_us(64, 100, "host", assist_cores=2) == 50_000.0  # no cpu_prefill section: the load
+    assert assisted.cold_us(64, 100, "host", assist_cores=0) == 50_000.0  # no healthy pool: the load
+    assert assisted.cold_us(64, 100, "disk", assist_cores=2) == 200_000.0  # disk waits for its host copy
+    # 100 tokens on min(2, ceil(100/128)) = 1 core: 4 ms * 100/256 per layer against the device's 2 ms * 100/256
+    assert assisted.cold_us(64, 100, "host", assist_cores=2) == pytest.approx(1.0 * (1000.0 + 100 * 100.0))
+    # 256 tokens over 2 cores keep pace with the device: nothing extra
+    assert assisted.cold_us(64, 256, "host", assist_cores=2) == 0.0
+    assert assisted.cold_us(64, 256, "device", assist_cores=2) == 0.0

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from shared.config import check_choice, option, require
 from shared.llama_shape import PROJECTIONS
+
+
+QUICK_GRID = {"batch_sizes": (1, 2, 4, 8, 16), "ranks": (8, 16, 64), "mixed_draws": 1, "decode_steps": 3,
+              "repeats": 2, "prompt_max": 64}
 
 
 @dataclass
@@ -29,6 +33,11 @@ class ProfileConfig:
     emulate_link_gbps: float = option(0.0, "CPU-only hosts: EMULATED host-to-device bandwidth for the cold-start "
                                            "loads, as the workers' residency config sets it; 0: memory copy")
     emulate_link_latency_ms: float = option(0.0, "CPU-only hosts: EMULATED latency of each cold-start load (ms)")
+
+    def quick(self) -> "ProfileConfig":
+        """This config with the quick grid a worker runs at start (``QUICK_GRID``; well under
+        2 minutes for both kernel families on a 2-core CPU host)."""
+        return replace(self, **QUICK_GRID)
 
     def __post_init__(self) -> None:
         require(all(b >= 1 for b in self.batch_sizes) and self.batch_sizes, "batch sizes must be >= 1")

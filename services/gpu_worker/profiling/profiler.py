@@ -31,6 +31,7 @@ from services.gpu_worker.profiling.cold_start import ColdStartProfiler, link_lab
 from services.gpu_worker.engine import LLMEngine
 from services.gpu_worker.engine_config import EngineConfig
 from services.gpu_worker.profiling.config import ProfileConfig
+from services.gpu_worker.profiling.profile_cache import model_digest
 from services.gpu_worker.request import EngineRequest, SamplingParams
 from services.gpu_worker.residency.config import ResidencyConfig
 from shared.llama_shape import LlamaShape
@@ -69,19 +70,30 @@ class Profiler:
         return points
 
     def run(self) -> list[dict]:
+        """The samples of the engine's current kernel family."""
+        self.samples = self.run_families((self.engine.backend,))[self.engine.backend]
+        return self.samples
+
+    def run_families(self, backends: tuple[str, ...]) -> dict[str, list[dict]]:
+        """The samples of each kernel family in ``backends``. Each grid point is measured with
+        every family back to back, so a burst of load on the host slows them alike and the
+        comparison between families (backend ``auto``) stays fair."""
         points = self.grid()
         warm = min(4, max(self.config.batch_sizes))  # the engine holds at most the largest batch
-        self._measure(GridPoint(warm, [self.config.ranks[-1]] * warm), -1)  # warm-up
-        passes: list[list[list[dict]]] = [[] for _ in points]  # point -> pass -> samples
+        passes = {b: [[] for _ in points] for b in backends}  # family -> point -> pass -> samples
+        for backend in backends:
+            self.engine.set_backend(backend)
+            self._measure(GridPoint(warm, [self.config.ranks[-1]] * warm), -1)  # warm-up
         order = random.Random(self.config.seed + 1)
         done, total = 0, len(points) * self.config.repeats
         for _ in range(self.config.repeats):
             for i in order.sample(range(len(points)), len(points)):
-                passes[i].append(self._measure(points[i], i))
+                for backend in backends:
+                    self.engine.set_backend(backend)
+                    passes[backend][i].append(self._measure(points[i], i))
                 done += 1
                 self.progress(done, total)
-        self.samples = [sample for runs in passes for sample in fastest(runs)]
-        return self.samples
+        return {b: [sample for runs in by_point for sample in fastest(runs)] for b, by_point in passes.items()}
 
     def _measure(self, point: GridPoint, index: int) -> list[dict]:
         """One pass over ``point``: its prefill samples in step order, then its decode sample.
@@ -183,37 +195,45 @@ def profiling_adapters(model_dir: Path, config: ProfileConfig) -> tuple[dict[str
     return paths, {rank: list(names) for rank, names in adapters.items()}
 
 
-def model_digest(model_dir: Path) -> str:
-    """Identity of a model's weights: its config and the names and sizes of its weight files."""
-    h = hashlib.sha256((Path(model_dir) / "config.json").read_bytes())
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return h.hexdigest()[:16]
-
-
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 def profile(model_dir: Path, engine_config: EngineConfig, config: ProfileConfig,
-            progress: Progress = lambda stage, done, total: None) -> PerfModel:
-    """Profile ``engine_config.backend`` on this device and fit the performance model.
+            progress: Progress = lambda stage, done, total: None, grid: str = "full") -> PerfModel:
+    """Profile ``engine_config``'s kernel family on this device and fit the performance model.
 
     Stages reported to ``progress``: "steps" (the decode/prefill grid), then "cold starts"
     unless ``config.cold_start`` is off.
     """
+    backend = engine_config.starting_backend()
+    return profile_backends(model_dir, engine_config, config, (backend,), progress, grid)[backend]
+
+
+def profile_backends(model_dir: Path, engine_config: EngineConfig, config: ProfileConfig, backends: tuple[str, ...],
+                     progress: Progress = lambda stage, done, total: None, grid: str = "full") -> dict[str, PerfModel]:
+    """One fitted profile per kernel family in ``backends``.
+
+    The step grid runs on one engine, each point with every family back to back (switching
+    with ``set_backend``; stage "bgmv and mbgmv steps" when there are several); the cold
+    starts run once and go into every profile (a load does not depend on the family).
+    """
     paths, by_rank = profiling_adapters(model_dir, config)
     engine = LLMEngine(model_dir, engine_config, paths)
-    samples = Profiler(engine, config, by_rank, lambda d, t: progress("steps", d, t)).run()
+    stage = "steps" if len(backends) == 1 else f"{' and '.join(backends)} steps"
+    steps = Profiler(engine, config, by_rank, lambda d, t: progress(stage, d, t)).run_families(backends)
     del engine
-    link = ""
+    cold, link = [], ""
     if config.cold_start:
         cold, link = measure_cold_starts(model_dir, engine_config, config, paths, by_rank, progress)
-        samples += cold
     device = engine_config.resolved_device()
-    info = ProfileInfo(backend=engine_config.backend, device=device, device_name=current_device_name(device),
-                       model=Path(model_dir).name, model_digest=model_digest(model_dir), dtype=engine_config.dtype,
-                       cold_start_link=link)
-    return PerfModel.fit(samples, info, holdout_fraction=config.holdout_fraction, seed=config.seed)
+    models = {}
+    for backend in backends:
+        info = ProfileInfo(backend=backend, device=device, device_name=current_device_name(device),
+                           model=Path(model_dir).name, model_digest=model_digest(model_dir),
+                           dtype=engine_config.dtype, cold_start_link=link, grid=grid)
+        models[backend] = PerfModel.fit(steps[backend] + cold, info, holdout_fraction=config.holdout_fraction,
+                                        seed=config.seed)
+    return models
 
 
 def measure_cold_starts(model_dir: Path, engine_config: EngineConfig, config: ProfileConfig,
@@ -240,7 +260,7 @@ def add_cold_starts(existing: PerfModel, model_dir: Path, engine_config: EngineC
     """
     device = engine_config.resolved_device()
     existing.check(expect_model_digest=model_digest(model_dir), expect_device=current_device_name(device),
-                   expect_backend=engine_config.backend)
+                   expect_backend=engine_config.starting_backend())
     paths, by_rank = profiling_adapters(model_dir, config)
     cold, link = measure_cold_starts(model_dir, engine_config, config, paths, by_rank, progress)
     kept = [s for s in existing.samples if not str(s.get("phase", "")).startswith("cold_")]

@@ -46,6 +46,8 @@ class ResidencyConfig:
     emulate_link_gbps: float = option(0.0, "CPU-only hosts: EMULATED host-to-device bandwidth G in GB/s "
                                            "(1e9 bytes/s); 0 copies at memory speed")
     emulate_link_latency_ms: float = option(0.0, "CPU-only hosts: EMULATED latency L of each adapter load (ms)")
+    warm_host: bool = option(True, "copy each registered adapter into host memory while the host budget has "
+                                   "room, so cold starts begin in host memory rather than on disk")
     load_groups: int = option(4, "copy each adapter in this many layer groups; a layer group is usable as soon "
                                  "as it lands (cpu_assist hands it over to the device path from then on)")
     cpu_prefill_workers: int = option(0, "cpu_assist: CPU processes in the prefill pool; 0 = half the cores, "

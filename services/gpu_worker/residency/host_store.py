@@ -58,6 +58,17 @@ class HostStore:
         self.hits = self.misses = self.evictions = 0
         self._lock = threading.Lock()
 
+    def warm(self, record: AdapterRecord) -> bool:
+        """Read ``record``'s adapter into host memory if it fits the budget without evicting
+        another one (raises AdapterError); True when it is in host memory now."""
+        with self._lock:
+            if record.name in self._adapters:
+                return True
+            if self.used_bytes + record.nbytes > self.budget_bytes:
+                return False
+        self.get(record)
+        return True
+
     def get(self, record: AdapterRecord) -> LoraAdapter:
         """The host copy of ``record``'s adapter, read from disk on a miss (raises AdapterError)."""
         with self._lock:

@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.gpu_worker.residency.link import Link, Weights, weights_nbytes
@@ -23,6 +24,9 @@ from shared.peft_adapter import AdapterError
 
 log = logging.getLogger(__name__)
 
+LOAD, ACTIVATE = "load", "activate"  # disk -> host memory, host memory -> device (vLLM's transitions)
+LoadListener = Callable[[str, str, float], None]  # (adapter, transition, seconds) of a finished load
+
 
 @dataclass
 class LoadJob:
@@ -31,6 +35,8 @@ class LoadJob:
     record: AdapterRecord
     submitted: float = field(default_factory=time.monotonic)
     started: float = 0.0
+    host_ready: float = 0.0  # when its host copy was there
+    from_host: bool = False  # the host store already held it (no disk read)
     cancelled: bool = False
 
     @property
@@ -53,6 +59,11 @@ class Landed:
     def load_s(self) -> float:
         """Seconds from the start of the load (host copy included) to this group landing."""
         return self.finished - self.job.started
+
+    def transitions(self) -> list[tuple[str, float]]:
+        """The finished load's ``(transition, seconds)``: ``load`` when it read the disk, then ``activate``."""
+        activate = (ACTIVATE, self.finished - self.job.host_ready)
+        return [activate] if self.job.from_host else [(LOAD, self.job.host_ready - self.job.started), activate]
 
 
 def layer_groups(num_layers: int, groups: int) -> list[range]:
@@ -118,7 +129,9 @@ class AdapterLoader:
         if job.cancelled:
             self._report(Landed(job, range(0), {}, True, error=f"adapter '{job.name}' was unloaded"))
             return
+        job.from_host = self.host_store.contains(job.name)
         host = self.host_store.get(job.record)
+        job.host_ready = time.monotonic()
         self.link.begin()
         sent = []
         for layers in self.groups:

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from services.gpu_worker.lora_plan import ExternalDeltas, ExternalSource
 from services.gpu_worker.residency.cold_start import Admit
+from services.gpu_worker.residency.loader import LoadListener
 from services.gpu_worker.residency.report import AssistReport, ResidencyReport
 from shared.adapter_registry import AdapterRecord
 from shared.peft_adapter import LoraAdapter
@@ -77,6 +78,10 @@ class AdapterResidency(Protocol):
 
     def demote(self, name: str, level: str) -> None:
         """Move ``name`` off the device to ``host`` or ``disk`` (cold-start profiling)."""
+
+    def add_load_listener(self, listener: LoadListener) -> None:
+        """Call ``listener(name, transition, seconds)`` for each finished load: ``load`` (disk to
+        host memory, when it read the disk) and ``activate`` (host memory to device)."""
 
     # ---- administration and visibility (any thread) ----
     def register(self, name: str, path: str | Path, pinned: bool = False, owner: str | None = None

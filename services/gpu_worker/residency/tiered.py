@@ -35,7 +35,7 @@ import torch
 from services.gpu_worker.lora_plan import ExternalDeltas, ExternalSource
 from services.gpu_worker.residency.cold_start import Admit, ColdStart
 from services.gpu_worker.residency.link import Link, make_link
-from services.gpu_worker.residency.loader import AdapterLoader, Landed, LoadJob
+from services.gpu_worker.residency.loader import AdapterLoader, Landed, LoadJob, LoadListener
 from services.gpu_worker.residency.protocol import UnknownAdapterError
 from services.gpu_worker.residency.device_cache import DeviceCache
 from services.gpu_worker.residency.host_store import HostStore
@@ -105,12 +105,19 @@ class TieredResidency:
         self._polls = 0
         self._asked: dict[str, int] = {}  # name -> poll count when a request last asked for it
         self._fresh: set[str] = set()  # loaded, kept from eviction until a request of it starts
+        self._load_listeners: list[LoadListener] = []
         log.info("adapter residency: mode %s, device budget %s bytes, host budget %d bytes%s", config.cold_start,
                  "unbounded" if self.cache.budget_bytes == sys.maxsize else self.cache.budget_bytes,
                  config.host_adapter_bytes, ", EMULATED link" if self.link.emulated else "")
         # Every adapter in the root is known (at disk level) from the start, so workers
         # advertise it and the scheduler can route its requests in every mode.
-        self.registry.discover()
+        discovered = self.registry.discover()
+        self._closing = threading.Event()
+        self._warmer: threading.Thread | None = None
+        if config.warm_host and not cold_start.preloads and discovered:
+            self._warmer = threading.Thread(target=self._warm_host, args=(discovered,), name="host warmer",
+                                            daemon=True)
+            self._warmer.start()
         if cold_start.preloads:
             for record in self.registry.records():
                 self._want(record.name)
@@ -126,13 +133,18 @@ class TieredResidency:
 
         A new adapter's files are checked in full first (shapes against the base model,
         every weight finite), so a bad one is refused here rather than at its first request.
-        Pinned adapters (and every adapter in cached mode) start loading at once.
+        Pinned adapters (and every adapter in cached mode) start loading at once; with
+        ``warm_host``, the others are copied into host memory while its budget has room, so
+        their cold starts begin in host memory (the paper's setting). The adapter root's
+        adapters are copied the same way at start, on a background thread.
         """
         check_name(name)
         folder = self.registry.safe_path(path)
         if self.registry.lookup(name) is None:
             validate_adapter(name, folder, self.shape, self.max_rank)
         record = self.registry.register(name, folder, owner, pinned)
+        if self.config.warm_host and not (pinned or self.cold_start.preloads):
+            self.host_store.warm(record)
         self._commands.put(("register", name))
         return record
 
@@ -324,6 +336,13 @@ class TieredResidency:
             self._fresh.add(name)
             self.counters.loads += 1
             self.counters.load_ms.observe(landed.load_s * 1e3)
+            for transition, seconds in landed.transitions():
+                for listener in self._load_listeners:
+                    listener(name, transition, seconds)
+
+    def add_load_listener(self, listener: LoadListener) -> None:
+        """Call ``listener(name, transition, seconds)`` for each finished load (step-loop thread)."""
+        self._load_listeners.append(listener)
 
     def _expire_fresh(self) -> None:
         """A just-loaded adapter is kept from eviction only while waiting requests still ask for it."""
@@ -352,8 +371,23 @@ class TieredResidency:
         """Block until a load makes progress or ``timeout`` passes (idle step loops, benches)."""
         return self.loader.wait(timeout)
 
+    def _warm_host(self, records: list[AdapterRecord]) -> None:
+        """Copy the adapter root's adapters into host memory (warm_host), until the budget is full."""
+        for record in records:
+            if self._closing.is_set():
+                return
+            try:
+                if not self.host_store.warm(record):
+                    log.info("host memory full: %s and later adapters start cold on disk", record.name)
+                    return
+            except AdapterError as exc:
+                log.warning("adapter %s not copied into host memory: %s", record.name, exc)
+
     def close(self) -> None:
         """Stop the loader and release shared memory (the ring, the host store's segments)."""
+        self._closing.set()
+        if self._warmer is not None:
+            self._warmer.join()
         self.loader.close()
         self.cold_start.shutdown()
         if self.owns_host_store:

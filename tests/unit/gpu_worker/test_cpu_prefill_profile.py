@@ -12,7 +12,7 @@ from launcher import cli
 from services.gpu_worker.engine_config import EngineConfig
 from services.gpu_worker.profiling import profiler as profiler_mod
 from services.gpu_worker.profiling.cpu_prefill import CpuPrefillProfile, measure_tokens_per_core
-from services.gpu_worker.profiling.profiler import model_digest
+from services.gpu_worker.profiling.profile_cache import model_digest
 from services.gpu_worker.residency.config import DEFAULT_TOKENS_PER_CORE, ResidencyConfig
 from services.gpu_worker.residency.factory import tokens_per_core
 from shared.perf_model import PerfModel, ProfileError, current_device_name
@@ -78,8 +78,8 @@ def test_cli_adds_the_section_to_a_profile_made_here(tiny_model_dir, tmp_path, c
     out = tmp_path / "p.json"
     _profile(device_name=current_device_name("cpu"), model=tiny_model_dir.name,
              model_digest=model_digest(tiny_model_dir), dtype="float32").save(out)
-    argv = ["profile", "--model", str(tiny_model_dir), "--dtype", "float32", "--device", "cpu", "--out", str(out),
-            "--cpu-prefill"]
+    argv = ["profile", "--backend", "bgmv", "--model", str(tiny_model_dir), "--dtype", "float32", "--device", "cpu",
+            "--out", str(out), "--cpu-prefill"]
     assert cli.main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
     saved = PerfModel.load(out)
@@ -96,7 +96,8 @@ def test_cli_profiles_in_full_over_another_models_profile(tiny_model_dir, tmp_pa
     monkeypatch.setattr(profiler_mod, "ADAPTERS_PER_RANK", 2)
     out = tmp_path / "p.json"
     _profile(device_name=current_device_name("cpu"), model="Llama-2-7b", model_digest="0" * 16).save(out)
-    argv = ["profile", "--model", str(tiny_model_dir), "--dtype", "float32", "--device", "cpu", "--out", str(out),
+    argv = ["profile", "--backend", "bgmv", "--model", str(tiny_model_dir), "--dtype", "float32", "--device", "cpu",
+            "--out", str(out),
             "--cpu-prefill", "--batch-sizes", "1", "2", "4", "--ranks", "8", "16", "--mixed-draws", "0",
             "--decode-steps", "1", "--repeats", "1", "--prompt-min", "4", "--prompt-max", "8", "--no-cold-start"]
     assert cli.main(argv) == 0
