@@ -80,6 +80,8 @@ def test_the_services_the_issue_asks_for(model):
     assert pool["pid"] == "service:gpu_worker"  # the ring's owner pid means the same process to the pool
     assert pool["environment"]["CARASERVE_WORKER_ID"] == worker["environment"]["CARASERVE_WORKER_ID"]
     assert worker["environment"]["CARASERVE_COLD_START"] == "cpu_assist"
+    assert worker["environment"]["CARASERVE_BACKEND"] == "auto"  # the family the worker's profile chooses
+    assert model["services"]["scheduler"]["environment"]["CARASERVE_POLICY"] == "rank_aware"
     assert "models" in model["volumes"]
     for name, svc in caraserve_services(model).items():
         assert any(v["target"] == "/models" for v in svc["volumes"]), name
