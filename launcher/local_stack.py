@@ -37,6 +37,7 @@ from services.gpu_worker.residency.config import COLD_START_MODES
 from shared.backends import BACKEND_CHOICES
 from shared.config import check_choice, option, require
 from shared.parent_death import die_with_parent
+from shared.shm_exchange import remove_stale_segments
 from shared.nats_server import NatsServer, NatsServerConfig
 
 log = logging.getLogger(__name__)
@@ -319,7 +320,8 @@ class LocalStack:
         proc.wait(10)
 
     def stop(self, timeout_s: float = 15.0) -> None:
-        """SIGTERM every service (gateway first), then SIGKILL stragglers, then nats-server."""
+        """SIGTERM every service (gateway first), then SIGKILL stragglers, then nats-server; then remove the
+        shared-memory segments a dead worker left."""
         self._stopping = True
         order = ["gateway"] + [n for n in self.procs if n != "gateway"]
         for name in order:
@@ -336,6 +338,9 @@ class LocalStack:
         if self.nats is not None:
             self.nats.stop()
             self.nats = None
+        for i in range(self.config.workers):  # a worker killed and not restarted before the stop left its segments
+            for name in remove_stale_segments(f"worker-{i}"):
+                log.info("removed %s, left by a worker that died", name)
         if self._own_run_dir and all(p.returncode == 0 for p in self.procs.values()):
             shutil.rmtree(self.run_dir, ignore_errors=True)  # kept when a service failed: its logs matter
 
