@@ -37,7 +37,6 @@ from services.gpu_worker.residency.config import COLD_START_MODES
 from shared.backends import BACKEND_CHOICES
 from shared.config import check_choice, option, require
 from shared.parent_death import die_with_parent
-from shared.shm_exchange import remove_stale_segments
 from shared.nats_server import NatsServer, NatsServerConfig
 
 log = logging.getLogger(__name__)
@@ -338,6 +337,8 @@ class LocalStack:
         if self.nats is not None:
             self.nats.stop()
             self.nats = None
+        from shared.shm_exchange import remove_stale_segments  # imports torch: not at CLI start
+
         for i in range(self.config.workers):  # a worker killed and not restarted before the stop left its segments
             for name in remove_stale_segments(f"worker-{i}"):
                 log.info("removed %s, left by a worker that died", name)

@@ -46,7 +46,8 @@ async def test_one_request_is_one_trace_across_gateway_scheduler_and_worker(e2e_
     prompt_tokens = response.usage.prompt_tokens
 
     spans = {s.name: s for s in await trace_spans(e2e_collector, CLIENT_TRACE, 5)}
-    assert set(spans) == {"gateway.request", "scheduler.route", *WORKER_SPANS}
+    # a cold adapter's request has its CPU-assisted prefill span too (cpu_assist, the default)
+    assert set(spans) - {"worker.cpu_assist"} == {"gateway.request", "scheduler.route", *WORKER_SPANS}
     gateway, route = spans["gateway.request"], spans["scheduler.route"]
     assert gateway.service == "caraserve-gateway" and gateway.parent_id == CLIENT_SPAN
     assert gateway.attributes["request.id"] == response.id
@@ -65,7 +66,7 @@ async def test_one_request_is_one_trace_across_gateway_scheduler_and_worker(e2e_
         assert span.attributes["adapter"] == adapter and span.attributes["rank"] == rank, span
     assert gateway.attributes["tokens"] == route.attributes["tokens"] == str(prompt_tokens)
     assert gateway.attributes["completion_tokens"] == str(MAX_TOKENS)
-    assert len({s.span_id for s in spans.values()}) == 5
+    assert len({s.span_id for s in spans.values()}) == len(spans)  # distinct spans
 
     deadline = time.monotonic() + 10
     while not all(f"caraserve.{m}" in e2e_collector.text() for m in METRICS):

@@ -146,4 +146,5 @@ def test_a_worker_state_is_read_by_request_key_instance_and_capacity():
     state = WorkerState(worker_id="w0", model="m", backend="bgmv", max_batch_size=4, max_queued=12, seq=7,
                         instance="ab12", running=[RequestLoad(key=request_key("r1"))],
                         queued=[RequestLoad(key=request_key("r2"))])
-    assert Heartbeat.of(state) == Heartbeat("w0", 7, "ab12", frozenset({request_key("r1"), request_key("r2")}), 16)
+    assert Heartbeat.of(state) == Heartbeat("w0", 7, "ab12", frozenset({request_key("r1"), request_key("r2")}), 16,
+                                            backend="bgmv", profile="", cpu_prefill="off")

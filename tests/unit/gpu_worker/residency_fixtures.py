@@ -39,11 +39,12 @@ def tiny_shape(tiny_model_dir) -> LlamaShape:
 
 @pytest.fixture
 def make_manager(residency_root, tiny_shape):
-    """Build a TieredResidency (float32 on CPU) over ``residency_root``; closed after the test."""
+    """Build a TieredResidency (float32 on CPU) over ``residency_root``; closed after the test. Adapters
+    start on disk (``warm_host`` off) unless a test asks otherwise."""
     made = []
 
     def build(root: Path | None = None, **config) -> TieredResidency:
-        cfg = ResidencyConfig(adapter_dir=str(root or residency_root), **{"load_groups": 1, **config})
+        cfg = ResidencyConfig(adapter_dir=str(root or residency_root), **{"load_groups": 1, "warm_host": False, **config})
         manager = make_residency(cfg, Model(tiny_shape, 64, torch.float32, "cpu", 256)).residency
         made.append(manager)
         return manager

@@ -244,3 +244,14 @@ def test_demote_refuses_an_adapter_in_use_or_a_bad_level(make_manager, one):
         m.demote("a0", "device")
     with pytest.raises(ValueError, match="unknown"):
         m.demote("nope", "host")
+
+
+def test_warm_host_copies_the_roots_adapters_into_host_memory_within_the_budget(make_manager, one):
+    m = make_manager(warm_host=True, host_adapter_bytes=2 * one)
+    m._warmer.join(10)
+    levels = {a.name: a.level for a in m.report().adapters}
+    assert sorted(levels.values()).count("host") == 2  # as many as the budget holds, no eviction
+    assert set(levels.values()) == {"host", "disk"}
+    cold = next(name for name, level in levels.items() if level == "disk")
+    m.register(cold, cold)  # a registration warms only while the budget has room
+    assert m.host_store.used_bytes <= 2 * one and m.level(cold) == "disk"
