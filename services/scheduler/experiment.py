@@ -7,6 +7,14 @@ configure the policies the same way:
   cluster's max batch and the workload's mean prompt/output lengths;
 - rank_aware's ``avg_response_len`` is the workload's mean output length and its
   ``reference_prompt_tokens`` (the typical prefill) the mean prompt length.
+
+A fleet is a single profile or several worker groups (``simulator.WorkerGroup``), each with
+its own model. Its SLO is one number for the whole fleet: ``slo_ms``, else the default SLO of
+the *fastest* group's model (:func:`fastest_model`: the least default SLO, i.e. the fastest
+base-model time per token), which is also rank_aware's default when it has no reference
+model. The same number is given to rank_aware and used to score attainment. rank_aware gets
+no reference model: every simulated worker's view carries its group's model, and it prices
+each worker by that.
 """
 
 from __future__ import annotations
@@ -20,8 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from services.scheduler.policies import POLICY_NAMES, PolicyConfig, PolicyError, default_slo_us, make_policy
-from services.scheduler.sim_metrics import summarize, tpt_ms
-from services.scheduler.simulator import SimulatorConfig, simulate
+from services.scheduler.sim_metrics import group_metrics, summarize, tpt_ms
+from services.scheduler.simulator import Fleet, SimulatorConfig, simulate, worker_groups
 from services.scheduler.workload import Workload, WorkloadConfig, generate, mean_length
 from shared.perf_model import PerfModel
 
@@ -53,23 +61,38 @@ def mean_lengths(workload: WorkloadConfig) -> tuple[float, float]:
             mean_length(workload.output_median, workload.output_sigma, workload.output_max))
 
 
-def resolve_slo_ms(perf: PerfModel, slo_ms: float, sim: SimulatorConfig, workload: WorkloadConfig) -> float:
-    """``slo_ms`` if positive, else the default SLO derived from the profile."""
+def _default_slo_us(perf: PerfModel, sim: SimulatorConfig, workload: WorkloadConfig) -> float:
+    prompt, output = mean_lengths(workload)
+    return default_slo_us(perf, sim.max_batch, prompt, output)
+
+
+def fastest_model(fleet: Fleet, sim: SimulatorConfig, workload: WorkloadConfig) -> PerfModel:
+    """The model of the fleet's group with the least default SLO (the first such group on a tie)."""
+    return min((group.perf for group in worker_groups(fleet, sim.workers)),
+               key=lambda perf: _default_slo_us(perf, sim, workload))
+
+
+def resolve_slo_ms(fleet: Fleet, slo_ms: float, sim: SimulatorConfig, workload: WorkloadConfig) -> float:
+    """``slo_ms`` if positive, else the default SLO of the fleet's fastest model (one profile: its own)."""
     if slo_ms > 0:
         return slo_ms
-    prompt, output = mean_lengths(workload)
-    return default_slo_us(perf, sim.max_batch, prompt, output) / 1000.0
+    return _default_slo_us(fastest_model(fleet, sim, workload), sim, workload) / 1000.0
 
 
-def run_policies(perf: PerfModel, workload: Workload, names: Sequence[str], sim: SimulatorConfig,
+def run_policies(fleet: Fleet, workload: Workload, names: Sequence[str], sim: SimulatorConfig,
                  template: PolicyConfig, slo_ms: float) -> dict[str, PolicyRun]:
-    """Simulate ``workload`` once per policy name (policies built from ``template``)."""
+    """Simulate ``workload`` on ``fleet`` once per policy name (policies built from ``template``;
+    rank_aware with ``slo_ms`` and each worker's own model, module docstring). With several
+    worker groups the metrics include :func:`sim_metrics.group_metrics`."""
+    counts = [group.count for group in worker_groups(fleet, sim.workers)]
     runs = {}
     for name in names:
-        policy = make_policy(dataclasses.replace(template, policy=name), perf, slo_ms * 1000.0)
+        policy = make_policy(dataclasses.replace(template, policy=name), None, slo_ms * 1000.0)
         start = time.perf_counter()
-        result = simulate(perf, workload, policy, sim)
+        result = simulate(fleet, workload, policy, sim)
         metrics = summarize(result, slo_ms)
+        if len(counts) > 1:
+            metrics.update(group_metrics(result, workload.rank, counts, slo_ms))
         metrics["sim_seconds"] = time.perf_counter() - start
         runs[name] = PolicyRun(metrics, tpt_ms(result))
     return runs
@@ -83,7 +106,7 @@ def policy_template(workload: WorkloadConfig, slo_ms: float, seed: int) -> Polic
 SweepProgress = Callable[[int, int, float, dict[str, PolicyRun]], None]
 
 
-def load_sweep(perf: PerfModel, workload: WorkloadConfig, rates: Sequence[float], names: Sequence[str],
+def load_sweep(fleet: Fleet, workload: WorkloadConfig, rates: Sequence[float], names: Sequence[str],
                sim: SimulatorConfig, slo_ms: float,
                progress: SweepProgress | None = None) -> dict[str, list[dict[str, float]]]:
     """Metrics per policy at each Poisson rate (the workload's duration and seed kept).
@@ -94,7 +117,7 @@ def load_sweep(perf: PerfModel, workload: WorkloadConfig, rates: Sequence[float]
     points: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     for i, rate in enumerate(rates):
         config = dataclasses.replace(workload, rate=float(rate), trace="")
-        runs = run_policies(perf, generate(config), names, sim, template, slo_ms)
+        runs = run_policies(fleet, generate(config), names, sim, template, slo_ms)
         for name in names:
             points[name].append({"rate": float(rate), **runs[name].metrics})
         if progress is not None:

@@ -4,11 +4,15 @@ Per request: TTFT = first token - arrival; E2E = finish - arrival; time per toke
 TPT = E2E / output tokens (the prefill's token included, so TPT covers the prefill
 and every decode step, and queueing). A request meets the SLO when TPT <= SLO;
 rejected requests count as misses and are left out of the latency statistics.
+
+In a fleet of several worker groups, :func:`group_metrics` says where each policy sent
+what: per group, its share of the requests, their mean rank and their attainment.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -44,4 +48,27 @@ def summarize(result: SimResult, slo_ms: float) -> dict[str, float]:
     out["served"] = int(served.sum())
     out["rejected"] = int(n - served.sum())
     out["throughput_rps"] = out["served"] / span if span > 0 else math.nan
+    return out
+
+
+def group_metrics(result: SimResult, rank: np.ndarray, counts: Sequence[int], slo_ms: float) -> dict[str, float]:
+    """``group{g}_share``, ``group{g}_mean_rank`` and ``group{g}_slo_attainment`` of each worker group.
+
+    ``counts``: workers per group, in the simulator's worker order; ``rank``: [n] each request's rank.
+    Shares are of all requests (rejected ones belong to no group); mean rank and attainment are
+    of the requests the group served (NaN when it served none).
+    """
+    n = len(rank)
+    group_of_worker = np.repeat(np.arange(len(counts)), counts)
+    served = ~result.rejected
+    group = np.full(n, -1)
+    group[served] = group_of_worker[result.worker[served]]
+    tpt = (result.finish_s - result.arrival_s) / result.output_tokens * 1e3
+    out: dict[str, float] = {}
+    for g in range(len(counts)):
+        mine = group == g
+        count = int(np.count_nonzero(mine))
+        out[f"group{g}_share"] = count / n if n else math.nan
+        out[f"group{g}_mean_rank"] = float(rank[mine].mean()) if count else math.nan
+        out[f"group{g}_slo_attainment"] = float(np.count_nonzero(tpt[mine] <= slo_ms)) / count if count else math.nan
     return out

@@ -1,4 +1,5 @@
-"""Figures of simulation results (matplotlib, Agg backend): attainment vs load, TPT CDF."""
+"""Figures of simulation results (matplotlib, Agg backend): attainment vs load, TPT CDF,
+and a per-group metric vs load for a fleet of several worker groups."""
 
 from __future__ import annotations
 
@@ -26,6 +27,18 @@ def plot_attainment(ax, points: Mapping[str, Sequence[Mapping[str, float]]], tit
     ax.set_xlabel("load (requests/s)")
     ax.set_ylabel("SLO attainment (%)")
     ax.set_title(title or "SLO attainment vs load")
+    ax.legend(fontsize=7)
+
+
+def plot_group_metric(ax, points: Mapping[str, Sequence[Mapping[str, float]]], key: str, title: str) -> None:
+    """A per-group metric (``sim_metrics.group_metrics`` key, e.g. ``group1_mean_rank``) against
+    Poisson rate, one line per policy; points where it is undefined are left out."""
+    for name, series in points.items():
+        kept = [p for p in series if p.get(key) is not None and np.isfinite(p[key])]
+        ax.plot([p["rate"] for p in kept], [p[key] for p in kept], marker=".", label=name)
+    ax.set_xlabel("load (requests/s)")
+    ax.set_ylabel(key)
+    ax.set_title(title)
     ax.legend(fontsize=7)
 
 

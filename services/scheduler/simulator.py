@@ -10,10 +10,16 @@ Each worker runs the engine's iteration loop with continuous batching:
 - otherwise one decode step gives every running request one token and lasts
   ``Dec(running)``, the context of each request growing by one token per step.
 
-Latencies come from a :class:`PerfModel`. Runs of decode steps between two state
-changes (an admission, a completion) are computed in closed form
-(``LinearCost.run_time``), so events scale with requests, not with tokens. A request
-routed to a decoding worker with room is admitted at the end of the step in flight.
+Latencies come from a :class:`PerfModel`. A heterogeneous fleet is a list of
+:class:`WorkerGroup`s, ``count`` workers each timed by the group's own model (decode runs,
+prefills, cold starts); each worker's view carries that model (``WorkerView.perf``), so
+rank_aware prices every worker by its own costs, as the scheduler does with the profiles
+its workers publish. A bare model means ``config.workers`` workers of it.
+
+Runs of decode steps between two state changes (an admission, a completion) are computed
+in closed form (``LinearCost.run_time``), so events scale with requests, not with tokens.
+A request routed to a decoding worker with room is admitted at the end of the step in
+flight.
 
 Routing calls the scheduler's own policy objects (``policies.py``) on
 :class:`WorkerView`s that the event loop keeps current through the same methods the
@@ -29,7 +35,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict, deque
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,7 +55,7 @@ IDLE, PREFILL, DECODE = 0, 1, 2
 class SimulatorConfig:
     """The simulated cluster."""
 
-    workers: int = option(8, "number of workers")
+    workers: int = option(8, "number of workers (of a single profile; worker groups give their own counts)")
     max_batch: int = option(32, "max running requests per worker")
     max_prefill_tokens: int = option(4096, "prompt tokens one prefill step admits (at least one request)")
     adapter_slots: int = option(0, "adapters each device caches (LRU); 0: all adapters always resident")
@@ -59,6 +65,29 @@ class SimulatorConfig:
         require(self.max_batch >= 1, "max_batch must be >= 1")
         require(self.max_prefill_tokens >= 1, "max_prefill_tokens must be >= 1")
         require(self.adapter_slots >= 0, "adapter_slots must be >= 0")
+
+
+@dataclass(frozen=True)
+class WorkerGroup:
+    """``count`` simulated workers of one kind of device, timed by (and priced with) ``perf``."""
+
+    perf: PerfModel
+    count: int
+
+    def __post_init__(self) -> None:
+        require(self.count >= 1, f"a worker group needs count >= 1, got {self.count}")
+
+
+Fleet = PerfModel | Sequence[WorkerGroup]  # a bare model: SimulatorConfig.workers workers of it
+
+
+def worker_groups(fleet: Fleet, workers: int) -> tuple[WorkerGroup, ...]:
+    """The fleet as groups: a bare model becomes one group of ``workers`` workers."""
+    if isinstance(fleet, PerfModel):
+        return (WorkerGroup(fleet, workers),)
+    groups = tuple(fleet)
+    require(len(groups) > 0, "a fleet needs at least one worker group")
+    return groups
 
 
 @dataclass
@@ -74,12 +103,13 @@ class SimResult:
 
 
 class _Worker:
-    __slots__ = ("index", "view", "queue", "prefilling", "finishing", "step", "phase", "run_start",
+    __slots__ = ("index", "view", "perf", "queue", "prefilling", "finishing", "step", "phase", "run_start",
                  "run_steps", "version", "lru")
 
-    def __init__(self, index: int, view: WorkerView, lru: OrderedDict | None) -> None:
+    def __init__(self, index: int, view: WorkerView, perf: PerfModel, lru: OrderedDict | None) -> None:
         self.index = index
         self.view = view
+        self.perf = perf  # its group's model: its step and cold-start times
         self.queue: deque[int] = deque()  # waiting requests, FIFO
         self.prefilling: list[int] = []  # requests in the prefill step in flight
         self.finishing: list[tuple[int, int]] = []  # heap of (step it finishes at, request)
@@ -92,10 +122,11 @@ class _Worker:
 
 
 class Simulator:
-    """One run of a workload on a cluster under one policy."""
+    """One run of a workload on a fleet under one policy."""
 
-    def __init__(self, perf: PerfModel, workload: Workload, policy: Policy, config: SimulatorConfig) -> None:
-        self.perf, self.policy, self.config = perf, policy, config
+    def __init__(self, fleet: Fleet, workload: Workload, policy: Policy, config: SimulatorConfig) -> None:
+        self.groups = worker_groups(fleet, config.workers)
+        self.policy, self.config = policy, config
         self.wl = workload
         names = [f"adapter-{i}" for i in range(len(workload.adapter_ranks))]
         everything = frozenset(names)
@@ -109,11 +140,13 @@ class Simulator:
         self.finish = [float("nan")] * n
         self.placed = [-1] * n
         self.workers: list[_Worker] = []
-        for i in range(config.workers):
-            lru: OrderedDict | None = OrderedDict() if config.adapter_slots else None
-            view = WorkerView(f"w{i}", config.max_batch, resident=everything if lru is None else lru,
-                              host=everything)
-            self.workers.append(_Worker(i, view, lru))
+        for group in self.groups:
+            for _ in range(group.count):
+                i = len(self.workers)
+                lru: OrderedDict | None = OrderedDict() if config.adapter_slots else None
+                view = WorkerView(f"w{i}", config.max_batch, resident=everything if lru is None else lru,
+                                  host=everything, perf=group.perf)
+                self.workers.append(_Worker(i, view, group.perf, lru))
         self.views = [w.view for w in self.workers]
         self.by_id = {w.view.worker_id: w for w in self.workers}
         self.events: list[tuple[float, int, int, int]] = []  # (time, seq, worker, version)
@@ -156,7 +189,7 @@ class Simulator:
 
     def _cut_run(self, w: _Worker, t: float) -> None:
         """End the decode run at the first step boundary at or after ``t``."""
-        dec, running = self.perf.decode, w.view.running
+        dec, running = w.perf.decode, w.view.running
         done = dec.steps_within(running, t - w.run_start, w.run_steps)
         steps = min(done + 1, w.run_steps)
         if steps < w.run_steps:
@@ -197,7 +230,7 @@ class Simulator:
             w.phase = DECODE
             w.run_start = t
             w.run_steps = w.finishing[0][0] - w.step
-            self._schedule(w, t + self.perf.decode.run_time(running, w.run_steps))
+            self._schedule(w, t + w.perf.decode.run_time(running, w.run_steps))
         else:
             w.phase = IDLE
 
@@ -218,7 +251,7 @@ class Simulator:
             batch.append(i)
         w.prefilling = batch
         w.phase = PREFILL
-        self._schedule(w, t + self.perf.prefill_us(stats) + cold)
+        self._schedule(w, t + w.perf.prefill_us(stats) + cold)
 
     def _make_resident(self, w: _Worker, rank: int, tokens: int, adapter: Hashable) -> float:
         """Touch the adapter in the device LRU; its cold-start cost if it was not there."""
@@ -236,7 +269,7 @@ class Simulator:
                     break
                 if old != adapter and not in_use.has_adapter(old):
                     del lru[old]
-        return self.perf.cold_start_us(rank, tokens, Level.HOST)
+        return w.perf.cold_us(rank, tokens, Level.HOST, w.view.assist_cores)
 
     def _result(self) -> SimResult:
         placed = np.asarray(self.placed, dtype=np.int64)
@@ -244,7 +277,7 @@ class Simulator:
                          self.wl.output_tokens.copy(), placed, placed < 0)
 
 
-def simulate(perf: PerfModel, workload: Workload, policy: Policy, config: SimulatorConfig) -> SimResult:
-    """Run ``workload`` on ``config.workers`` workers routed by ``policy``."""
-    return Simulator(perf, workload, policy, config).run()
+def simulate(fleet: Fleet, workload: Workload, policy: Policy, config: SimulatorConfig) -> SimResult:
+    """Run ``workload`` on ``fleet`` (a model: ``config.workers`` workers of it) routed by ``policy``."""
+    return Simulator(fleet, workload, policy, config).run()
 
