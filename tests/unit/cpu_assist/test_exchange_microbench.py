@@ -15,4 +15,5 @@ def test_the_exchange_microbench_reports_both_pool_sizes():
     report = run_microbench(SHAPE, rank=4, lengths=(8, 32), repeats=4)
     for row in report["by_prompt_length"].values():
         assert row["one_process_ms"] > 0 and row["two_processes_ms"] > 0 and row["compute_ms"] > 0
-        assert row["speedup_2_vs_1"] == pytest.approx(row["one_process_ms"] / row["two_processes_ms"], rel=1e-2)
+        ratio = row["one_process_ms"] / row["two_processes_ms"]  # of values rounded to 3 decimals, as the speedup
+        assert row["speedup_2_vs_1"] == pytest.approx(ratio, rel=1e-2, abs=2e-3)
