@@ -129,16 +129,17 @@ def plot(path: Path, report: dict) -> None:
     plt.close(fig)
 
 
-def _output_path(args: argparse.Namespace, synthetic: bool) -> Path:
-    if args.out:
-        out = Path(args.out).resolve()
-        if synthetic and RESULTS.resolve() in out.parents:
+def output_path(out: str, synthetic: bool, stem: str) -> Path:
+    """Where a sweep's JSON goes: ``out`` if given (never under bench/results for a synthetic profile),
+    else ``bench/results/<stem>-cpu.json``, or a temporary file for a synthetic profile."""
+    if out:
+        path = Path(out).resolve()
+        if synthetic and RESULTS.resolve() in path.parents:
             raise SystemExit("refusing to write results of a synthetic profile under bench/results")
-        return out
-    slots = f"-slots{args.adapter_slots}" if args.adapter_slots else ""
+        return path
     if synthetic:
-        return Path(tempfile.gettempdir()) / f"caraserve-sched_sweep{slots}-synthetic.json"
-    return RESULTS / f"sched_sweep{slots}-cpu.json"
+        return Path(tempfile.gettempdir()) / f"caraserve-{stem}-synthetic.json"
+    return RESULTS / f"{stem}-cpu.json"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"bench": "sched_sweep", "synthetic": synthetic, "workers": args.workers, "max_batch": 32,
               "ranks": [8, 16, 32, 64], "adapters": 512, "adapter_slots": args.adapter_slots,
               "duration_s": args.duration, "seed": args.seed, "cores": os.cpu_count(), "profiles": profiles}
-    out = _output_path(args, synthetic)
+    slots = f"-slots{args.adapter_slots}" if args.adapter_slots else ""
+    out = output_path(args.out, synthetic, f"sched_sweep{slots}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     plot(out.with_suffix(".png"), report)

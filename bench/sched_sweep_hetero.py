@@ -41,17 +41,17 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.sched_sweep import HOLD, RESULTS, capacity_rps
-from services.scheduler.experiment import highest_rate_meeting, load_sweep, log_progress, parse_policies, resolve_slo_ms
+from bench.sched_sweep import HOLD, RESULTS, capacity_rps, output_path
+from services.scheduler.experiment import (highest_rate_meeting, load_sweep, log_progress, parse_policies,
+                                           resolve_slo_ms)
+from services.scheduler.sim_metrics import json_safe
 from services.scheduler.simulator import SimulatorConfig, WorkerGroup
 from services.scheduler.workload import WorkloadConfig
 from shared.perf_model import LinearCost, PerfModel, ProfileError
@@ -82,17 +82,6 @@ def scale_rank_terms(perf: PerfModel, factor: float) -> PerfModel:
                      (), perf.cpu_prefill)
 
 
-def _finite(value):
-    """JSON-safe: NaN and infinities become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
 def judge(points: dict[str, list[dict]]) -> dict:
     """Each policy's highest load at >= 99 %, and rank_aware's ratio to each baseline's."""
     highest = {name: highest_rate_meeting(series, HOLD) for name, series in points.items()}
@@ -121,17 +110,6 @@ def plot(path: Path, report: dict) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _output_path(args: argparse.Namespace, synthetic: bool) -> Path:
-    if args.out:
-        out = Path(args.out).resolve()
-        if synthetic and RESULTS.resolve() in out.parents:
-            raise SystemExit("refusing to write results of a synthetic profile under bench/results")
-        return out
-    if synthetic:
-        return Path(tempfile.gettempdir()) / "caraserve-sched_sweep_hetero-synthetic.json"
-    return RESULTS / "sched_sweep_hetero-cpu.json"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -198,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ProfileError, ValueError) as exc:
         print(f"sched_sweep_hetero: error: {exc}", file=sys.stderr)
         return 2
-    out = _output_path(args, report["synthetic"])
+    out = output_path(args.out, report["synthetic"], "sched_sweep_hetero")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(_finite(report), indent=1))
+    out.write_text(json.dumps(json_safe(report), indent=1))
     plot(out.with_suffix(".png"), report)
     summary = {k: report[k] for k in ("slo_ms", "highest_rate_at_99", "rank_aware_ratio") if k in report}
     print(json.dumps({"out": str(out), "synthetic": report["synthetic"], **summary}, indent=1))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -110,19 +109,9 @@ def _configs(args: argparse.Namespace):
         raise CliError(str(exc)) from exc
 
 
-def _finite(value):
-    """JSON-safe: NaN/inf become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
 def run(args: argparse.Namespace) -> int:
     from services.scheduler import experiment
+    from services.scheduler.sim_metrics import json_safe
     from services.scheduler.policies import PolicyError
     from services.scheduler.workload import WorkloadError, generate
     from shared.perf_model import ProfileError
@@ -165,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     }
     if sweep is not None:
         report["sweep"] = {"rates": list(rates), "policies": sweep}
-    _write_json(args.json_out, _finite(report))
+    _write_json(args.json_out, json_safe(report))
     if args.plot:
         from services.scheduler.sim_plots import save_simulation_figure
 

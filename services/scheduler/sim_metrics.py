@@ -72,3 +72,14 @@ def group_metrics(result: SimResult, rank: np.ndarray, counts: Sequence[int], sl
         out[f"group{g}_mean_rank"] = float(rank[mine].mean()) if count else math.nan
         out[f"group{g}_slo_attainment"] = float(np.count_nonzero(tpt[mine] <= slo_ms)) / count if count else math.nan
     return out
+
+
+def json_safe(value):
+    """``value`` with NaN and infinities (at any depth of dicts and lists) replaced by None, for JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
