@@ -34,6 +34,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from nats.aio.msg import Msg
 from opentelemetry import context as otel_context
@@ -108,7 +109,7 @@ class GpuWorkerService:
         self.instance = secrets.token_hex(8)  # this process's id in every state it publishes
         self.engine: LLMEngine | None = None
         self.profile: WorkerProfile | None = None
-        self.model_dir = None
+        self.model_dir: Path | None = None  # resolved when the engine is built
         self.bus: Bus | None = None
         self.telemetry: Telemetry | None = None
         self.vllm_metrics: VllmMetrics | None = None

@@ -130,10 +130,13 @@ class WorkerProfile:
 
     def _cached(self) -> dict[str, tuple[PerfModel, str]] | None:
         """Every family's cached (model, text), or None while one is missing."""
-        found = {b: key.load() for b, key in self.keys.items()}
-        if any(v is None for v in found.values()):
-            return None
-        return found  # type: ignore[return-value]
+        found = {}
+        for backend, key in self.keys.items():
+            loaded = key.load()
+            if loaded is None:
+                return None
+            found[backend] = loaded
+        return found
 
     def _differs(self, loaded: Mapping[str, tuple[PerfModel, str]]) -> bool:
         assert self.published is not None
@@ -175,7 +178,8 @@ class WorkerProfile:
 
 
 async def _relay_progress(stream: asyncio.StreamReader) -> None:
-    """Log the profiler's progress lines (``\\r``-separated), one per stage and per PROGRESS_LOG_S."""
+    """Log the profiler's progress lines (``\r``-separated): each stage's first and last line, and
+    at most one line per PROGRESS_LOG_S in between."""
     stage, last, tail = "", 0.0, b""
     while chunk := await stream.read(4096):
         *lines, tail = re.split(rb"[\r\n]", tail + chunk)
@@ -184,12 +188,12 @@ async def _relay_progress(stream: asyncio.StreamReader) -> None:
             if not line:
                 continue
             now, line_stage = time.monotonic(), line.split(":", 1)[0]
-            if line_stage != stage or now - last >= PROGRESS_LOG_S or line.endswith(_total_of(line)):
+            if line_stage != stage or now - last >= PROGRESS_LOG_S or _stage_done(line):
                 logger.info("profile: %s", line)
                 stage, last = line_stage, now
 
 
-def _total_of(line: str) -> str:
-    """``"n/n grid points"`` for a progress line ``"...: k/n grid points"`` (a stage's last line)."""
-    match = re.search(r"/(\d+) grid points$", line)
-    return f"{match.group(1)}/{match.group(1)} grid points" if match else "\0"
+def _stage_done(line: str) -> bool:
+    """Whether a progress line ``"<stage>: k/n grid points"`` is its stage's last (k == n)."""
+    match = re.search(r"(\d+)/(\d+) grid points$", line)
+    return match is not None and match.group(1) == match.group(2)

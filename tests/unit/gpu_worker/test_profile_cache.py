@@ -51,3 +51,19 @@ def test_the_lock_is_exclusive_per_key(tmp_path, monkeypatch):
             except BlockingIOError:
                 taken = True
     assert taken
+
+
+async def test_the_profilers_progress_reaches_the_log_once_per_stage_and_at_its_end(caplog):
+    import asyncio
+
+    from services.gpu_worker.profiling.worker_profile import _relay_progress
+
+    caplog.set_level(logging.INFO, logger="services.gpu_worker.profiling.worker_profile")
+    stream = asyncio.StreamReader()
+    steps = "".join(f"\rprofiling steps: {k}/50 grid points" for k in range(1, 51))
+    stream.feed_data(f"{steps}\n\rprofiling cold starts: 1/36 grid points\n".encode())
+    stream.feed_eof()
+    await _relay_progress(stream)
+    logged = [r.getMessage() for r in caplog.records]
+    assert logged == ["profile: profiling steps: 1/50 grid points", "profile: profiling steps: 50/50 grid points",
+                      "profile: profiling cold starts: 1/36 grid points"]
