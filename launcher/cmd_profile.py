@@ -116,8 +116,9 @@ def into_cache(args: argparse.Namespace, model_dir, engine_config, config, progr
         print(file=sys.stderr)
         out = []
         for backend, model in models.items():
-            model.with_cpu_prefill(cpu).save(keys[backend].path)
-            out.append(summary(str(keys[backend].path), model.with_cpu_prefill(cpu)))
+            model = model.with_cpu_prefill(cpu)
+            model.save(keys[backend].path)
+            out.append(summary(str(keys[backend].path), model))
     print(json.dumps(out, indent=1))
     return 0
 

@@ -632,11 +632,11 @@ class PerfModel:
 
     def check(self, expect_model: str | None = None, expect_device: str | None = None,
               expect_model_digest: str | None = None, expect_backend: str | None = None,
-              where: str = "profile") -> None:
+              where: str = "profile", expect_dtype: str | None = None) -> None:
         """Raise :class:`ProfileMismatchError` unless the profile matches every given expectation."""
         wanted = (("model", expect_model, self.info.model), ("device", expect_device, self.info.device_name),
                   ("model digest", expect_model_digest, self.info.model_digest),
-                  ("backend", expect_backend, self.info.backend))
+                  ("backend", expect_backend, self.info.backend), ("dtype", expect_dtype, self.info.dtype))
         for what, expect, have in wanted:
             if expect is not None and expect != have:
                 raise ProfileMismatchError(

@@ -199,10 +199,12 @@ class RankAware(Policy):
 
     def pick(self, workers: Sequence[WorkerView], request: PolicyRequest) -> int:
         models = [view.perf or self.perf for view in workers]
-        known = [m for m in models if m is not None]
-        if not known:
-            return _least_loaded(workers)
-        fallback = min(known, key=self._model_slo)
+        fallback = self.perf
+        if fallback is None and (self.slo_us is None or None in models):
+            known = [m for m in models if m is not None]
+            if not known:
+                return _least_loaded(workers)
+            fallback = min(known, key=self._model_slo)
         slo = self._slo(fallback) if self.config.slo_penalty else float("inf")
         prefills: dict[PerfModel, tuple[float, float]] = {}
         # the best worker (least total, then least predicted time per token) among the
@@ -230,12 +232,13 @@ class RankAware(Policy):
                 return choice
         return 0
 
-    def _slo(self, fallback: PerfModel) -> float:
-        """The SLO in us: the explicit one, else the reference model's default, else the
-        default of the fastest candidate model (``fallback``)."""
+    def _slo(self, fallback: PerfModel | None) -> float:
+        """The SLO in us: the explicit one, else the default of ``fallback`` (the reference model,
+        else the fastest candidate model)."""
         if self.slo_us is not None:
             return self.slo_us
-        return self._model_slo(self.perf or fallback)
+        assert fallback is not None
+        return self._model_slo(fallback)
 
     def _model_slo(self, perf: PerfModel) -> float:
         """:func:`default_slo_us` of ``perf`` at the config's reference point (cached)."""
@@ -262,9 +265,9 @@ class RankAware(Policy):
         n = exists.count
         before, after = dec.cost_and_with(exists, rank, tokens, adapter)
         d_decode = after - before
-        if config.padding_lifetime and n and rank <= exists.max_rank:
+        if config.padding_lifetime and n and rank <= exists.max_rank and dec.padding(1, 1, 0, 1) > 0:
             at_least, below = exists.rank_split(rank)
-            if at_least < n:  # the padding extension (module docstring); 0 without padding terms
+            if at_least < n:  # the padding extension (module docstring); models without padding terms skip it
                 lower = n - at_least
                 d_decode += dec.padding(lower, exists.sum_tokens * lower / n, below, rank) / (at_least + 1)
         queue = view.waiting

@@ -68,9 +68,7 @@ class ProfileKey:
         try:
             model = PerfModel.from_text(text, str(self.path))
             model.check(expect_device=self.device_name, expect_model_digest=self.model_digest,
-                        expect_backend=self.backend, where=str(self.path))
-            if model.info.dtype != self.dtype:
-                raise ProfileError(f"{self.path} was made for dtype {model.info.dtype!r}, not {self.dtype!r}")
+                        expect_backend=self.backend, where=str(self.path), expect_dtype=self.dtype)
         except ProfileError as exc:
             logger.warning("%s; making a new one", exc)
             return None

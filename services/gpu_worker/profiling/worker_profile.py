@@ -99,12 +99,15 @@ class WorkerProfile:
         """The --profile FILE, checked against this worker; ProfileError (one line) when it does not fit."""
         key = next(iter(self.keys.values()))
         path = self.settings.explicit
-        model = PerfModel.load(path, expect_model_digest=key.model_digest, expect_device=key.device_name)
-        if self.settings.backend != AUTO and model.backend != self.settings.backend:
-            raise ProfileError(f"{path} was made for backend {model.backend!r}, not {self.settings.backend!r}")
-        if model.info.dtype != key.dtype:
-            raise ProfileError(f"{path} was made for dtype {model.info.dtype!r}, not {key.dtype!r}")
-        return Published.of(model.backend, model, Path(path).read_text(encoding="utf-8"))
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ProfileError(f"cannot read profile {path}: {exc}") from None
+        model = PerfModel.from_text(text, path)
+        model.check(expect_model_digest=key.model_digest, expect_device=key.device_name, where=path,
+                    expect_backend=None if self.settings.backend == AUTO else self.settings.backend,
+                    expect_dtype=key.dtype)
+        return Published.of(model.backend, model, text)
 
     async def run(self, on_change: Callable[[Published], None]) -> None:
         """Find or make the profile, publish it through ``on_change``, then follow the cache."""
