@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from urllib.parse import urlparse
 
 import nats
@@ -32,21 +33,24 @@ NATS_LINE = re.compile(r"NATS:\s+(nats://\S+)")
 
 
 async def interrupt_generation(nats_url: str, operator: Credentials, command: list[str],
-                               env: dict[str, str]) -> tuple[int, str]:
-    """Run ``caraserve generate``, Ctrl-C it at its first output; its exit status and the
-    request id the gateway then cancelled on the worker (watched as the operator)."""
+                               env: dict[str, str], stderr_path: Path) -> str:
+    """Run ``caraserve generate``, Ctrl-C it at its first output; the request id the gateway
+    then cancelled on the worker (watched as the operator). The command's stderr goes to
+    ``stderr_path`` and into any failure message."""
     nc = await nats.connect(nats_url, **operator.connect_options())
     try:
         cancels = await nc.subscribe(subjects.any_worker("cancel"))
         await nc.flush()
         long = [arg if arg != "4" else "400" for arg in command]  # --max-tokens
-        proc = await asyncio.create_subprocess_exec(*long, cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE,
-                                                    stderr=asyncio.subprocess.DEVNULL)
-        await asyncio.wait_for(proc.stdout.read(1), 60)
-        proc.send_signal(signal.SIGINT)
-        status = await asyncio.wait_for(proc.wait(), 30)
-        cancel = CancelRequest.decode((await cancels.next_msg(timeout=10)).data)
-        return status, cancel.request_id
+        with stderr_path.open("w") as stderr:
+            proc = await asyncio.create_subprocess_exec(*long, cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE,
+                                                        stderr=stderr)
+            first = await asyncio.wait_for(proc.stdout.read(1), 60)
+            proc.send_signal(signal.SIGINT)
+            status = await asyncio.wait_for(proc.wait(), 30)
+        assert status == 130, f"exit {status} after output {first!r}: {stderr_path.read_text()}"
+        cancel = CancelRequest.decode((await cancels.next_msg(timeout=30)).data)
+        return cancel.request_id
     finally:
         await nc.close()
 
@@ -74,9 +78,9 @@ def test_caraserve_up_with_api_keys_and_nats_credentials(tiny_model_dir, adapter
         assert result.returncode == 0, result.stderr
         assert "completion tokens" in result.stderr
         operator = read_credentials(tmp_path / "run" / "nats" / "operator.json")
-        interrupted, cancelled = asyncio.run(interrupt_generation(nats_url, operator, generate[:-1] + ["tell me"],
-                                                                  env))
-        assert interrupted == 130 and cancelled.startswith("cli-")  # Ctrl-C reached the worker as a cancel
+        cancelled = asyncio.run(interrupt_generation(nats_url, operator, generate[:-1] + ["tell me"], env,
+                                                     tmp_path / "generate.stderr"))
+        assert cancelled.startswith("cli-")  # Ctrl-C reached the worker as a cancel
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(STOP_TIMEOUT_S) == 0
     finally:
