@@ -1,14 +1,20 @@
-"""Engine benchmark: our multi-LoRA engine against transformers(+peft) on one mixed workload.
+"""Engine benchmark: our multi-LoRA engine against transformers(+peft) and vLLM's CPU backend.
 
-Runs five configurations over the same requests (see bench/engine_configs.py), each in a fresh
+Runs seven configurations over the same requests (see bench/engine_configs.py), each in a fresh
 process so its peak RSS is its own, and reports useful output tokens/s, TTFT and time per
-output token percentiles, peak RSS, the target ratios, and the achieved FLOP/s of run (a)'s
-decode-only steps as a fraction of a bf16 matmul peak measured in the same run.
+output token percentiles, CPU use, peak RSS, the target ratios, and run (a)'s decode-only
+steps as fractions of the bf16 matmul peak and of the memory bandwidth measured in the same run.
 
     python -m bench.engine                 # full workload (several minutes on 2 cores)
     python -m bench.engine --quick         # 8 short requests, a smoke run
-    python -m bench.engine --skip-hf       # engine configurations only
+    python -m bench.engine --skip-hf       # without the transformers baselines (d) and (e)
+    python -m bench.engine --skip-vllm     # without the vLLM peer (f) and (g)
+    python -m bench.engine --configs c,g   # only these configurations
     python -m bench.engine --repeats 2     # two rounds over all configurations, best round each
+
+The vLLM configurations run under the vLLM venv's Python (``.venv-vllm``, made by ``make
+bench``). When it is missing or vllm does not import there, the benchmark prints why, marks
+(f) and (g) as skipped with that reason in the report's ``skipped``, and reports the rest.
 
 On a CPU shared with other work, timings swing with the machine's load: every run records
 the load average and its own CPU time (tokens per CPU second move much less than tokens
@@ -32,11 +38,13 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from bench.engine_configs import CONFIGS, DECODE_EFFICIENCY_CONFIG, make_spec, run_configuration
+from bench.engine_configs import (CONFIGS, DECODE_EFFICIENCY_CONFIG, HF_CONFIGS, VLLM_CONFIGS, make_spec,
+                                  run_configuration)
 from bench.engine_options import OMP_WAIT_POLICIES, RunOptions
 from bench.engine_report import REFERENCE_TOKENS_PER_S, decode_efficiency, ratios, targets
 from bench.engine_workload import BenchRequest, EngineWorkload, make_requests
 from bench.run_record import load_average
+from bench.vllm_peer import vllm_unavailable
 from shared.config import ConfigError, add_arguments, from_namespace
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,13 +104,13 @@ def child_env(omp_wait_policy: str) -> dict[str, str]:
     return env
 
 
-def run_isolated(spec: dict, env: dict[str, str] | None = None) -> dict:
-    """Run one configuration in a fresh Python process (its stdout goes to our stderr)."""
+def run_isolated(spec: dict, env: dict[str, str] | None = None, python: Path | None = None) -> dict:
+    """Run one configuration in a fresh process of ``python`` (default ours); its stdout goes to our stderr."""
     with tempfile.TemporaryDirectory(prefix="caraserve-bench-") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec))
-        proc = subprocess.run([sys.executable, "-m", "bench.engine_configs", str(spec_path), str(out_path)],
-                              cwd=REPO, stdout=sys.stderr, check=False, env=env)
+        command = [str(python or sys.executable), "-m", "bench.engine_configs", str(spec_path), str(out_path)]
+        proc = subprocess.run(command, cwd=REPO, stdout=sys.stderr, check=False, env=env)
         if proc.returncode != 0 or not out_path.is_file():
             raise BenchError(f"configuration ({spec['config']}) failed with exit status {proc.returncode}")
         return json.loads(out_path.read_text())
@@ -117,14 +125,51 @@ def best_of(results: list[dict]) -> dict:
     return best
 
 
-def _run_rounds(specs: dict[str, dict], options: RunOptions, env: dict[str, str]) -> dict[str, dict]:
+def vllm_python(options: RunOptions) -> Path:
+    """The vLLM venv's Python (``options.vllm_python``, relative to the repository unless absolute)."""
+    return REPO / options.vllm_python
+
+
+def vllm_skips(options: RunOptions) -> dict[str, str]:
+    """Requested vLLM configurations that cannot run, each with the reason (printed once on stderr)."""
+    wanted = [k for k in options.configs if k in VLLM_CONFIGS]
+    if not wanted:
+        return {}
+    if options.device != "cpu":
+        reason = f"the vLLM peer is vLLM's CPU backend: it runs only with --device cpu, not {options.device}"
+    else:
+        reason = vllm_unavailable(vllm_python(options))
+    if reason is None:
+        return {}
+    print(f"[bench] {reason}; skipping configuration(s) {', '.join(wanted)}", file=sys.stderr, flush=True)
+    return {key: reason for key in wanted}
+
+
+def _run_one(spec: dict, options: RunOptions, env: dict[str, str]) -> dict:
+    """One round of one configuration; vLLM always runs in a fresh process of its venv's Python."""
+    if spec["config"] in VLLM_CONFIGS:
+        return run_isolated(spec, env, vllm_python(options))
+    return run_isolated(spec, env) if options.isolate else run_configuration(spec)
+
+
+def _run_rounds(specs: dict[str, dict], options: RunOptions, env: dict[str, str],
+                skipped: dict[str, str]) -> dict[str, dict]:
+    """Best round of every configuration; a failing vLLM configuration is added to ``skipped`` instead."""
     results: dict[str, list[dict]] = {key: [] for key in specs}
     for round_index in range(options.repeats):
         for key, spec in specs.items():
+            if key in skipped:
+                continue
             print(f"[bench] round {round_index + 1}/{options.repeats}: configuration ({key}) {CONFIGS[key].label}",
                   file=sys.stderr, flush=True)
-            results[key].append(run_isolated(spec, env) if options.isolate else run_configuration(spec))
-    return {key: best_of(rounds) for key, rounds in results.items()}
+            try:
+                results[key].append(_run_one(spec, options, env))
+            except BenchError as exc:
+                if key not in VLLM_CONFIGS:
+                    raise
+                print(f"[bench] {exc}; skipping it", file=sys.stderr, flush=True)
+                skipped[key] = str(exc)
+    return {key: best_of(rounds) for key, rounds in results.items() if key not in skipped}
 
 
 def run_benchmark(model_dir: Path, adapters: dict[str, Path], workload: EngineWorkload,
@@ -133,7 +178,7 @@ def run_benchmark(model_dir: Path, adapters: dict[str, Path], workload: EngineWo
 
     ``adapters`` maps the workload's adapter names to PEFT dirs; ``requests`` defaults to
     :func:`make_requests` for the model's vocabulary. With ``options.isolate`` off every
-    configuration runs in this process (then peak RSS is this process's, cumulative).
+    configuration but vLLM's runs in this process (then peak RSS is this process's, cumulative).
     """
     options = options or RunOptions()
     config = json.loads((Path(model_dir) / "config.json").read_text())
@@ -141,17 +186,19 @@ def run_benchmark(model_dir: Path, adapters: dict[str, Path], workload: EngineWo
     threads = options.resolved_threads()
     env = child_env(options.omp_wait_policy) if options.isolate else dict(os.environ)
     specs = {key: make_spec(key, model_dir, adapters, requests, options.device, threads, workload.hf_batch_size,
-                            options.peak_size) for key in options.configs}
+                            options.peak_size, options.bandwidth_bytes) for key in options.configs}
+    skipped = vllm_skips(options)
     load_start = load_average()
-    runs = _run_rounds(specs, options, env)
+    runs = _run_rounds(specs, options, env, skipped)
+    efficiency = decode_efficiency(runs.get(DECODE_EFFICIENCY_CONFIG))
     return {
         "bench": "engine", "device": device_label(options.device), "model": Path(model_dir).name,
         "machine": machine_info(options.device, threads), "isolated_processes": options.isolate,
         "repeats": options.repeats, "omp_wait_policy": env.get("OMP_WAIT_POLICY", "unset (runtime default)"),
         "load_avg": {"start": load_start, "end": load_average()},
         "workload": workload.to_dict(), "adapter_ranks": workload.adapter_ranks(),
-        "runs": runs, "ratios": ratios(runs), "targets": targets(runs),
-        "decode_efficiency": decode_efficiency(runs.get(DECODE_EFFICIENCY_CONFIG)),
+        "runs": runs, "skipped": skipped, "ratios": ratios(runs), "targets": targets(runs, efficiency),
+        "decode_efficiency": efficiency,
         "reference_tokens_per_s": REFERENCE_TOKENS_PER_S,
     }
 
@@ -174,8 +221,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None,
                         help="report path (default bench/results/engine-<device>.json)")
     parser.add_argument("--skip-hf", action="store_true", help="skip the transformers baselines (d) and (e)")
+    parser.add_argument("--skip-vllm", action="store_true", help="skip the vLLM CPU peer (f) and (g)")
     parser.add_argument("--model", type=Path, default=None, help="base model dir (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--configs", default="".join(CONFIGS), help="which configurations to run, e.g. 'ac'")
+    parser.add_argument("--configs", default="".join(CONFIGS), help="which configurations to run, e.g. 'ac' or 'f,g'")
     parser.add_argument("--repeats", type=int, default=1, help="rounds over all configurations; each reports its best")
     parser.add_argument("--omp-wait-policy", default="passive", choices=OMP_WAIT_POLICIES,
                         help="OMP_WAIT_POLICY of every configuration's process (inherit: leave ours)")
@@ -189,11 +237,14 @@ def _workload(args: argparse.Namespace) -> EngineWorkload:
 
 
 def _options(args: argparse.Namespace) -> RunOptions:
-    unknown = set(args.configs) - set(CONFIGS)
+    wanted = set(args.configs.replace(",", "").replace(" ", ""))
+    unknown = wanted - set(CONFIGS)
     if unknown:
         raise BenchError(f"--configs: unknown configuration(s) {''.join(sorted(unknown))}")
-    skip = {"d", "e"} if args.skip_hf else set()
-    configs = tuple(k for k in CONFIGS if k in args.configs and k not in skip)
+    skip = set(HF_CONFIGS if args.skip_hf else ()) | set(VLLM_CONFIGS if args.skip_vllm else ())
+    configs = tuple(k for k in CONFIGS if k in wanted and k not in skip)
+    if not configs:
+        raise BenchError("no configuration left to run (check --configs, --skip-hf and --skip-vllm)")
     return RunOptions(device=resolve_device(args.device), configs=configs, repeats=args.repeats,
                       omp_wait_policy=args.omp_wait_policy)
 

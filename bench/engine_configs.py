@@ -1,9 +1,11 @@
-"""The five configurations of the engine benchmark and how one of them is run.
+"""The seven configurations of the engine benchmark and how one of them is run.
 
 A run is described by a JSON spec (plain data, so it can cross a process boundary) and
 answers a JSON result. :func:`run_configuration` runs one in this process;
 ``python -m bench.engine_configs SPEC.json RESULT.json`` runs one in a fresh process, so
-that its peak RSS is its own.
+that its peak RSS is its own. The vLLM configurations (system ``vllm``) always run that way,
+under the vLLM venv's Python: this module and the modules it imports at the top must
+therefore import only the standard library and other such plain bench/shared modules.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.engine_metrics import matmul_peak
+from bench.engine_metrics import matmul_peak, memory_bandwidth
 from bench.engine_workload import BenchRequest
 from bench.run_record import load_average, peak_rss_bytes
 
@@ -24,7 +26,7 @@ class BenchConfig:
 
     key: str
     label: str
-    system: str  # "engine" or "hf"
+    system: str  # "engine", "hf" or "vllm"
     adapters: bool
     backend: str = "bgmv"
 
@@ -35,18 +37,23 @@ CONFIGS: dict[str, BenchConfig] = {c.key: c for c in (
     BenchConfig("c", "engine, base model only", "engine", False),
     BenchConfig("d", "transformers+peft generate, adapter_names", "hf", True),
     BenchConfig("e", "transformers generate, base model only", "hf", False),
+    BenchConfig("f", "vLLM CPU, mixed adapters", "vllm", True),
+    BenchConfig("g", "vLLM CPU, base model only", "vllm", False),
 )}
+HF_CONFIGS = tuple(k for k, c in CONFIGS.items() if c.system == "hf")
+VLLM_CONFIGS = tuple(k for k, c in CONFIGS.items() if c.system == "vllm")
 DECODE_EFFICIENCY_CONFIG = "a"
 
 
 def make_spec(key: str, model_dir: Path, adapters: dict[str, Path], requests: list[BenchRequest], device: str,
-              threads: int, hf_batch_size: int, peak_size: int | None = None) -> dict:
+              threads: int, hf_batch_size: int, peak_size: int | None = None,
+              bandwidth_bytes: int | None = None) -> dict:
     """The JSON-able description of one run."""
     if key not in CONFIGS:
         raise ValueError(f"unknown configuration {key!r}; choose from {', '.join(CONFIGS)}")
     return {"config": key, "model_dir": str(model_dir), "adapters": {n: str(p) for n, p in adapters.items()},
             "requests": [r.to_dict() for r in requests], "device": device, "threads": threads,
-            "hf_batch_size": hf_batch_size, "peak_size": peak_size}
+            "hf_batch_size": hf_batch_size, "peak_size": peak_size, "bandwidth_bytes": bandwidth_bytes}
 
 
 def run_configuration(spec: dict) -> dict:
@@ -57,13 +64,17 @@ def run_configuration(spec: dict) -> dict:
     adapters = {n: Path(p) for n, p in spec["adapters"].items()} if config.adapters else None
     label = f"({config.key}) {config.label}"
     start_load = load_average()
-    decode = None
+    decode = peer = None
     if config.system == "engine":
         from bench.engine_runner import run_engine
 
         record, tally = run_engine(model_dir, requests, adapters, config.backend, spec["device"], spec["threads"],
                                    label)
         decode = tally.to_dict()
+    elif config.system == "vllm":
+        from bench.vllm_runner import run_vllm
+
+        record, peer = run_vllm(model_dir, requests, adapters, spec["threads"], label)
     else:
         from bench.hf_runner import run_hf
 
@@ -73,8 +84,11 @@ def run_configuration(spec: dict) -> dict:
               "load_avg_start": start_load, "load_avg_end": load_average()}
     if decode is not None:
         result["decode"] = decode
+    if peer is not None:
+        result["vllm"] = peer
     if config.key == DECODE_EFFICIENCY_CONFIG:
         result["matmul_peak"] = matmul_peak(spec["device"], spec.get("peak_size") or None)
+        result["memory_bandwidth"] = memory_bandwidth(spec["device"], spec.get("bandwidth_bytes") or None)
     return result
 
 

@@ -1,4 +1,4 @@
-"""Numbers the engine benchmark derives: latency summaries, decode-step FLOPs, the matmul peak.
+"""Numbers the engine benchmark derives: latency summaries, decode-step FLOPs and bytes, the machine's peaks.
 
 Decode FLOPs are counted from the model shape, per decoded token:
 
@@ -9,6 +9,17 @@ Decode FLOPs are counted from the model shape, per decoded token:
   cached tokens, the current one included).
 
 Element-wise work (norms, RoPE, activation, softmax) is not counted.
+
+Decode bytes are what one decode step must read from memory at least once:
+
+* weights: every decoder projection and the LM head, at ``dtype_bytes`` per parameter;
+* LoRA: A and B of every distinct adapter in the step (an adapter shared by several
+  sequences is read once), all seven projections, every layer;
+* KV cache: ``2 * ctx * kv_heads * head_dim`` values per layer per sequence.
+
+Norm weights, embeddings of the step's few tokens and activations are not counted. The
+machine's limits are measured in the same process: the bf16 matmul peak (FLOP/s) and the
+memory bandwidth (bytes/s, best of a large-tensor copy and a large-tensor sum).
 """
 
 from __future__ import annotations
@@ -60,6 +71,54 @@ def decode_step_flops(shape: LlamaShape, vocab_size: int, contexts: Sequence[int
     base = linear_flops_per_token(shape, vocab_size)
     return sum(base + lora_flops_per_token(shape, r) + attention_flops_per_token(shape, c)
                for c, r in zip(contexts, ranks, strict=True))
+
+
+def linear_bytes(shape: LlamaShape, vocab_size: int, dtype_bytes: int = 2) -> int:
+    """Bytes of all decoder projection weights and the LM head."""
+    return linear_flops_per_token(shape, vocab_size) // 2 * dtype_bytes
+
+
+def kv_bytes(shape: LlamaShape, context: int, dtype_bytes: int = 2) -> int:
+    """Bytes of one sequence's cached keys and values over ``context`` tokens, all layers."""
+    return 2 * context * shape.num_kv_heads * shape.head_dim * shape.num_layers * dtype_bytes
+
+
+def decode_step_bytes(shape: LlamaShape, vocab_size: int, contexts: Sequence[int], adapter_ranks: Sequence[int],
+                      dtype_bytes: int = 2) -> int:
+    """Bytes one decode step reads: weights once, each distinct adapter once (``adapter_ranks``), every KV context."""
+    lora = sum(lora_flops_per_token(shape, r) // 2 for r in adapter_ranks) * dtype_bytes
+    return linear_bytes(shape, vocab_size, dtype_bytes) + lora + sum(kv_bytes(shape, c, dtype_bytes) for c in contexts)
+
+
+def memory_bandwidth(device: str, size_bytes: int | None = None, repeats: int = 5) -> dict[str, float]:
+    """Best and median bytes/s of reading ``size_bytes`` on ``device``: the better of copy and sum.
+
+    A copy moves ``2 * size`` bytes (read + write), a sum reads ``size``; each is timed best of
+    ``repeats`` after a warm-up, on a float32 tensor far larger than the CPU's caches (default
+    256 MiB on CPU, 2 GiB on CUDA). The kind with the higher best rate is reported.
+    """
+    import torch
+
+    n = (size_bytes or (2 * 1024 ** 3 if device.startswith("cuda") else 256 * 1024 ** 2)) // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    kinds = {"copy": (lambda: dst.copy_(src), 2 * 4 * n), "sum": (lambda: src.sum(), 4 * n)}
+    rates = {}
+    with torch.inference_mode():
+        for kind, (op, moved) in kinds.items():
+            op()  # warm-up (page faults, thread pool start)
+            times = []
+            for _ in range(repeats):
+                sync()
+                start = time.perf_counter()
+                op()
+                sync()
+                times.append(time.perf_counter() - start)
+            rates[kind] = (moved / min(times), moved / percentile(times, 50))
+    best = max(rates, key=lambda k: rates[k][0])
+    return {"size_bytes": 4 * n, "kind": best, "best_bytes_per_s": rates[best][0],
+            "median_bytes_per_s": rates[best][1], **{f"{k}_best_bytes_per_s": v[0] for k, v in rates.items()}}
 
 
 def matmul_peak(device: str, size: int | None = None, repeats: int = 5) -> dict[str, float]:

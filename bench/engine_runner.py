@@ -1,8 +1,9 @@
 """One benchmark run on our engine: every request submitted at t = 0, greedy, ignore_eos.
 
 Besides the per-request timings, the run times every decode-only step (a step that admits no
-request: all running sequences decode one token) and counts its FLOPs from the model shape,
-so the caller can compare the decode steps' achieved FLOP/s with the device's matmul peak.
+request: all running sequences decode one token) and counts its FLOPs and the bytes it must
+read from the model shape, so the caller can compare the decode steps' achieved FLOP/s and
+bytes/s with the device's matmul peak and memory bandwidth.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.engine_metrics import decode_step_flops
+from bench.engine_metrics import decode_step_bytes, decode_step_flops
 from bench.engine_workload import BenchRequest
 from bench.run_record import RunRecord
 from services.gpu_worker.engine import LLMEngine
@@ -23,16 +24,19 @@ WARMUP_PROMPT_TOKENS = 16
 
 @dataclass
 class DecodeTally:
-    """Decode-only steps of a run: how many, their summed time, tokens and FLOPs."""
+    """Decode-only steps of a run: how many, their summed time, tokens, FLOPs and bytes read."""
 
     steps: int = 0
     time_s: float = 0.0
     tokens: int = 0
     flops: int = 0
+    bytes_read: int = 0
 
     def to_dict(self) -> dict:
+        per_s = (lambda x: x / self.time_s) if self.time_s else (lambda x: 0.0)
         return {"steps": self.steps, "time_s": self.time_s, "tokens": self.tokens, "flops": self.flops,
-                "flops_per_s": self.flops / self.time_s if self.time_s else 0.0}
+                "flops_per_s": per_s(self.flops), "bytes_read": self.bytes_read,
+                "bytes_per_s": per_s(self.bytes_read)}
 
 
 def _params(max_tokens: int) -> SamplingParams:
@@ -86,6 +90,8 @@ def _step_until_done(engine: LLMEngine, record: RunRecord) -> DecodeTally:
             tally.time_s += end - start
             tally.tokens += len(produced)
             tally.flops += decode_step_flops(shape, vocab, contexts, [r.rank for r in state.running])
+            adapters = {r.adapter: r.rank for r in state.running if r.adapter}
+            tally.bytes_read += decode_step_bytes(shape, vocab, contexts, list(adapters.values()))
         first_step = False
         record.progress()
     return tally

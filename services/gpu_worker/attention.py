@@ -10,17 +10,18 @@ import torch.nn.functional as F
 
 @dataclass
 class DecodeGroup:
-    """Decoding sequences attended together, their contexts padded to the group's longest ``L``.
+    """Decoding sequences attended together, their contexts padded to the group's longest, ``W`` blocks.
 
     * ``idx: [B]`` batch indices of their decode tokens (one per sequence).
-    * ``rows: [B * KVH * L]`` rows of the cache viewed as ``[slots * KVH, D]`` that hold each
-      sequence's context (current token included), head-major per sequence, so one
-      ``index_select`` gathers a contiguous ``[B, KVH, L, D]``; padding reads slot 0.
-    * ``mask: [B, 1, 1, L]`` marks the real (unpadded) context positions.
+    * ``blocks: [B * KVH * W]`` rows of the cache viewed as ``[num_blocks * KVH, block_size, D]``
+      (one block of one KV head) that hold each sequence's context, head-major per sequence,
+      so one ``index_select`` of whole blocks gathers a contiguous ``[B, KVH, W * block_size, D]``;
+      padding blocks read block 0.
+    * ``mask: [B, 1, 1, W * block_size]`` marks the real context positions (current token included).
     """
 
     idx: torch.Tensor
-    rows: torch.Tensor
+    blocks: torch.Tensor
     mask: torch.Tensor
 
 
@@ -28,12 +29,13 @@ class DecodeGroup:
 class AttentionMetadata:
     """Where each token of a step lives in the KV cache and what it attends to.
 
-    * ``slot_mapping: [T]`` cache slot written with each token's K/V.
+    * ``write_rows: [T * KVH]`` rows of the cache viewed as ``[num_blocks * KVH * block_size, D]``
+      written with each token's K/V heads (token-major, as ``k.reshape(-1, D)`` orders them).
     * ``prefill``: ``(start, end)`` token ranges of sequences prefilled from position 0.
     * ``decode``: the decoding sequences in groups of similar context length (less padding).
     """
 
-    slot_mapping: torch.Tensor
+    write_rows: torch.Tensor
     prefill: list[tuple[int, int]]
     decode: list[DecodeGroup] = field(default_factory=list)
 
@@ -42,12 +44,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: 
                     cache_v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
     """Write this step's K/V into the cache, then attend.
 
-    ``q: [T, H, D]``, ``k``/``v``: ``[T, KVH, D]``, ``cache_k``/``cache_v``: ``[slots, KVH, D]``.
+    ``q: [T, H, D]``, ``k``/``v``: ``[T, KVH, D]``, ``cache_k``/``cache_v``:
+    ``[num_blocks, KVH, block_size, D]`` (see :func:`~services.gpu_worker.kv_cache.allocate_cache`).
     Returns ``[T, H * D]``. Prefill sequences attend causally to themselves (GQA through
     SDPA's ``enable_gqa``); decode tokens attend to their cached context (see :func:`decode_attention`).
     """
-    cache_k.index_copy_(0, meta.slot_mapping, k)
-    cache_v.index_copy_(0, meta.slot_mapping, v)
+    d = k.shape[-1]
+    cache_k.view(-1, d).index_copy_(0, meta.write_rows, k.reshape(-1, d))
+    cache_v.view(-1, d).index_copy_(0, meta.write_rows, v.reshape(-1, d))
     if not meta.prefill and len(meta.decode) == 1 and meta.decode[0].idx.numel() == q.shape[0]:
         # a decode-only step in one group: its tokens are the whole batch, in order
         return decode_attention(q, cache_k, cache_v, meta.decode[0]).flatten(1)
@@ -64,12 +68,13 @@ def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tens
                      group: DecodeGroup) -> torch.Tensor:
     """One query token per decoding sequence: ``q: [B, H, D]`` -> ``[B, H, D]``.
 
-    The context is gathered head-major into contiguous ``[B, KVH, L, D]``; the ``G = H / KVH``
-    query heads sharing a KV head become SDPA's query length (``[B, KVH, G, D]``), so GQA
-    needs no repeated K/V and SDPA reads the gathered K/V once per KV head.
+    The context is gathered a whole (block, KV head) at a time into contiguous
+    ``[B, KVH, W * block_size, D]``; the ``G = H / KVH`` query heads sharing a KV head become
+    SDPA's query length (``[B, KVH, G, D]``), so GQA needs no repeated K/V and SDPA reads the
+    gathered K/V once per KV head.
     """
-    b, kvh, d = q.shape[0], cache_k.shape[1], cache_k.shape[2]
-    kd = cache_k.view(-1, d).index_select(0, group.rows).view(b, kvh, -1, d)
-    vd = cache_v.view(-1, d).index_select(0, group.rows).view(b, kvh, -1, d)
+    b, kvh, bs, d = q.shape[0], cache_k.shape[1], cache_k.shape[2], cache_k.shape[3]
+    kd = cache_k.view(-1, bs, d).index_select(0, group.blocks).view(b, kvh, -1, d)
+    vd = cache_v.view(-1, bs, d).index_select(0, group.blocks).view(b, kvh, -1, d)
     od = F.scaled_dot_product_attention(q.view(b, kvh, -1, d), kd, vd, attn_mask=group.mask)
     return od.view(b, -1, d)

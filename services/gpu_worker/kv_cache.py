@@ -7,8 +7,10 @@ block table maps its token positions to slots: position ``p`` lives in slot
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
+import numpy as np
 import torch
 
 
@@ -58,8 +60,8 @@ class BlockManager:
 
     def free(self, seq_id: str) -> None:
         """Return all of ``seq_id``'s blocks (no-op for an unknown sequence)."""
-        for block in self.tables.pop(seq_id, []):
-            self._free.append(block)
+        for block in reversed(self.tables.pop(seq_id, [])):
+            self._free.appendleft(block)  # reused first: the cache touches as few blocks as it can
 
     def slot(self, seq_id: str, position: int) -> int:
         table = self.tables[seq_id]
@@ -73,10 +75,20 @@ class BlockManager:
 
 def allocate_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                    dtype: torch.dtype, device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer ``(k, v)``, each ``[num_blocks * block_size, num_kv_heads, head_dim]``."""
-    shape = (num_blocks * block_size, num_kv_heads, head_dim)
-    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(num_layers)]
+    """Per layer ``(k, v)``, each ``[num_blocks, num_kv_heads, block_size, head_dim]``, zeroed.
+
+    Blocks are head-major, so one KV head of one block is a contiguous ``[block_size, head_dim]``
+    tile: decode attention gathers whole tiles. On the CPU the cache is one zeroed allocation
+    whose pages become resident only when a block is first written (``calloc`` maps zero pages
+    lazily), so the process's memory follows the blocks in use, not the budget.
+    """
+    shape = (2, num_layers, num_blocks, num_kv_heads, block_size, head_dim)
+    if torch.device(device).type == "cpu":
+        numel, itemsize = math.prod(shape), torch.empty(0, dtype=dtype).element_size()
+        cache = torch.from_numpy(np.zeros(numel * itemsize, dtype=np.uint8)).view(dtype).view(shape)
+    else:
+        cache = torch.zeros(shape, dtype=dtype, device=device)
+    return [(cache[0, i], cache[1, i]) for i in range(num_layers)]
 
 
 def blocks_for_budget(budget_bytes: int, num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,

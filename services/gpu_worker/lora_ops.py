@@ -23,14 +23,17 @@ Numerics: adapter weights are stored in the model dtype (as vLLM does; PEFT keep
 float32). The native kernel accumulates in float32 and rounds once when adding the delta,
 as PEFT does; the BLAS path for long (prefill) segments rounds ``x @ A`` to the model dtype.
 
-On CPU both run in the native kernel from csrc/lora_cpu.cpp when it builds; on CUDA (or
-without a compiler) they run the torch paths below. :func:`lora_reference` is the plain
-per-token definition every path is tested against.
+On CPU both run in the native kernel from csrc/lora_cpu.cpp when it builds; on CUDA they
+run the Triton shrink/expand kernels of triton_lora.py when triton is installed. Otherwise
+(no compiler, no triton, ``use_native=False``) they run the torch paths below, which are also
+references. :func:`lora_reference` is the plain per-token definition every path is tested against.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -109,8 +112,23 @@ def _mbgmv_torch(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch) -> None:
         y[start:end].addmm_(x[start:end] @ batch.A[u], batch.B[u])
 
 
-def _native(x: torch.Tensor, use_native: bool):
-    return cpu_lora_kernel() if use_native and x.device.type == "cpu" else None
+@functools.cache
+def triton_lora_kernel() -> ModuleType | None:
+    """The Triton launchers (triton_lora.py), or None when triton is not installed."""
+    try:
+        from services.gpu_worker import triton_lora
+    except ImportError:
+        return None
+    return triton_lora
+
+
+def _native(x: torch.Tensor, use_native: bool) -> ModuleType | None:
+    """The ``lora_segments_`` kernel for x's device (C++ on CPU, Triton on CUDA); None: torch path."""
+    if not use_native:
+        return None
+    if x.device.type == "cpu":
+        return cpu_lora_kernel()
+    return triton_lora_kernel() if x.device.type == "cuda" else None
 
 
 def bgmv(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch, use_native: bool = True) -> None:

@@ -117,27 +117,33 @@ class ModelRunner:
                 if prefill:
                     seq.prefill_lora.cpu_layers, seq.prefill_lora.device_layers = layer_split(seg)
                 _add_segment(segments, seg)
-        meta = AttentionMetadata(self._tensor(slots), prefill_ranges)
+        meta = AttentionMetadata(self._write_rows(slots), prefill_ranges)
         decoding = [e[0] for e in entries if not e[1]]
         meta.decode = [self._decode_group([decoding[i] for i in g], [decode_idx[i] for i in g])
                        for g in decode_groups([s.num_tokens for s in decoding])]
         return StepBatch([e[0] for e in entries], [e[1] for e in entries], self._tensor(ids),
                          self._tensor(positions), meta, self._tensor(last), segments)
 
+    def _write_rows(self, slots: list[int]) -> torch.Tensor:
+        """Cache rows ``[T * KVH]`` of each token's K/V heads (see AttentionMetadata.write_rows)."""
+        bs, kvh = self.blocks.block_size, self.kv[0][0].shape[1]
+        slot = torch.tensor(slots, dtype=torch.int64).unsqueeze(1)  # [T, 1]
+        rows = ((slot // bs) * kvh + torch.arange(kvh)) * bs + slot % bs  # [T, KVH]
+        return rows.flatten().to(self.device)
+
     def _decode_group(self, seqs: list[Sequence], decode_idx: list[int]) -> DecodeGroup:
-        """Cache rows ``[B * KVH * L]`` and mask ``[B, 1, 1, L]`` of these decoding sequences' contexts."""
-        bs = self.blocks.block_size
+        """Cache tiles ``[B * KVH * W]`` and mask ``[B, 1, 1, W * block_size]`` of these decoding
+        sequences' contexts (see DecodeGroup)."""
+        bs, kvh = self.blocks.block_size, self.kv[0][0].shape[1]
         lengths = torch.tensor([s.num_tokens for s in seqs])
         width = max(self.blocks.blocks_needed(s.num_tokens) for s in seqs)
         tables = torch.zeros(len(seqs), width, dtype=torch.int64)
         for i, s in enumerate(seqs):
             table = self.blocks.tables[s.request_id][:width]
             tables[i, :len(table)] = torch.tensor(table)
-        slots = (tables.unsqueeze(-1) * bs + torch.arange(bs)).flatten(1)[:, :int(lengths.max())]  # [B, L]
-        valid = torch.arange(slots.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
-        kvh = self.kv[0][0].shape[1]
-        rows = slots.masked_fill(~valid, 0).unsqueeze(1) * kvh + torch.arange(kvh).view(1, kvh, 1)  # [B, KVH, L]
-        return DecodeGroup(self._tensor(decode_idx), rows.flatten().to(self.device),
+        tiles = tables.unsqueeze(1) * kvh + torch.arange(kvh).view(1, kvh, 1)  # [B, KVH, W]
+        valid = torch.arange(width * bs).unsqueeze(0) < lengths.unsqueeze(1)  # [B, W * bs]
+        return DecodeGroup(self._tensor(decode_idx), tiles.flatten().to(self.device),
                            valid[:, None, None, :].to(self.device))
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
