@@ -225,8 +225,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, default=None, help="base model dir (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--configs", default="".join(CONFIGS), help="which configurations to run, e.g. 'ac' or 'f,g'")
     parser.add_argument("--repeats", type=int, default=1, help="rounds over all configurations; each reports its best")
-    parser.add_argument("--omp-wait-policy", default="passive", choices=OMP_WAIT_POLICIES,
-                        help="OMP_WAIT_POLICY of every configuration's process (inherit: leave ours)")
+    parser.add_argument("--omp-wait-policy", default=RunOptions.omp_wait_policy, choices=OMP_WAIT_POLICIES,
+                        help="OMP_WAIT_POLICY of every configuration's process (inherit, the default: leave ours, "
+                             "the runtime default a user gets)")
     add_arguments(parser, EngineWorkload)
     return parser.parse_args(argv)
 

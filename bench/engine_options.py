@@ -23,7 +23,8 @@ class RunOptions:
     peak_size: int = option(0, "side of the square bf16 matmul measuring the peak; 0: 2048 on CPU, 8192 on CUDA")
     bandwidth_bytes: int = option(0, "tensor size measuring memory bandwidth; 0: 256 MiB on CPU, 2 GiB on CUDA")
     vllm_python: str = option(".venv-vllm/bin/python", "Python of the vLLM venv (relative to the repository)")
-    omp_wait_policy: str = option("passive", "OMP_WAIT_POLICY of isolated processes", OMP_WAIT_POLICIES)
+    omp_wait_policy: str = option("inherit", "OMP_WAIT_POLICY of isolated processes (inherit: the runtime's "
+                                             "default, what a user gets)", OMP_WAIT_POLICIES)
 
     def __post_init__(self) -> None:
         self.configs = tuple(self.configs)
