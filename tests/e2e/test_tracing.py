@@ -24,11 +24,12 @@ MAX_TOKENS = 5
 METRICS = ("ttft", "tpot", "e2e_latency", "queue_depth", "requests")
 
 
-async def trace_spans(collector: RotelCollector, trace_id: str, count: int) -> list[SpanRecord]:
+async def trace_spans(collector: RotelCollector, trace_id: str, names: set[str]) -> list[SpanRecord]:
+    """The trace's spans once every one of ``names`` has arrived (services export independently)."""
     deadline = time.monotonic() + 15
     while True:
         spans = [s for s in collector.spans() if s.trace_id == trace_id]
-        if len(spans) >= count:
+        if names <= {s.name for s in spans}:
             return spans
         assert time.monotonic() < deadline, [(s.service, s.name) for s in spans]
         await asyncio.sleep(0.1)
@@ -45,9 +46,10 @@ async def test_one_request_is_one_trace_across_gateway_scheduler_and_worker(e2e_
         extra_headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"})
     prompt_tokens = response.usage.prompt_tokens
 
-    spans = {s.name: s for s in await trace_spans(e2e_collector, CLIENT_TRACE, 5)}
+    expected = {"gateway.request", "scheduler.route", *WORKER_SPANS}
+    spans = {s.name: s for s in await trace_spans(e2e_collector, CLIENT_TRACE, expected)}
     # a cold adapter's request has its CPU-assisted prefill span too (cpu_assist, the default)
-    assert set(spans) - {"worker.cpu_assist"} == {"gateway.request", "scheduler.route", *WORKER_SPANS}
+    assert set(spans) - {"worker.cpu_assist"} == expected
     gateway, route = spans["gateway.request"], spans["scheduler.route"]
     assert gateway.service == "caraserve-gateway" and gateway.parent_id == CLIENT_SPAN
     assert gateway.attributes["request.id"] == response.id
