@@ -1,9 +1,9 @@
 """Builds and loads the native ops in csrc/ (once per machine, cached).
 
-The CPU LoRA kernel is compiled on first use with torch's C++ extension builder
-into ``$CARASERVE_CACHE_DIR/torch_extensions`` (default ``~/.cache/caraserve``).
-When no compiler is available, :func:`cpu_lora_kernel` returns None and callers
-fall back to the plain-torch implementation (logged once).
+The CPU kernels (LoRA segments, paged decode attention, the layer's fused elementwise ops) are compiled on first use with torch's
+C++ extension builder into ``$CARASERVE_CACHE_DIR/torch_extensions`` (default ``~/.cache/caraserve``).
+When no compiler is available, each loader returns None and its callers fall back to their
+plain-torch implementations (logged once).
 """
 
 from __future__ import annotations
@@ -37,22 +37,40 @@ def _torch_openmp_flags() -> list[str]:
     return ["-fopenmp"]
 
 
-@functools.cache
-def cpu_lora_kernel() -> ModuleType | None:
-    """The compiled ``lora_segments_`` op, or None when it cannot be built here."""
+def _build(name: str, source: str, extra_cflags: tuple[str, ...] = ()) -> ModuleType | None:
+    """Compile (or load the cached build of) ``csrc/<source>`` as module ``caraserve_<name>``."""
     from torch.utils import cpp_extension
 
-    build_dir = cache_root() / "torch_extensions" / "lora_cpu"
+    build_dir = cache_root() / "torch_extensions" / name
     build_dir.mkdir(parents=True, exist_ok=True)
     try:
         return cpp_extension.load(
-            name="caraserve_lora_cpu",
-            sources=[str(CSRC / "lora_cpu.cpp")],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            name=f"caraserve_{name}",
+            sources=[str(CSRC / source)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp", *extra_cflags],
             extra_ldflags=_torch_openmp_flags(),
             build_directory=str(build_dir),
             verbose=False,
         )
     except (OSError, RuntimeError, ImportError) as exc:
-        log.warning("native CPU LoRA kernel unavailable, using the torch path: %s", str(exc).splitlines()[0])
+        log.warning("native %s kernel unavailable, using the torch path: %s", name, str(exc).splitlines()[0])
         return None
+
+
+@functools.cache
+def cpu_lora_kernel() -> ModuleType | None:
+    """The compiled ``lora_segments_`` op, or None when it cannot be built here."""
+    return _build("lora_cpu", "lora_cpu.cpp")
+
+
+@functools.cache
+def paged_attention_kernel() -> ModuleType | None:
+    """The compiled ``paged_decode_attention`` op, or None when it cannot be built here."""
+    return _build("paged_attention_cpu", "paged_attention_cpu.cpp")
+
+
+@functools.cache
+def layer_ops_kernel() -> ModuleType | None:
+    """The compiled ``rms_norm``, ``add_rms_norm_`` and ``silu_mul`` ops, or None when they cannot be built here."""
+    # no fused multiply-adds: each product is rounded as eager torch rounds it
+    return _build("layer_ops_cpu", "layer_ops_cpu.cpp", ("-ffp-contract=off",))

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from shared.native_ops import paged_attention_kernel
+
 
 @dataclass
 class DecodeGroup:
@@ -18,11 +20,15 @@ class DecodeGroup:
       so one ``index_select`` of whole blocks gathers a contiguous ``[B, KVH, W * block_size, D]``;
       padding blocks read block 0.
     * ``mask: [B, 1, 1, W * block_size]`` marks the real context positions (current token included).
+    * ``tables: [B, W]`` each sequence's block ids (padding 0) and ``lengths: [B]`` its context
+      length, current token included: what the native kernel reads instead of ``blocks`` and ``mask``.
     """
 
     idx: torch.Tensor
     blocks: torch.Tensor
     mask: torch.Tensor
+    tables: torch.Tensor
+    lengths: torch.Tensor
 
 
 @dataclass
@@ -64,9 +70,29 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: 
     return out.flatten(1)
 
 
+def native_decode(cache: torch.Tensor) -> bool:
+    """Whether decode attention over ``cache`` runs the native CPU kernel (one pass over the cache,
+    no padding, so the runner puts every decoding sequence in one group)."""
+    return (cache.device.type == "cpu" and cache.dtype in (torch.float32, torch.bfloat16)
+            and paged_attention_kernel() is not None)
+
+
 def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                      group: DecodeGroup) -> torch.Tensor:
     """One query token per decoding sequence: ``q: [B, H, D]`` -> ``[B, H, D]``.
+
+    On the CPU the native kernel (``csrc/paged_attention_cpu.cpp``) reads the block tiles in place;
+    elsewhere :func:`gathered_decode_attention` runs.
+    """
+    if native_decode(cache_k):
+        return paged_attention_kernel().paged_decode_attention(q.contiguous(), cache_k, cache_v,
+                                                               group.tables, group.lengths)
+    return gathered_decode_attention(q, cache_k, cache_v, group)
+
+
+def gathered_decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                              group: DecodeGroup) -> torch.Tensor:
+    """Decode attention in plain torch (the reference of the native kernel): ``q: [B, H, D]`` -> ``[B, H, D]``.
 
     The context is gathered a whole (block, KV head) at a time into contiguous
     ``[B, KVH, W * block_size, D]``; the ``G = H / KVH`` query heads sharing a KV head become

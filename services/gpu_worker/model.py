@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from services.gpu_worker.attention import AttentionMetadata, paged_attention
+from services.gpu_worker.dense import DenseWeight
+from services.gpu_worker.layer_ops import add_rms_norm_, rms_norm, silu_mul
 from services.gpu_worker.lora_plan import LoraStep
 from services.gpu_worker.rope import RotaryEmbedding
 from shared.llama_shape import LlamaShape
@@ -74,23 +76,16 @@ class ModelConfig:
         )
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF LlamaRMSNorm: normalise in float32, cast back, then scale. ``x: [T, H]``."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
 @dataclass
 class LayerWeights:
     """One decoder layer, base weights in ``[out, in]`` layout with q|k|v and gate|up fused."""
 
     input_norm: torch.Tensor
-    qkv: torch.Tensor  # [q + 2 kv, hidden]
-    o: torch.Tensor  # [hidden, q]
+    qkv: DenseWeight  # [q + 2 kv, hidden]
+    o: DenseWeight  # [hidden, q]
     post_norm: torch.Tensor
-    gate_up: torch.Tensor  # [2 I, hidden]
-    down: torch.Tensor  # [hidden, I]
+    gate_up: DenseWeight  # [2 I, hidden]
+    down: DenseWeight  # [hidden, I]
 
 
 def _load_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -118,7 +113,7 @@ class LlamaModel:
         raw = _load_tensors(model_dir)
         self.embed = self._take(raw, "model.embed_tokens.weight")
         self.norm = self._take(raw, "model.norm.weight")
-        self.lm_head = self.embed if self.config.tie_word_embeddings else self._take(raw, "lm_head.weight")
+        self.lm_head = DenseWeight(self.embed if self.config.tie_word_embeddings else self._take(raw, "lm_head.weight"))
         self.layers = [self._layer(raw, i) for i in range(self.config.shape.num_layers)]
         s = self.config.shape
         self.q_size, self.kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
@@ -135,36 +130,46 @@ class LlamaModel:
         t = lambda name: self._take(raw, p + name)  # noqa: E731
         return LayerWeights(
             input_norm=t("input_layernorm.weight"),
-            qkv=torch.cat([t("self_attn.q_proj.weight"), t("self_attn.k_proj.weight"), t("self_attn.v_proj.weight")]),
-            o=t("self_attn.o_proj.weight"),
+            qkv=DenseWeight(torch.cat([t("self_attn.q_proj.weight"), t("self_attn.k_proj.weight"),
+                                       t("self_attn.v_proj.weight")])),
+            o=DenseWeight(t("self_attn.o_proj.weight")),
             post_norm=t("post_attention_layernorm.weight"),
-            gate_up=torch.cat([t("mlp.gate_proj.weight"), t("mlp.up_proj.weight")]),
-            down=t("mlp.down_proj.weight"),
+            gate_up=DenseWeight(torch.cat([t("mlp.gate_proj.weight"), t("mlp.up_proj.weight")])),
+            down=DenseWeight(t("mlp.down_proj.weight")),
         )
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
-        tensors += [w for layer in self.layers for w in vars(layer).values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        tensors = [self.embed, self.norm] + [t for layer in self.layers for t in (layer.input_norm, layer.post_norm)]
+        dense = [d for layer in self.layers for d in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        own_head = self.lm_head.packed or not self.config.tie_word_embeddings  # else it is the embedding
+        return sum(t.numel() * t.element_size() for t in tensors) + sum(d.nbytes for d in dense) \
+            + (self.lm_head.nbytes if own_head else 0)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv: list[tuple[torch.Tensor, torch.Tensor]], lora: LoraStep | None) -> torch.Tensor:
-        """Run all layers. ``input_ids``/``positions``: ``[T]``; returns final hidden ``[T, hidden]``."""
-        x = F.embedding(input_ids, self.embed)
-        for i, layer in enumerate(self.layers):
-            x = x + self._attention_block(i, layer, x, positions, meta, kv[i], lora)
-            x = x + self._mlp_block(i, layer, x, lora)
-        return rms_norm(x, self.norm, self.config.rms_norm_eps)
+        """Run all layers. ``input_ids``/``positions``: ``[T]``; returns final hidden ``[T, hidden]``.
 
-    def _attention_block(self, i: int, layer: LayerWeights, x: torch.Tensor, positions: torch.Tensor,
+        ``x`` is the residual stream; each block's output is added to it in place, fused with the
+        next RMSNorm (the following block's, or the final norm after the last layer).
+        """
+        eps = self.config.rms_norm_eps
+        x = F.embedding(input_ids, self.embed)
+        h = rms_norm(x, self.layers[0].input_norm, eps)
+        for i, layer in enumerate(self.layers):
+            h = add_rms_norm_(x, self._attention_block(i, layer, h, positions, meta, kv[i], lora), layer.post_norm, eps)
+            after = self.layers[i + 1].input_norm if i + 1 < len(self.layers) else self.norm
+            h = add_rms_norm_(x, self._mlp_block(i, layer, h, lora), after, eps)
+        return h
+
+    def _attention_block(self, i: int, layer: LayerWeights, h: torch.Tensor, positions: torch.Tensor,
                          meta: AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor], lora: LoraStep | None
                          ) -> torch.Tensor:
+        """Self-attention of the normalised ``h: [T, hidden]`` -> ``[T, hidden]``."""
         s = self.config.shape
-        h = rms_norm(x, layer.input_norm, self.config.rms_norm_eps)
         if lora:
             lora.begin(i, "qkv", h)
-        qkv = F.linear(h, layer.qkv)
+        qkv = layer.qkv(h)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if lora:
             lora.apply(i, "qkv", h, (q, k, v))
@@ -172,27 +177,26 @@ class LlamaModel:
         attn = paged_attention(q, k, v.view(-1, s.num_kv_heads, s.head_dim), kv[0], kv[1], meta)
         if lora:
             lora.begin(i, "o", attn)
-        out = F.linear(attn, layer.o)
+        out = layer.o(attn)
         if lora:
             lora.apply(i, "o", attn, (out,))
         return out
 
-    def _mlp_block(self, i: int, layer: LayerWeights, x: torch.Tensor, lora: LoraStep | None) -> torch.Tensor:
-        h = rms_norm(x, layer.post_norm, self.config.rms_norm_eps)
+    def _mlp_block(self, i: int, layer: LayerWeights, h: torch.Tensor, lora: LoraStep | None) -> torch.Tensor:
+        """SwiGLU MLP of the normalised ``h: [T, hidden]`` -> ``[T, hidden]``."""
         if lora:
             lora.begin(i, "gate_up", h)
-        gate_up = F.linear(h, layer.gate_up)
-        gate, up = gate_up.chunk(2, dim=-1)
+        gate_up = layer.gate_up(h)
         if lora:
-            lora.apply(i, "gate_up", h, (gate, up))
-        act = F.silu(gate) * up
+            lora.apply(i, "gate_up", h, gate_up.chunk(2, dim=-1))
+        act = silu_mul(gate_up)
         if lora:
             lora.begin(i, "down", act)
-        out = F.linear(act, layer.down)
+        out = layer.down(act)
         if lora:
             lora.apply(i, "down", act, (out,))
         return out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden: [N, hidden]`` -> float32 logits ``[N, vocab]``."""
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()

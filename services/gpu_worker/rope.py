@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from shared.native_ops import layer_ops_kernel
+
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     """``inv_freq: [head_dim // 2]`` (float32), rescaled per ``rope_scaling``.
@@ -50,7 +52,17 @@ class RotaryEmbedding:
         self.max_positions = max_positions
 
     def apply(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate ``q: [T, H, D]`` and ``k: [T, KVH, D]`` at ``positions: [T]``."""
+        """Rotate ``q: [T, H, D]`` and ``k: [T, KVH, D]`` at ``positions: [T]``.
+
+        On the CPU the fused kernel of ``csrc/layer_ops_cpu.cpp`` runs, with the same rounding as
+        :meth:`reference`."""
+        if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and layer_ops_kernel() is not None:
+            kernel = layer_ops_kernel()
+            return kernel.rope(q, self.cos, self.sin, positions), kernel.rope(k, self.cos, self.sin, positions)
+        return self.reference(q, k, positions)
+
+    def reference(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """HF's ``q * cos + rotate_half(q) * sin`` in plain torch (same shapes as :meth:`apply`)."""
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from services.gpu_worker.admission import StepPlan
-from services.gpu_worker.attention import AttentionMetadata, DecodeGroup
+from services.gpu_worker.attention import AttentionMetadata, DecodeGroup, native_decode
 from services.gpu_worker.kv_cache import BlockManager
 from services.gpu_worker.lora_plan import LoraSegment, LoraStep
 from services.gpu_worker.residency.protocol import AdapterResidency
@@ -119,8 +119,9 @@ class ModelRunner:
                 _add_segment(segments, seg)
         meta = AttentionMetadata(self._write_rows(slots), prefill_ranges)
         decoding = [e[0] for e in entries if not e[1]]
-        meta.decode = [self._decode_group([decoding[i] for i in g], [decode_idx[i] for i in g])
-                       for g in decode_groups([s.num_tokens for s in decoding])]
+        groups = [list(range(len(decoding)))] if native_decode(self.kv[0][0]) and decoding \
+            else decode_groups([s.num_tokens for s in decoding])
+        meta.decode = [self._decode_group([decoding[i] for i in g], [decode_idx[i] for i in g]) for g in groups]
         return StepBatch([e[0] for e in entries], [e[1] for e in entries], self._tensor(ids),
                          self._tensor(positions), meta, self._tensor(last), segments)
 
@@ -144,7 +145,7 @@ class ModelRunner:
         tiles = tables.unsqueeze(1) * kvh + torch.arange(kvh).view(1, kvh, 1)  # [B, KVH, W]
         valid = torch.arange(width * bs).unsqueeze(0) < lengths.unsqueeze(1)  # [B, W * bs]
         return DecodeGroup(self._tensor(decode_idx), tiles.flatten().to(self.device),
-                           valid[:, None, None, :].to(self.device))
+                           valid[:, None, None, :].to(self.device), tables.to(self.device), lengths.to(self.device))
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)

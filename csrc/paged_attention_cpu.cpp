@@ -1,0 +1,360 @@
+// Paged decode attention on the CPU: one query token per sequence against its cached context,
+// read straight from the block-tile KV cache (no gathered copy, no padding mask).
+//
+// The cache is [num_blocks, KVH, block_size, D] per layer (services/gpu_worker/kv_cache.py), so one
+// KV head of one block is a contiguous tile. A task is one (sequence, KV head): it reads each tile
+// of that head once, converts it to float32, and runs an online softmax for the G = H / KVH query
+// heads that share it. Decode attention is bound by reading the cache, so reading it once is what
+// counts; the exponentials use a branch-free polynomial the compiler vectorizes.
+//
+// The plain-torch reference is services/gpu_worker/attention.py:gathered_decode_attention, and
+// tests/unit/gpu_worker/test_paged_attention_cpu.py checks this kernel against it.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+inline float to_float(float v) { return v; }
+
+inline float to_float(at::BFloat16 v) {
+  uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+// exp(x) for x <= 0 (softmax arguments after subtracting the running maximum), relative error
+// about 2e-7: x = k ln2 + r with |r| <= ln2 / 2, exp(r) by Cephes' degree-6 polynomial, 2^k from the
+// exponent bits. Arguments below -87 (and -inf) give about 1e-38, which vanishes against the sum.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return e * scale;
+}
+
+#if defined(__AVX512F__)
+// Lane t of the result is the sum of the 16 lanes of v[t]: a transposing tree of adds (45
+// instructions) instead of 16 separate horizontal sums.
+inline __m512 transpose_sum16(const __m512 v[16]) {
+  __m512 w[8], x[4];
+  for (int i = 0; i < 8; ++i)
+    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int j = 0; j < 4; ++j)
+    x[j] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * j], w[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(w[2 * j], w[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 z0 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(x[0], x[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 z1 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(x[2], x[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z0, z1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(z0, z1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Scores of 16 consecutive rows of ``k`` ([16, d] float32) against ``q`` ([d]), into ``out``.
+inline void score16(const float* q, const float* k, int64_t d, float* out) {
+  __m512 partial[16];
+  for (int t = 0; t < 16; ++t) partial[t] = _mm512_setzero_ps();
+  for (int64_t i0 = 0; i0 < d; i0 += 16) {
+    const __m512 qv = _mm512_loadu_ps(q + i0);
+    for (int t = 0; t < 16; ++t) partial[t] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k + t * d + i0), partial[t]);
+  }
+  _mm512_storeu_ps(out, transpose_sum16(partial));
+}
+#endif
+
+// Inner loops run over kLanes floats held in a local array, which the compiler keeps in one vector
+// register (an accumulator in memory would chain every FMA through a store and a reload).
+constexpr int64_t kLanes = 16;
+
+// One (sequence, KV head) task in float32, for any dtype and shape: the online-softmax state of
+// its G query heads, and one K and V tile converted to float32 ([block, D] each).
+template <typename T>
+struct FloatTask {
+  int64_t group, block, dim;
+  float scale;
+  std::vector<float> q, acc, max, sum, scores, k_tile, v_tile;
+
+  FloatTask(int64_t g, int64_t bs, int64_t d)
+      : group(g), block(bs), dim(d), scale(1.0f / std::sqrt(static_cast<float>(d))), q(g * d), acc(g * d),
+        max(g), sum(g), scores(bs), k_tile(bs * d), v_tile(bs * d) {}
+
+  // Begin a task with its G query heads ``qb: [G, D]``.
+  void start(const T* qb) {
+    for (int64_t i = 0; i < group * dim; ++i) q[i] = to_float(qb[i]) * scale;
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    std::fill(max.begin(), max.end(), -std::numeric_limits<float>::infinity());
+    std::fill(sum.begin(), sum.end(), 0.0f);
+  }
+
+  // Fold the first ``n`` tokens of one K and one V tile into every query head.
+  void fold(const T* k, const T* v, int64_t n) {
+    load(k, v, n);
+    for (int64_t g = 0; g < group; ++g) fold_head(g, n);
+  }
+
+  // Write the G heads' attention outputs ``ob: [G, D]``.
+  void finish(T* ob) const {
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t i = 0; i < dim; ++i) ob[g * dim + i] = static_cast<T>(acc[g * dim + i] / sum[g]);
+  }
+
+  // Convert the first ``n`` rows of one K and one V tile; rows past ``n`` are never read.
+  void load(const T* k, const T* v, int64_t n) {
+    const int64_t count = n * dim;
+    float* kt = k_tile.data();
+    float* vt = v_tile.data();
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) kt[i] = to_float(k[i]);
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) vt[i] = to_float(v[i]);
+  }
+
+  // q_g . k_t for the ``n`` loaded tokens, into ``scores`` (AVX-512: 16 rows at a time, where the
+  // rows past ``n`` of a full 16 hold earlier, finite values whose scores are never read).
+  void score(const float* qg, int64_t n) {
+    int64_t t = 0;
+#if defined(__AVX512F__)
+    for (; t + 16 <= block && t < n; t += 16) score16(qg, k_tile.data() + t * dim, dim, scores.data() + t);
+#endif
+    for (; t < n; ++t) {
+      const float* kr = k_tile.data() + t * dim;
+      float part[kLanes] = {};
+      for (int64_t i0 = 0; i0 < dim; i0 += kLanes)
+#pragma omp simd
+        for (int64_t l = 0; l < kLanes; ++l) part[l] += qg[i0 + l] * kr[i0 + l];
+      float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+      for (int64_t l = 0; l < kLanes; ++l) total += part[l];
+      scores[t] = total;
+    }
+  }
+
+  // acc_g = acc_g * correction + sum_t p_t v_t over the ``n`` loaded tokens (p in ``scores``).
+  void accumulate(float* ag, float correction, int64_t n) {
+    for (int64_t i0 = 0; i0 < dim; i0 += kLanes) {
+      float a[kLanes];
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) a[l] = ag[i0 + l] * correction;
+      for (int64_t t = 0; t < n; ++t) {
+        const float p = scores[t];
+        const float* vr = v_tile.data() + t * dim + i0;
+#pragma omp simd
+        for (int64_t l = 0; l < kLanes; ++l) a[l] += p * vr[l];
+      }
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) ag[i0 + l] = a[l];
+    }
+  }
+
+  // Fold the loaded tile's ``n`` tokens into query head ``g``.
+  void fold_head(int64_t g, int64_t n) {
+    score(q.data() + g * dim, n);
+    float tile_max = max[g];
+    for (int64_t t = 0; t < n; ++t) tile_max = std::max(tile_max, scores[t]);
+    const float correction = exp_nonpositive(max[g] - tile_max);
+    float tile_sum = 0.0f;
+    float* s = scores.data();
+#pragma omp simd reduction(+ : tile_sum)
+    for (int64_t t = 0; t < n; ++t) {
+      s[t] = exp_nonpositive(s[t] - tile_max);
+      tile_sum += s[t];
+    }
+    accumulate(acc.data() + g * dim, correction, n);
+    sum[g] = sum[g] * correction + tile_sum;
+    max[g] = tile_max;
+  }
+};
+
+#if defined(__AVX512BF16__)
+// One (sequence, KV head) task reading bf16 tiles of 16 tokens in place: q.k with the bf16
+// dot-product instruction (products of pairs summed in float32), V widened to float32 in
+// registers. ``kChunks`` = head_dim / 16; at most kMaxGroup query heads per KV head.
+template <int kChunks>
+struct Bf16Task {
+  static constexpr int kDim = 16 * kChunks;
+  static constexpr int64_t kMaxGroup = 8;
+  int64_t group;
+  float scale;
+  __m512bh q[kMaxGroup][kChunks / 2];
+  __m512 acc[kMaxGroup][kChunks];
+  float max[kMaxGroup], sum[kMaxGroup];
+  alignas(64) float p[kMaxGroup][16];
+
+  Bf16Task(int64_t g, int64_t, int64_t d) : group(g), scale(1.0f / std::sqrt(static_cast<float>(d))) {}
+
+  static __m512 widen(const at::BFloat16* x) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  }
+
+  void start(const at::BFloat16* qb) {
+    for (int64_t g = 0; g < group; ++g) {
+      for (int c = 0; c < kChunks / 2; ++c) q[g][c] = (__m512bh)_mm512_loadu_si512(qb + g * kDim + 32 * c);
+      for (int c = 0; c < kChunks; ++c) acc[g][c] = _mm512_setzero_ps();
+      max[g] = -std::numeric_limits<float>::infinity();
+      sum[g] = 0.0f;
+    }
+  }
+
+  // Softmax weights of head ``g`` over the tile's tokens into p[g] (0 past ``n``); returns the
+  // factor that rescales what the head accumulated so far.
+  float weigh(int64_t g, const at::BFloat16* k, int64_t n) {
+    __m512 partial[16];
+    for (int t = 0; t < 16; ++t) {
+      __m512 a = _mm512_setzero_ps();
+      for (int c = 0; c < kChunks / 2; ++c)
+        a = _mm512_dpbf16_ps(a, q[g][c], (__m512bh)_mm512_loadu_si512(k + t * kDim + 32 * c));
+      partial[t] = a;
+    }
+    const __mmask16 valid = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+    const __m512 s = _mm512_mask_mul_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), valid,
+                                        transpose_sum16(partial), _mm512_set1_ps(scale));
+    const float tile_max = std::max(max[g], _mm512_reduce_max_ps(s));
+    _mm512_store_ps(p[g], s);
+    float tile_sum = 0.0f;
+#pragma omp simd reduction(+ : tile_sum)
+    for (int t = 0; t < 16; ++t) {
+      p[g][t] = t < n ? exp_nonpositive(p[g][t] - tile_max) : 0.0f;
+      tile_sum += p[g][t];
+    }
+    const float correction = exp_nonpositive(max[g] - tile_max);
+    sum[g] = sum[g] * correction + tile_sum;
+    max[g] = tile_max;
+    return correction;
+  }
+
+  void fold(const at::BFloat16* k, const at::BFloat16* v, int64_t n) {
+    for (int64_t g = 0; g < group; ++g) {
+      const __m512 correction = _mm512_set1_ps(weigh(g, k, n));
+      for (int c = 0; c < kChunks; ++c) acc[g][c] = _mm512_mul_ps(acc[g][c], correction);
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      __m512 row[kChunks];
+      for (int c = 0; c < kChunks; ++c) row[c] = widen(v + t * kDim + 16 * c);
+      for (int64_t g = 0; g < group; ++g) {
+        const __m512 weight = _mm512_set1_ps(p[g][t]);
+        for (int c = 0; c < kChunks; ++c) acc[g][c] = _mm512_fmadd_ps(weight, row[c], acc[g][c]);
+      }
+    }
+  }
+
+  void finish(at::BFloat16* ob) const {
+    alignas(64) float out[16];
+    for (int64_t g = 0; g < group; ++g)
+      for (int c = 0; c < kChunks; ++c) {
+        _mm512_store_ps(out, _mm512_div_ps(acc[g][c], _mm512_set1_ps(sum[g])));
+        for (int i = 0; i < 16; ++i) ob[g * kDim + 16 * c + i] = static_cast<at::BFloat16>(out[i]);
+      }
+  }
+};
+#endif
+
+template <typename T, typename Task>
+void decode_attention(const torch::Tensor& q, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
+                      const torch::Tensor& tables, const torch::Tensor& lengths, torch::Tensor& out) {
+  const int64_t batch = q.size(0), heads = q.size(1), d = q.size(2);
+  const int64_t kvh = cache_k.size(1), bs = cache_k.size(2), width = tables.size(1);
+  const int64_t group = heads / kvh;
+  const T* qp = q.data_ptr<T>();
+  const T* kp = cache_k.data_ptr<T>();
+  const T* vp = cache_v.data_ptr<T>();
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* lp = lengths.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+
+  at::parallel_for(0, batch * kvh, 1, [&](int64_t begin, int64_t end) {
+    Task task(group, bs, d);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / kvh, h = i % kvh, length = lp[b];
+      task.start(qp + (b * heads + h * group) * d);
+      for (int64_t j = 0; j * bs < length; ++j) {
+        const int64_t tile = (tp[b * width + j] * kvh + h) * bs * d;
+        task.fold(kp + tile, vp + tile, std::min(bs, length - j * bs));
+      }
+      task.finish(op + (b * heads + h * group) * d);
+    }
+  });
+}
+
+// The bf16 fast path where this CPU has it (block_size 16, head_dim 64 or 128, G <= 8), else float32 math.
+void decode_attention_bf16(const torch::Tensor& q, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
+                           const torch::Tensor& tables, const torch::Tensor& lengths, torch::Tensor& out) {
+#if defined(__AVX512BF16__)
+  const int64_t bs = cache_k.size(2), d = cache_k.size(3), group = q.size(1) / cache_k.size(1);
+  if (bs == 16 && group <= 8 && d == 64)
+    return decode_attention<at::BFloat16, Bf16Task<4>>(q, cache_k, cache_v, tables, lengths, out);
+  if (bs == 16 && group <= 8 && d == 128)
+    return decode_attention<at::BFloat16, Bf16Task<8>>(q, cache_k, cache_v, tables, lengths, out);
+#endif
+  decode_attention<at::BFloat16, FloatTask<at::BFloat16>>(q, cache_k, cache_v, tables, lengths, out);
+}
+
+void check_inputs(const torch::Tensor& q, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
+                  const torch::Tensor& tables, const torch::Tensor& lengths) {
+  TORCH_CHECK(q.dim() == 3 && cache_k.dim() == 4, "q must be [B, H, D] and the cache [blocks, KVH, bs, D]");
+  TORCH_CHECK(cache_k.sizes() == cache_v.sizes(), "K and V caches differ in shape");
+  TORCH_CHECK(q.scalar_type() == cache_k.scalar_type() && q.scalar_type() == cache_v.scalar_type(),
+              "q and the cache must share a dtype");
+  TORCH_CHECK(q.size(2) == cache_k.size(3), "q and the cache differ in head_dim");
+  TORCH_CHECK(q.size(2) % kLanes == 0, "head_dim must be a multiple of 16");
+  TORCH_CHECK(q.size(1) % cache_k.size(1) == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(q.is_contiguous() && cache_k.is_contiguous() && cache_v.is_contiguous(), "inputs must be contiguous");
+  TORCH_CHECK(tables.dim() == 2 && tables.size(0) == q.size(0) && tables.scalar_type() == torch::kInt64 &&
+                  tables.is_contiguous(), "tables must be contiguous int64 [B, W]");
+  TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == q.size(0) && lengths.scalar_type() == torch::kInt64,
+              "lengths must be int64 [B]");
+  const int64_t bs = cache_k.size(2), blocks = cache_k.size(0), width = tables.size(1);
+  const int64_t* lp = lengths.data_ptr<int64_t>();
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  for (int64_t b = 0; b < q.size(0); ++b) {
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= width * bs, "a context length is outside its block table");
+    for (int64_t j = 0; j * bs < lp[b]; ++j)
+      TORCH_CHECK(tp[b * width + j] >= 0 && tp[b * width + j] < blocks, "a block index is out of range");
+  }
+}
+
+// q: [B, H, D]; cache_k, cache_v: [num_blocks, KVH, block_size, D]; tables: [B, W] int64 block ids;
+// lengths: [B] int64 context lengths (the current token included). Returns [B, H, D].
+torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& cache_k,
+                                     const torch::Tensor& cache_v, const torch::Tensor& tables,
+                                     const torch::Tensor& lengths) {
+  check_inputs(q, cache_k, cache_v, tables, lengths);
+  auto out = torch::empty_like(q);
+  if (q.scalar_type() == torch::kBFloat16) {
+    decode_attention_bf16(q, cache_k, cache_v, tables, lengths, out);
+  } else {
+    TORCH_CHECK(q.scalar_type() == torch::kFloat32, "paged_decode_attention supports float32 and bfloat16");
+    decode_attention<float, FloatTask<float>>(q, cache_k, cache_v, tables, lengths, out);
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention,
+        "Decode attention of one query token per sequence over its paged KV context");
+}

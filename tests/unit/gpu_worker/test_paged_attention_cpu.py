@@ -1,0 +1,90 @@
+"""The native CPU decode-attention kernel against its plain-torch reference (gather + SDPA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.gpu_worker.attention import DecodeGroup, gathered_decode_attention
+from shared.native_ops import paged_attention_kernel
+
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    module = paged_attention_kernel()
+    if module is None:
+        pytest.skip("no C++ compiler here: the engine uses the torch path")
+    return module
+
+
+def _case(lengths: list[int], heads: int, kv_heads: int, dtype: torch.dtype, seed: int = 0, d: int = 64):
+    """A shuffled paged cache holding ``lengths`` contexts, their queries and the reference's metadata."""
+    gen = torch.Generator().manual_seed(seed)
+    width = max(-(-n // BLOCK) for n in lengths)
+    num_blocks = sum(-(-n // BLOCK) for n in lengths) + 3
+    cache_k = torch.randn(num_blocks, kv_heads, BLOCK, d, generator=gen).to(dtype)
+    cache_v = torch.randn(num_blocks, kv_heads, BLOCK, d, generator=gen).to(dtype)
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = torch.zeros(len(lengths), width, dtype=torch.int64)
+    for i, n in enumerate(lengths):
+        need = -(-n // BLOCK)
+        tables[i, :need] = torch.tensor([order.pop() for _ in range(need)])
+    q = torch.randn(len(lengths), heads, d, generator=gen).to(dtype)
+    lens = torch.tensor(lengths)
+    tiles = tables.unsqueeze(1) * kv_heads + torch.arange(kv_heads).view(1, kv_heads, 1)
+    mask = (torch.arange(width * BLOCK).unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
+    group = DecodeGroup(torch.arange(len(lengths)), tiles.flatten(), mask, tables, lens)
+    return q, cache_k, cache_v, group
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (8, 1)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 1.6e-2)])
+def test_matches_the_gathered_reference(kernel, heads, kv_heads, dtype, tol):
+    # lengths: one token, exactly one block, one past a block, long, and a block boundary
+    q, ck, cv, group = _case([1, 16, 17, 200, 64, 33, 5], heads, kv_heads, dtype, seed=heads)
+    ref = gathered_decode_attention(q, ck, cv, group).float()
+    out = kernel.paged_decode_attention(q, ck, cv, group.tables, group.lengths).float()
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("heads,kv_heads,d", [(4, 2, 128), (16, 1, 32), (18, 2, 64)])
+def test_other_head_shapes(kernel, heads, kv_heads, d):
+    # head_dim 128 takes the bf16 fast path too; 32, or more than 8 query heads per KV head, the float32 one
+    q, ck, cv, group = _case([1, 31, 90], heads, kv_heads, torch.bfloat16, seed=d, d=d)
+    ref = gathered_decode_attention(q, ck, cv, group).float()
+    out = kernel.paged_decode_attention(q, ck, cv, group.tables, group.lengths).float()
+    assert (out - ref).abs().max().item() <= 1.6e-2 * max(1.0, ref.abs().max().item())
+
+
+def test_large_scores_stay_finite(kernel):
+    # big logits (softmax of values ~ 1e3 apart) must not overflow the exponentials
+    q, ck, cv, group = _case([40, 3], 9, 3, torch.float32, seed=7)
+    q = q * 300
+    out = kernel.paged_decode_attention(q, ck, cv, group.tables, group.lengths)
+    ref = gathered_decode_attention(q, ck, cv, group)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_padding_blocks_are_never_read(kernel):
+    q, ck, cv, group = _case([20, 3], 9, 3, torch.float32, seed=3)
+    before = kernel.paged_decode_attention(q, ck, cv, group.tables, group.lengths)
+    unused = sorted(set(range(ck.shape[0])) - set(group.tables[0, :2].tolist()) - {group.tables[1, 0].item()})
+    ck[unused], cv[unused] = float("nan"), float("nan")
+    assert torch.equal(kernel.paged_decode_attention(q, ck, cv, group.tables, group.lengths), before)
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda t, n: t.__setitem__((0, 0), 10_000), "block index"),
+    (lambda t, n: n.__setitem__(0, 10_000), "context length"),
+    (lambda t, n: n.__setitem__(0, 0), "context length"),
+])
+def test_bad_metadata_is_refused(kernel, mutate, message):
+    q, ck, cv, group = _case([20, 3], 9, 3, torch.float32)
+    tables, lengths = group.tables.clone(), group.lengths.clone()
+    mutate(tables, lengths)
+    with pytest.raises(RuntimeError, match=message):
+        kernel.paged_decode_attention(q, ck, cv, tables, lengths)
