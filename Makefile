@@ -45,12 +45,12 @@ bench: $(STAMP)
 	$(PY) -m bench.control_plane
 	$(VENV)/bin/caraserve profile --backend bgmv --num-threads 1 --prompt-max 128 --mixed-draws 1 --decode-steps 3 --out bench/results/profile-bgmv-cpu.json
 	$(VENV)/bin/caraserve profile --backend mbgmv --num-threads 1 --prompt-max 128 --mixed-draws 1 --decode-steps 3 --out bench/results/profile-mbgmv-cpu.json
-	$(PY) -m bench.sched_sweep --profile-bgmv bench/results/profile-bgmv-cpu.json --profile-mbgmv bench/results/profile-mbgmv-cpu.json
-	$(PY) -m bench.sched_sweep --profile-bgmv bench/results/profile-bgmv-cpu.json --profile-mbgmv bench/results/profile-mbgmv-cpu.json --adapter-slots 32 --points 36
-	$(PY) -m bench.sched_sweep_hetero
-	$(PY) -m bench.routing_decision --profile bench/results/profile-bgmv-cpu.json
-	$(PY) -m bench.simulator_speed --profile bench/results/profile-bgmv-cpu.json
-	$(PY) -m bench.live_routing
+	$(PY) -m bench.routing.sched_sweep --profile-bgmv bench/results/profile-bgmv-cpu.json --profile-mbgmv bench/results/profile-mbgmv-cpu.json
+	$(PY) -m bench.routing.sched_sweep --profile-bgmv bench/results/profile-bgmv-cpu.json --profile-mbgmv bench/results/profile-mbgmv-cpu.json --adapter-slots 32 --points 36
+	$(PY) -m bench.routing.sched_sweep_hetero
+	$(PY) -m bench.routing.decision --profile bench/results/profile-bgmv-cpu.json
+	$(PY) -m bench.routing.simulator_speed --profile bench/results/profile-bgmv-cpu.json
+	$(PY) -m bench.routing.live_routing
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -33,8 +33,8 @@ from shared.config import ConfigError, add_arguments, from_namespace
 
 
 def register(subparsers) -> None:
-    from services.scheduler.simulator import SimulatorConfig
-    from services.scheduler.workload import WorkloadConfig
+    from services.scheduler.sim.simulator import SimulatorConfig
+    from services.scheduler.sim.workload import WorkloadConfig
 
     p = subparsers.add_parser("simulate", help="simulate a cluster under routing policies")
     p.add_argument("--profile", required=True, action="append", metavar="PATH[:COUNT]",
@@ -78,7 +78,7 @@ def parse_profile_spec(spec: str, workers: int) -> tuple[str, int]:
 
 def load_fleet(specs: list[str], workers: int):
     """The worker groups of the ``--profile`` specs, each profile loaded and of one model."""
-    from services.scheduler.simulator import WorkerGroup
+    from services.scheduler.sim.simulator import WorkerGroup
     from shared.perf_model import PerfModel, ProfileError
 
     groups, paths = [], []
@@ -99,8 +99,8 @@ def load_fleet(specs: list[str], workers: int):
 
 
 def _configs(args: argparse.Namespace):
-    from services.scheduler.simulator import SimulatorConfig
-    from services.scheduler.workload import WorkloadConfig
+    from services.scheduler.sim.simulator import SimulatorConfig
+    from services.scheduler.sim.workload import WorkloadConfig
 
     ranks = _numbers(args.ranks, "--ranks", int)
     try:
@@ -110,10 +110,10 @@ def _configs(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.scheduler import experiment
-    from services.scheduler.sim_metrics import json_safe
+    from services.scheduler.sim import experiment
+    from services.scheduler.sim.metrics import json_safe
     from services.scheduler.policies import PolicyError
-    from services.scheduler.workload import WorkloadError, generate
+    from services.scheduler.sim.workload import WorkloadError, generate
     from shared.perf_model import ProfileError
 
     workload_config, sim_config = _configs(args)
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
         report["sweep"] = {"rates": list(rates), "policies": sweep}
     _write_json(args.json_out, json_safe(report))
     if args.plot:
-        from services.scheduler.sim_plots import save_simulation_figure
+        from services.scheduler.sim.plots import save_simulation_figure
 
         save_simulation_figure(args.plot, {n: r.tpt_ms for n, r in runs.items()}, slo_ms,
                                {n: r.metrics["slo_attainment"] for n, r in runs.items()}, sweep)

@@ -24,6 +24,7 @@ import nats.errors
 from services.cpu_prefill.config import PoolConfig
 from services.cpu_prefill.pool import CpuPool
 from shared import subjects
+from shared.background import run_in_background
 from shared.bus import Bus
 from shared.config import from_env
 from shared.llama_shape import LlamaShape
@@ -76,8 +77,7 @@ class CpuPrefillService:
         welcome = await self._hello(shape)
         stack.callback(self._close_pool)  # before the start: a pool that fails half-way is closed too
         self._start_pool(welcome)
-        task = asyncio.get_running_loop().create_task(self._heartbeats())
-        stack.push_async_callback(_cancel, task)
+        run_in_background(stack, self._heartbeats(), "pool heartbeats")
 
     def _shape(self) -> LlamaShape:
         """The geometry of the configured model (its config.json only; the weights stay with the worker).
@@ -155,9 +155,3 @@ class CpuPrefillService:
                 log.info("cpu_prefill: worker %s moved to ring %s", self.config.worker_id, welcome.ring)
                 self.pool.close()
                 self._start_pool(welcome)
-
-
-async def _cancel(task: asyncio.Task) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

@@ -12,8 +12,9 @@ at least one worker took the change; else the workers' error: a path outside the
 registered with another path, or an unusable adapter (the worker checks its config, shapes
 and weights when it registers it) are 400; unloading an unknown adapter is 404; no worker
 answering is 503. The gateway's own refusals are 400 (malformed), 401 (key), 403 (another
-tenant's adapter or folder) and 404. A loaded adapter joins the catalog (the loading tenant
-may use it); an unloaded one leaves it.
+tenant's adapter or folder) and 404. A loaded adapter joins the catalog at once, from the
+workers' answers (the loading tenant may use it); an unloaded one leaves it. The workers'
+next states say the same.
 """
 
 from __future__ import annotations
@@ -26,12 +27,10 @@ from typing import Any
 from aiohttp import web
 from nats.errors import Error as NatsError
 
-from services.gateway.adapter_holders import AdapterHolders
 from services.gateway.adapter_owners import AdapterOwners
-from services.gateway.catalog import Catalog
+from services.gateway.fleet_view import FleetView
 from services.gateway.http_api import bearer_key, error_response
 from services.gateway.tenancy import Tenancy
-from services.gateway.worker_watch import WorkerWatch
 from shared import subjects
 from shared.adapter_registry import AdapterRegistry, RegistryError, check_name, check_path_text
 from shared.bounded_json import BoundedJsonError, loads_bounded
@@ -48,11 +47,11 @@ MAX_BODY_BYTES = 64 * 1024  # a registration body is a name, a path and a flag
 class AdapterAdmin:
     """Handlers for the two registration routes, fanning out to the workers over NATS."""
 
-    def __init__(self, bus: Bus, catalog: Catalog, tenancy: Tenancy, watch: WorkerWatch, holders: AdapterHolders,
-                 adapter_dir: str = "", timeout_s: float = REPLY_TIMEOUT_S) -> None:
-        self.bus, self.catalog, self.tenancy, self.watch, self.holders = bus, catalog, tenancy, watch, holders
+    def __init__(self, bus: Bus, fleet: FleetView, tenancy: Tenancy, adapter_dir: str = "",
+                 timeout_s: float = REPLY_TIMEOUT_S) -> None:
+        self.bus, self.fleet, self.tenancy = bus, fleet, tenancy
         self.registry = AdapterRegistry(adapter_dir) if adapter_dir else None
-        self.owners = AdapterOwners(tenancy, catalog, self.registry.root if self.registry else None)
+        self.owners = AdapterOwners(tenancy, fleet, self.registry.root if self.registry else None)
         self.timeout_s = timeout_s
 
     def add_routes(self, app: web.Application) -> None:
@@ -79,8 +78,7 @@ class AdapterAdmin:
                 self.owners.release(name)
             return error_response(errors[0] if errors else error_info("no_capacity", "no worker answered"))
         for listing in lists:
-            self.catalog.merge(listing)
-            self.holders.observe(listing.worker_id, listing.adapters)
+            self.fleet.observe_adapters(listing.worker_id, listing.adapters)
         self.tenancy.grant(tenant, name)
         logger.info("adapter %s loaded from %s by tenant %s on %s", name, path, tenant,
                     ", ".join(sorted(l.worker_id for l in lists)))
@@ -98,8 +96,7 @@ class AdapterAdmin:
         lists, errors = await self.fan_out(subjects.ADAPTERS_UNLOAD, AdapterUnload(name=name))
         if not lists:
             return error_response(errors[0] if errors else error_info("no_capacity", "no worker answered"))
-        self.catalog.remove(name)
-        self.holders.forget(name)
+        self.fleet.forget(name)
         self.owners.release(name)
         return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
@@ -137,7 +134,7 @@ class AdapterAdmin:
 
     async def fan_out(self, subject: str, message: Message) -> tuple[list[AdapterList], list[ErrorInfo]]:
         """Publish ``message`` and collect the answers of every live worker (or until the timeout)."""
-        expected = max(1, len(self.watch.live_workers()))
+        expected = max(1, len(self.fleet.live_workers()))
         nc = self.bus.nc
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.gateway.catalog import Catalog
+from services.gateway.fleet_view import FleetView
 from services.gateway.tenancy import Tenancy
 from shared.peft_adapter import CONFIG_FILE
 from shared.schemas import ServiceError
@@ -42,8 +42,8 @@ class Owned:
 class AdapterOwners:
     """Owner tenants of runtime-registered adapters, and the checks that use them."""
 
-    def __init__(self, tenancy: Tenancy, catalog: Catalog, root: Path | None) -> None:
-        self.tenancy, self.catalog, self.root = tenancy, catalog, root
+    def __init__(self, tenancy: Tenancy, fleet: FleetView, root: Path | None) -> None:
+        self.tenancy, self.fleet, self.root = tenancy, fleet, root
         self._owned: dict[str, Owned] = {}
 
     def owner(self, name: str) -> str | None:
@@ -52,8 +52,8 @@ class AdapterOwners:
         return owned.tenant if owned else None
 
     def known(self, name: str) -> bool:
-        """Whether ``name`` is an adapter already (registered here, listed, or in the adapter root)."""
-        return name in self._owned or self.catalog.has(name) or self._root_folder(name) is not None
+        """Whether ``name`` is an adapter already (registered here, in a worker's state, or in the adapter root)."""
+        return name in self._owned or self.fleet.has(name) or self._root_folder(name) is not None
 
     def claim(self, tenant: str, name: str, folder: Path | None) -> bool:
         """Check that ``tenant`` may register ``name`` at ``folder``, and record it as the owner of a

@@ -26,7 +26,8 @@ class GatewayConfig:
     metrics_host: str = option("127.0.0.1", "the /metrics listen address")
     model_dir: str = option("default", "base model directory (tokenizer and config); 'default' = SmolLM2")
     model_name: str = option("", "name the base model is served under; empty = the directory's name")
-    adapter_dir: str = option("", "directory whose sub-directories are PEFT adapters (the catalog)")
+    adapter_dir: str = option("", "the workers' adapter root: paths of runtime-loaded adapters must lie inside it "
+                                  "(the catalog itself comes from the workers' states)")
     max_model_len: int = option(0, "context limit in tokens; 0 = the model's max_position_embeddings")
     default_max_tokens: int = option(16, "max_tokens of a completion request that sets none (OpenAI: 16)")
     max_inflight: int = option(256, "requests in flight at once; past it, 429 overloaded")
@@ -44,7 +45,6 @@ class GatewayConfig:
                                          "without its final chunk")
     max_reroutes: int = option(2, "re-routes after worker losses before a terminal worker_lost error")
     retry_budget_s: float = option(3.0, "after noticing a worker loss, give up with an error within this many s")
-    adapters_refresh_s: float = option(10.0, "how often to ask workers for their adapters; 0 = never")
     grace_s: float = option(5.0, "on shutdown, how long in-flight requests may finish")
     journal_dir: str = option("", "where the journal of requests in flight lives (<host>-<name>.journal): a "
                                   "gateway restarted on the same host ends the streams its predecessor left "
@@ -68,5 +68,4 @@ class GatewayConfig:
         require(self.missing_grace_s > 0, "missing_grace_s must be > 0")
         require(self.max_reroutes >= 0, "max_reroutes must be >= 0")
         require(self.retry_budget_s > 0, "retry_budget_s must be > 0")
-        require(self.adapters_refresh_s >= 0, "adapters_refresh_s must be >= 0")
         require(self.grace_s >= 0, "grace_s must be >= 0")

@@ -25,11 +25,11 @@ from typing import Any
 
 from aiohttp import web
 
-from services.gateway.adapter_holders import AdapterHolders
 from services.gateway.json_body import parse_json_body
 from services.gateway.openai_format import error_body, generate_request, include_usage, response_body, sse_events
 from services.gateway.prepare import MAX_CHARS_PER_TOKEN, PreparedRequest, RequestPreparer
-from services.gateway.relay import Relay, RequestStream
+from services.gateway.relay import Relay
+from services.gateway.request_stream import RequestStream
 from shared.schemas import ErrorInfo, ServiceError, error_info, http_status
 
 logger = logging.getLogger(__name__)
@@ -82,12 +82,10 @@ def max_body_bytes(max_model_len: int) -> int:
 class HttpApi:
     """Request handlers bound to the gateway's preparer and relay."""
 
-    def __init__(self, preparer: RequestPreparer, relay: Relay, health: Callable[[], dict[str, Any]],
-                 holders: AdapterHolders | None = None) -> None:
+    def __init__(self, preparer: RequestPreparer, relay: Relay, health: Callable[[], dict[str, Any]]) -> None:
         self.preparer = preparer
         self.relay = relay
         self.health = health
-        self.holders = holders
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=max_body_bytes(self.preparer.max_model_len),
@@ -140,17 +138,17 @@ class HttpApi:
         return response
 
     async def models(self, request: web.Request) -> web.Response:
-        tenancy, catalog = self.preparer.tenancy, self.preparer.catalog
+        tenancy, fleet = self.preparer.tenancy, self.preparer.fleet
         try:
             tenant = tenancy.authenticate(bearer_key(request))
         except ServiceError as exc:
             return error_response(exc.info)
-        base = catalog.base_model
-        data = [{"id": base, "object": "model", "created": catalog.created, "owned_by": OWNER, "root": base,
+        base = fleet.base_model
+        data = [{"id": base, "object": "model", "created": fleet.created, "owned_by": OWNER, "root": base,
                  "parent": None}]
         data += [{"id": a.name, "object": "model", "created": a.created, "owned_by": OWNER, "root": base,
-                  "parent": base, "rank": a.rank, "workers": self.holders.holders(a.name) if self.holders else []}
-                 for a in catalog.adapters() if tenancy.may_use(tenant, a.name)]
+                  "parent": base, "rank": a.rank, "workers": fleet.holders(a.name)}
+                 for a in fleet.adapters() if tenancy.may_use(tenant, a.name)]
         return web.json_response({"object": "list", "data": data})
 
     async def health_check(self, request: web.Request) -> web.Response:

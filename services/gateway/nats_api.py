@@ -20,7 +20,8 @@ import re
 from nats.aio.msg import Msg
 
 from services.gateway.prepare import RequestPreparer
-from services.gateway.relay import Relay, RequestStream
+from services.gateway.relay import Relay
+from services.gateway.request_stream import RequestStream
 from shared import subjects
 from shared.bus import Bus
 from shared.schemas import (CancelRequest, Chunk, ErrorInfo, GenerateRequest, SchemaError, ServiceError, error_info,

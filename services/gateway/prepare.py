@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from services.gateway.catalog import Catalog
+from services.gateway.fleet_view import FleetView
 from services.gateway.tenancy import Tenancy
 from shared.schemas import ChatMessage, GenerateRequest, Sampling, ServiceError
 from shared.tokenizer import ChatTemplateError, apply_chat_template, encode_prompt
@@ -52,10 +52,10 @@ class PreparedRequest:
 class RequestPreparer:
     """Validates and tokenizes requests for one base model."""
 
-    def __init__(self, tokenizer: Any, catalog: Catalog, tenancy: Tenancy, max_model_len: int,
+    def __init__(self, tokenizer: Any, fleet: FleetView, tenancy: Tenancy, max_model_len: int,
                  default_max_tokens: int = 16) -> None:
         self.tokenizer = tokenizer
-        self.catalog = catalog
+        self.fleet = fleet  # the served models: the base model and the workers' adapters
         self.tenancy = tenancy
         self.max_model_len = max_model_len
         self.default_max_tokens = default_max_tokens
@@ -64,7 +64,7 @@ class RequestPreparer:
     async def prepare(self, request: GenerateRequest, api_key: str | None = None) -> PreparedRequest:
         """Validate ``request`` (``api_key`` overrides the request's own); ServiceError if invalid."""
         tenant = self.tenancy.authenticate(api_key if api_key is not None else request.api_key)
-        adapter = self.catalog.resolve(request.model)
+        adapter = self.fleet.resolve(request.model)
         if not self.tenancy.may_use(tenant, adapter):
             raise ServiceError("model_not_found", f"the model {request.model!r} does not exist")
         chat = request.messages is not None
@@ -74,7 +74,7 @@ class RequestPreparer:
                             seed=request.seed, stop=request.stop_list(), ignore_eos=request.ignore_eos)
         request_id = request.request_id or f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         return PreparedRequest(request_id=request_id, tenant=tenant, model=request.model, adapter=adapter,
-                               rank=self.catalog.rank_of(adapter), prompt_token_ids=prompt, sampling=sampling,
+                               rank=self.fleet.rank_of(adapter), prompt_token_ids=prompt, sampling=sampling,
                                stream=request.stream, chat=chat, created=int(time.time()))
 
     async def _tokenize(self, request: GenerateRequest) -> list[int]:

@@ -1,8 +1,9 @@
 """The gateway service: the public edge of CaraServe (NATS API and OpenAI-compatible HTTP).
 
 :meth:`GatewayService.start` connects to NATS, ends the requests a previous process of this
-gateway left in flight (:mod:`services.gateway.stream_journal`), loads the tokenizer and the
-adapter catalog, follows the workers' heartbeats (``state.*``), serves ``generate`` (queue group) and
+gateway left in flight (:mod:`services.gateway.stream_journal`), loads the tokenizer,
+follows the workers' states (``state.*``: liveness, capacity and adapters, see
+:mod:`services.gateway.fleet_view`), serves ``generate`` (queue group) and
 ``cancel`` (every replica), and starts the HTTP server. Everything it starts is undone by the
 AsyncExitStack in reverse order: HTTP first (in-flight requests get ``grace_s``), then the
 NATS subscriptions and the connection.
@@ -20,26 +21,24 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from nats.errors import Error as NatsError
 
 from services.gateway.adapter_admin import AdapterAdmin
-from services.gateway.adapter_holders import AdapterHolders
-from services.gateway.catalog import Catalog
 from services.gateway.config import GatewayConfig
+from services.gateway.fleet_view import FleetView
 from services.gateway.http_api import HttpApi
 from services.gateway.inbox import ChunkInbox
 from services.gateway.nats_api import NatsApi, error_chunk
 from services.gateway.prepare import RequestPreparer
 from services.gateway.relay import Relay
+from services.gateway.request_stream import StreamDeps
 from services.gateway.stream_journal import IN_MEMORY, Orphan, StreamJournal
 from services.gateway.tenancy import Tenancy
-from services.gateway.worker_watch import WorkerWatch
 from shared import subjects
+from shared.background import run_in_background
 from shared.bus import Bus
 from shared.config import from_env
 from shared.nats_auth import load_credentials
-from shared.schemas import (AdapterList, AdapterListRequest, CancelRequest, Chunk, GenerateRequest, SchemaError,
-                            WorkerState, error_info)
+from shared.schemas import CancelRequest, Chunk, GenerateRequest, WorkerState, error_info
 from shared.served_name import served_model_name
 from shared.prometheus_endpoint import PrometheusExport, serve_metrics
 from shared.telemetry import Telemetry, setup_telemetry
@@ -47,8 +46,6 @@ from shared.telemetry import Telemetry, setup_telemetry
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "caraserve-gateway"
-ADAPTER_LIST_FIRST_S = 1.0  # how long to wait for the first adapters.list answer
-ADAPTER_LIST_GAP_S = 0.2  # then for each further one
 
 
 def context_length(model_dir: Path, configured: int) -> int:
@@ -80,10 +77,8 @@ class GatewayService:
         self.bus: Bus | None = None
         self.telemetry: Telemetry | None = None
         self.metrics_port = 0  # the bound /metrics port (0: off)
-        self.catalog: Catalog | None = None
+        self.fleet: FleetView | None = None  # made once the base model's name is known
         self.relay: Relay | None = None
-        self.watch = WorkerWatch(config.worker_timeout_s, config.missing_grace_s)
-        self.holders = AdapterHolders(config.worker_timeout_s)
         self.http_port: int | None = None
         self.model_name = ""
 
@@ -113,25 +108,28 @@ class GatewayService:
         journal = StreamJournal(journal_path(config))
         stack.callback(journal.close)
         await self._end_orphans(bus, journal.take_orphans())  # first: a restart's clients wait for it
-        preparer = await self._load_model()
-        await bus.listen(subjects.STATE_ALL, WorkerState, self._on_state)
-        _background(stack, self.watch.run(lambda: bus.connected), "worker watch")
+        tokenizer, max_model_len = await self._load_model()
+        self.fleet = fleet = FleetView(self.model_name, config.worker_timeout_s, config.missing_grace_s)
+        tenancy = Tenancy(config.api_keys, config.tenant_adapters, config.admin_tenants)
+        preparer = RequestPreparer(tokenizer, fleet, tenancy, max_model_len, config.default_max_tokens)
+        await bus.listen(subjects.STATE_ALL, WorkerState, fleet.on_state)
+        run_in_background(stack, fleet.run(lambda: bus.connected), "fleet view sweep")
         inbox = ChunkInbox(bus)
         await inbox.start()
-        self.relay = Relay(bus, config, self.telemetry, inbox, self.watch, self.model_name, journal)
+        deps = StreamDeps(config, bus, inbox, fleet, journal, self.telemetry.tracer, self.model_name)
+        self.relay = Relay(deps, self.telemetry.metrics)
         api = NatsApi(bus, preparer, self.relay)
         await bus.listen(subjects.CANCEL, CancelRequest, api.cancel)
         await bus.serve(subjects.GENERATE, GenerateRequest, api.generate, queue=config.queue_group,
                         error_reply=error_chunk)
-        if config.adapters_refresh_s > 0:
-            _background(stack, self._refresh_adapters(), "adapter refresh")
         if config.http_port >= 0:
-            admin = AdapterAdmin(bus, self.catalog, preparer.tenancy, self.watch, self.holders, config.adapter_dir)
-            await self._start_http(stack, HttpApi(preparer, self.relay, self.health, self.holders), admin)
-        logger.info("gateway %s serving %s (model %s, %d adapters) and HTTP on %s:%s", config.name,
-                    subjects.GENERATE, self.model_name, len(self.catalog or ()), config.http_host, self.http_port)
+            admin = AdapterAdmin(bus, fleet, tenancy, config.adapter_dir)
+            await self._start_http(stack, HttpApi(preparer, self.relay, self.health), admin)
+        logger.info("gateway %s serving %s (model %s) and HTTP on %s:%s", config.name, subjects.GENERATE,
+                    self.model_name, config.http_host, self.http_port)
 
-    async def _load_model(self) -> RequestPreparer:
+    async def _load_model(self) -> tuple[Any, int]:
+        """The base model's tokenizer and context length; sets :attr:`model_name`."""
         from shared.model_store import resolve_model_dir
         from shared.tokenizer import load_tokenizer
 
@@ -139,12 +137,7 @@ class GatewayService:
         model_dir = await asyncio.to_thread(resolve_model_dir, config.model_dir)
         tokenizer = await asyncio.to_thread(load_tokenizer, model_dir)
         self.model_name = served_model_name(model_dir, config.model_name)
-        self.catalog = Catalog(self.model_name)
-        if config.adapter_dir:
-            self.catalog.load_dir(config.adapter_dir)
-        tenancy = Tenancy(config.api_keys, config.tenant_adapters, config.admin_tenants)
-        return RequestPreparer(tokenizer, self.catalog, tenancy, context_length(model_dir, config.max_model_len),
-                               config.default_max_tokens)
+        return tokenizer, context_length(model_dir, config.max_model_len)
 
     async def _end_orphans(self, bus: Bus, orphans: list[Orphan]) -> None:
         """End the requests a previous process of this gateway left in flight: each NATS client
@@ -158,10 +151,6 @@ class GatewayService:
                 await bus.publish(subjects.worker_cancel(orphan.worker_id), CancelRequest(request_id=orphan.request_id))
         if orphans:
             logger.warning("ended %d requests the previous gateway process left in flight", len(orphans))
-
-    def _on_state(self, state: WorkerState, msg) -> None:
-        self.watch.on_state(state, msg)
-        self.holders.observe(state.worker_id, state.adapters)
 
     async def _start_http(self, stack: contextlib.AsyncExitStack, api: HttpApi, admin: AdapterAdmin) -> None:
         app = api.app()
@@ -190,51 +179,14 @@ class GatewayService:
         profile, then the profile's digest) and CPU prefill pool (``off``, ``healthy``,
         ``unhealthy``).
         """
+        fleet = self.fleet
+        assert fleet is not None, "health is served only once the gateway started"
         connected = self.bus is not None and self.bus.connected
-        live = self.watch.live_workers()
-        lost = sorted(set(self.watch.known_workers()) - set(live))
+        live = fleet.live_workers()
+        lost = sorted(set(fleet.known_workers()) - set(live))
         status = "unavailable" if not connected else "degraded" if lost or not live else "ok"
         relay = self.relay
         return {"status": status, "nats": connected, "model": self.model_name, "workers": live,
-                "lost_workers": lost, "capacity": min(self.config.max_inflight, self.watch.capacity()),
+                "lost_workers": lost, "capacity": min(self.config.max_inflight, fleet.capacity()),
                 "inflight": relay.limiter.count if relay else 0, "max_inflight": self.config.max_inflight,
-                "worker_info": self.watch.worker_info()}
-
-    async def refresh_adapters(self) -> int:
-        """Ask every worker for its adapters; returns how many answered.
-
-        Answers are collected until none has come for a short gap (or none at all for a second).
-        """
-        assert self.bus is not None and self.catalog is not None
-        nc = self.bus.nc
-        inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox)
-        answered = 0
-        try:
-            await self.bus.publish(subjects.ADAPTERS_LIST, AdapterListRequest(), reply=inbox)
-            while True:
-                msg = await sub.next_msg(timeout=ADAPTER_LIST_GAP_S if answered else ADAPTER_LIST_FIRST_S)
-                with contextlib.suppress(SchemaError):
-                    self.catalog.merge(AdapterList.decode(msg.data))
-                    answered += 1
-        except (asyncio.TimeoutError, NatsError):
-            return answered
-        finally:
-            await sub.unsubscribe()
-
-    async def _refresh_adapters(self) -> None:
-        while True:
-            await self.refresh_adapters()
-            await asyncio.sleep(self.config.adapters_refresh_s)
-
-
-def _background(stack: contextlib.AsyncExitStack, coro: Any, name: str) -> None:
-    """Run ``coro`` until the stack unwinds."""
-    task = asyncio.get_running_loop().create_task(coro, name=name)
-
-    async def stop() -> None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    stack.push_async_callback(stop)
+                "worker_info": fleet.worker_info()}

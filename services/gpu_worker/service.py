@@ -52,6 +52,7 @@ from services.gpu_worker.step_thread import StepThread
 from services.gpu_worker.vllm_metrics import RENAMES, VllmMetrics
 from services.gpu_worker.worker_config import WorkerConfig
 from shared import subjects
+from shared.background import run_in_background
 from shared.backends import AUTO
 from shared.bus import Bus, yield_to_io
 from shared.config import ConfigError, from_env
@@ -67,6 +68,7 @@ from shared.schemas.names import request_key
 from shared.perf_model import ProfileError
 from shared.prometheus_endpoint import PrometheusExport, serve_metrics
 from shared.telemetry import Telemetry, extract_context, setup_telemetry, start_span
+from shared.token_timing import TokenTiming
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +162,7 @@ class GpuWorkerService:
                                   self.config.grace_s, load_credentials(self.config.nats_creds))
         for task in (self._publish_chunks(), self._publish_states(), self._watch_engine(),
                      self.profile.run(self._on_profile)):
-            stack.push_async_callback(_cancel, self._loop.create_task(task))
+            run_in_background(stack, task)
         self._thread = StepThread(self.engine, self._on_step_threadsafe, self._on_death_threadsafe)
         self._thread.start()
         stack.push_async_callback(self._stop_engine)
@@ -445,16 +447,10 @@ class GpuWorkerService:
         m = self.telemetry.metrics
         labels = {"adapter": submit.adapter or "", "worker": self.config.worker_id}
         m.requests.add(1, {**labels, "finish_reason": out.finish_reason or ""})
-        ttft = None if tracked.first_token is None else tracked.first_token - tracked.submitted
-        tpot = (None if tracked.first_token is None or out.completion_tokens < 2
-                else (end - tracked.first_token) / (out.completion_tokens - 1))
-        if ttft is not None:
-            m.ttft.record(ttft, labels)
-        if tpot is not None:
-            m.tpot.record(tpot, labels)
-        m.e2e.record(end - tracked.submitted, labels)
+        timing = TokenTiming.of(tracked.submitted, tracked.first_token, end, out.completion_tokens)
+        timing.record(m, labels)
         if self.vllm_metrics is not None:
-            self.vllm_metrics.record_request(ttft, tpot, end - tracked.submitted)
+            self.vllm_metrics.record_request(timing.ttft_s, timing.tpot_s, timing.e2e_s)
 
 
 def _assist_span(telemetry: Telemetry, tracked: Tracked, attrs: dict, start: float, stop: float) -> None:
@@ -488,9 +484,3 @@ def _prefill_lora_usage(submit: WorkerSubmit, lora: PrefillLora | None) -> Prefi
         return None
     return PrefillLoraUsage(cpu_layers=lora.cpu_layers, device_layers=lora.device_layers,
                             waited_ms=round(lora.waited_ms, 3))
-
-
-async def _cancel(task: asyncio.Task) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

@@ -34,6 +34,7 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from shared.schemas import WorkerState
 from shared.schemas.worker_state import RequestLoad
+from shared.token_timing import TokenTiming
 
 ENGINE = "0"  # vLLM's data-parallel engine index; a worker is one engine
 LEVELS = {"device": "gpu", "host": "cpu"}  # CaraServe tier -> vLLM level; disk is not loaded
@@ -96,11 +97,7 @@ class VllmMetrics:
     # ---- recorded as things happen -------------------------------------------------------
     def record_request(self, ttft: float | None, tpot: float | None, e2e: float) -> None:
         """A request finished: its time to first token, mean time per output token and latency."""
-        if ttft is not None:
-            self.ttft.record(ttft, self.labels)
-        if tpot is not None:
-            self.tpot.record(tpot, self.labels)
-        self.e2e.record(e2e, self.labels)
+        TokenTiming(e2e, ttft, tpot).record(self, self.labels)
 
     def record_load(self, adapter: str, transition: str, seconds: float) -> None:
         """An adapter load finished one transition (a residency load listener)."""

@@ -3,7 +3,7 @@
 Off by default. With ``SchedulerConfig.decision_log`` set to a path (``{name}`` there is replaced
 by the replica's name, so replicas sharing one configuration write separate files), each call
 of the policy appends one JSON line, written before the request is counted as pending on the
-chosen worker, so the line holds exactly what the policy saw. ``services.scheduler.decision_replay``
+chosen worker, so the line holds exactly what the policy saw. ``services.scheduler.sim.decision_replay``
 reads the file back, rebuilds the policy's inputs and re-runs the policy on them.
 
 Format (``FORMAT_VERSION`` 1). The first line describes the policy::

@@ -39,6 +39,7 @@ from services.scheduler.fleet import Fleet
 from services.scheduler.policies import NoCapacity, Policy, PolicyConfig, PolicyRequest, make_policy
 from services.scheduler.profile_book import ProfileBook
 from shared import subjects
+from shared.background import cancel_and_wait, run_in_background
 from shared.bus import Bus
 from shared.config import from_env
 from shared.nats_auth import load_credentials
@@ -130,8 +131,7 @@ class SchedulerService:
                                    load_credentials(self.config.nats_creds))
         stack.push_async_callback(self._cancel_fetches)
         await self.bus.listen(subjects.STATE_ALL, WorkerState, self._on_state)
-        reaper = asyncio.get_running_loop().create_task(self._reap(), name="scheduler reaper")
-        stack.push_async_callback(_cancel, reaper)
+        run_in_background(stack, self._reap(), "scheduler reaper")
         await self.bus.serve(subjects.ROUTE, RouteRequest, self._route, queue=self.config.queue_group)
         logger.info("scheduler %s serving %s (policy %s)", self.config.name, subjects.ROUTE, self.config.policy)
 
@@ -159,7 +159,7 @@ class SchedulerService:
 
     async def _cancel_fetches(self) -> None:
         for task in list(self._fetches):
-            await _cancel(task)
+            await cancel_and_wait(task)
 
     async def _ask_profile(self, worker_id: str, digest: str) -> ProfileReply:
         assert self.bus is not None
@@ -260,9 +260,3 @@ class SchedulerService:
         assert self.bus is not None
         chunk = Chunk(request_id=request.request_id, index=0, finish_reason="error", error=info)
         await self.bus.publish(request.reply_inbox, chunk)
-
-
-async def _cancel(task: asyncio.Task) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

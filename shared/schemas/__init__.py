@@ -1,6 +1,7 @@
-"""Every CaraServe wire message, defined once (msgpack, versioned, validated on receipt).
+"""Every CaraServe wire message, defined once (msgpack, versioned, validated on receipt by msgspec).
 
-One module per concern: ``wire`` (the format and validation), ``errors``, ``chunk``,
+One module per concern: ``wire`` (the envelope, encode and decode on msgspec), ``schema_error``
+(SchemaError, from msgspec's refusals), ``names`` (patterns and name types), ``errors``, ``chunk``,
 ``sampling``, ``generate`` (the public NATS API), ``route`` (gateway -> scheduler),
 ``worker`` (scheduler -> worker), ``worker_state`` and ``adapters``.
 """
@@ -12,13 +13,13 @@ from shared.schemas.errors import (ERROR_CODES, ErrorInfo, ErrorReply, RemoteErr
 from shared.schemas.generate import ChatMessage, CancelRequest, GenerateRequest
 from shared.schemas.route import RequestBody, RouteReply, RouteRequest
 from shared.schemas.sampling import Sampling
-from shared.schemas.wire import SCHEMA_VERSION, Message, SchemaError, Struct, spec, unpack
+from shared.schemas.wire import SCHEMA_VERSION, Message, SchemaError, Struct, unpack
 from shared.schemas.worker import SubmitAck, WorkerSubmit
 from shared.schemas.worker_state import RequestLoad, WorkerState
 
 __all__ = [
     "SCHEMA_VERSION", "LEVELS", "FINISH_REASONS", "ERROR_CODES",
-    "Message", "Struct", "SchemaError", "spec", "unpack",
+    "Message", "Struct", "SchemaError", "unpack",
     "ErrorInfo", "ErrorReply", "RemoteError", "ServiceError", "decode_reply", "error_info", "http_status",
     "schema_error_info",
     "Chunk", "Usage", "Sampling", "ChatMessage", "GenerateRequest", "CancelRequest",

@@ -5,24 +5,24 @@ Each worker answers with an AdapterList: the adapters it holds after the operati
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from msgspec import Meta
 
 from shared.levels import LEVELS
-from shared.schemas.names import NAME_PATTERN, WORKER_ID_PATTERN
-from shared.schemas.wire import Message, Struct, spec
+from shared.schemas.names import Name, WorkerId
+from shared.schemas.wire import Message, Struct, default
 
 
-@dataclass
 class AdapterInfo(Struct):
     """An adapter a worker holds: its rank and the tier it lives in (device, host or disk)."""
 
-    name: str = spec(pattern=NAME_PATTERN)
-    rank: int = spec(ge=1, le=1024)
-    level: str = spec(choices=LEVELS)
-    pinned: bool = False
+    name: Name
+    rank: Annotated[int, Meta(ge=1, le=1024)]
+    level: Literal[LEVELS]
+    pinned: bool = default(False)
 
 
-@dataclass
 class AdapterLoad(Message):
     """Load the PEFT adapter directory ``path`` under ``name`` (``pinned`` keeps it on device).
 
@@ -30,31 +30,28 @@ class AdapterLoad(Message):
     """
 
     KIND = "adapter_load"
-    name: str = spec(pattern=NAME_PATTERN)
-    path: str = spec(min_len=1, max_len=4096)
-    pinned: bool = False
-    owner: str | None = spec(None, min_len=1, max_len=128)
+    name: Name
+    path: Annotated[str, Meta(min_length=1, max_length=4096)]
+    pinned: bool = default(False)
+    owner: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
 
 
-@dataclass
 class AdapterUnload(Message):
     """Drop adapter ``name`` from every tier."""
 
     KIND = "adapter_unload"
-    name: str = spec(pattern=NAME_PATTERN)
+    name: Name
 
 
-@dataclass
 class AdapterListRequest(Message):
     """Ask the workers which adapters they hold."""
 
     KIND = "adapter_list_request"
 
 
-@dataclass
 class AdapterList(Message):
     """One worker's adapters (the reply to load, unload and list)."""
 
     KIND = "adapter_list"
-    worker_id: str = spec(pattern=WORKER_ID_PATTERN)
-    adapters: list[AdapterInfo] = spec(default_factory=list)
+    worker_id: WorkerId
+    adapters: list[AdapterInfo] = default([])

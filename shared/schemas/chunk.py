@@ -2,41 +2,46 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from msgspec import Meta
 
 from shared.schemas.errors import ErrorInfo
-from shared.schemas.names import REQUEST_ID_PATTERN, WORKER_ID_PATTERN
-from shared.schemas.wire import Message, SchemaError, Struct, spec
+from shared.schemas.names import RequestId, WorkerId, whole
+from shared.schemas.schema_error import field_path
+from shared.schemas.wire import Message, NonNegativeFloat, NonNegativeInt, SchemaError, Struct, default
 
 FINISH_REASONS = ("stop", "length", "error", "cancelled")
 CANCEL_TOKEN_PATTERN = r"[A-Za-z0-9_-]{16,128}"
 
+CancelToken = Annotated[str, Meta(pattern=whole(CANCEL_TOKEN_PATTERN))]
+LayerCount = Annotated[int, Meta(ge=0, le=100_000)]
+TokenId = NonNegativeInt
 
-@dataclass
+
 class PrefillLoraUsage(Struct):
     """How a LoRA request's prefill got its deltas: layers the CPU prefill pool computed
     (CPU-assisted cold start), layers computed on the device, and how long it waited for its
     adapter to load before that prefill."""
 
-    cpu_layers: int = spec(0, ge=0, le=100_000)
-    device_layers: int = spec(0, ge=0, le=100_000)
-    waited_ms: float = spec(0.0, ge=0.0)
+    cpu_layers: LayerCount = default(0)
+    device_layers: LayerCount = default(0)
+    waited_ms: NonNegativeFloat = default(0.0)
 
 
-@dataclass
 class Usage(Struct):
     """Token counts of a finished request (OpenAI ``usage``), and for a LoRA request ``prefill_lora``."""
 
-    prompt_tokens: int = spec(ge=0)
-    completion_tokens: int = spec(ge=0)
-    total_tokens: int = spec(ge=0)
+    prompt_tokens: NonNegativeInt
+    completion_tokens: NonNegativeInt
+    total_tokens: NonNegativeInt
     prefill_lora: PrefillLoraUsage | None = None
 
     def check(self, path: str = "") -> None:
         if self.total_tokens != self.prompt_tokens + self.completion_tokens:
             raise SchemaError("total_tokens must equal prompt_tokens + completion_tokens", path)
 
-@dataclass
+
 class Chunk(Message):
     """One streamed piece of a request's output.
 
@@ -51,15 +56,15 @@ class Chunk(Message):
     """
 
     KIND = "chunk"
-    request_id: str = spec(pattern=REQUEST_ID_PATTERN)
-    index: int = spec(ge=0)
-    token_ids: list[int] = spec(default_factory=list, ge=0)
-    text: str = ""
-    finish_reason: str | None = spec(None, choices=FINISH_REASONS)
+    request_id: RequestId
+    index: NonNegativeInt
+    token_ids: list[TokenId] = default([])
+    text: str = default("")
+    finish_reason: Literal[FINISH_REASONS] | None = None
     usage: Usage | None = None
     error: ErrorInfo | None = None
-    worker_id: str | None = spec(None, pattern=WORKER_ID_PATTERN)
-    cancel_token: str | None = spec(None, pattern=CANCEL_TOKEN_PATTERN)
+    worker_id: WorkerId | None = None
+    cancel_token: CancelToken | None = None
 
     @property
     def final(self) -> bool:
@@ -68,3 +73,5 @@ class Chunk(Message):
     def check(self, path: str = "") -> None:
         if (self.finish_reason == "error") != (self.error is not None):
             raise SchemaError("error must be present exactly when finish_reason is 'error'", path)
+        if self.usage is not None:
+            self.usage.check(field_path(path, "usage"))

@@ -9,50 +9,55 @@ an ``invalid_request`` error whose message says what differs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated
 
-from shared.schemas.wire import Message, spec
-from shared.schemas.names import WORKER_ID_PATTERN
+from msgspec import Meta
+
+from shared.schemas.names import WorkerId, whole
+from shared.schemas.wire import Message, NonNegativeInt, default
 
 RING_NAME_PATTERN = r"caraserve-[A-Za-z0-9_-]{1,64}-[0-9]{1,10}-ring"
 
+RingName = Annotated[str, Meta(pattern=whole(RING_NAME_PATTERN))]
+Pid = Annotated[int, Meta(ge=1)]
+Dimension = Annotated[int, Meta(ge=1, le=1_000_000)]
+Count = Annotated[int, Meta(ge=1, le=100_000)]
+Processes = Annotated[int, Meta(ge=0, le=256)]
 
-@dataclass(kw_only=True)
-class PoolHello(Message):
+
+class PoolHello(Message, kw_only=True):
     """A pool of ``workers`` CPU processes for worker ``worker_id``, built for this model geometry."""
 
     KIND = "pool_hello"
-    worker_id: str = spec(pattern=WORKER_ID_PATTERN)
-    pid: int = spec(ge=1)
-    exchange_version: int = spec(ge=1, le=1_000_000)
-    num_layers: int = spec(ge=1, le=100_000)
-    hidden_size: int = spec(ge=1, le=1_000_000)
-    intermediate_size: int = spec(ge=1, le=1_000_000)
-    num_heads: int = spec(ge=1, le=100_000)
-    num_kv_heads: int = spec(ge=1, le=100_000)
-    head_dim: int = spec(ge=1, le=100_000)
-    workers: int = spec(ge=0, le=256)
+    worker_id: WorkerId
+    pid: Pid
+    exchange_version: Annotated[int, Meta(ge=1, le=1_000_000)]
+    num_layers: Count
+    hidden_size: Dimension
+    intermediate_size: Dimension
+    num_heads: Count
+    num_kv_heads: Count
+    head_dim: Count
+    workers: Processes
 
 
-@dataclass(kw_only=True)
-class PoolHeartbeat(Message):
+class PoolHeartbeat(Message, kw_only=True):
     """The pool is alive: ``alive`` of its ``workers`` processes run, attached to ``ring``."""
 
     KIND = "pool_heartbeat"
-    worker_id: str = spec(pattern=WORKER_ID_PATTERN)
-    pid: int = spec(ge=1)
-    ring: str = spec(pattern=RING_NAME_PATTERN)
-    workers: int = spec(ge=0, le=256)
-    alive: int = spec(ge=0, le=256)
-    jobs: int = spec(0, ge=0)
+    worker_id: WorkerId
+    pid: Pid
+    ring: RingName
+    workers: Processes
+    alive: Processes
+    jobs: NonNegativeInt = default(0)
 
 
-@dataclass(kw_only=True)
-class PoolWelcome(Message):
+class PoolWelcome(Message, kw_only=True):
     """The worker's answer: the ring to attach and how many CPU processes it expects."""
 
     KIND = "pool_welcome"
-    worker_id: str = spec(pattern=WORKER_ID_PATTERN)
-    ring: str = spec(pattern=RING_NAME_PATTERN)
-    workers: int = spec(ge=1, le=256)
-    heartbeat_s: float = spec(0.5, ge=0.01, le=60.0)
+    worker_id: WorkerId
+    ring: RingName
+    workers: Annotated[int, Meta(ge=1, le=256)]
+    heartbeat_s: Annotated[float, Meta(ge=0.01, le=60.0)] = default(0.5)

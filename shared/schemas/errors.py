@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from shared.schemas.wire import Message, SchemaError, Struct, kind_of, spec, unpack
+from msgspec import Meta
+
+from shared.schemas.wire import Message, SchemaError, Struct, decode_one_of
 
 ERROR_TYPES = ("invalid_request_error", "authentication_error", "not_found_error",
                "rate_limit_error", "server_error", "service_unavailable")
@@ -40,16 +41,14 @@ ERROR_CODES: dict[str, tuple[str, int]] = {
 MAX_MESSAGE_CHARS = 8192
 
 
-@dataclass
 class ErrorInfo(Struct):
     """What went wrong: an OpenAI error ``type``, a stable machine ``code`` and a message."""
 
-    type: str = spec(choices=ERROR_TYPES)
-    code: str = spec(min_len=1, max_len=64)
-    message: str = spec(max_len=MAX_MESSAGE_CHARS)
+    type: Literal[ERROR_TYPES]
+    code: Annotated[str, Meta(min_length=1, max_length=64)]
+    message: Annotated[str, Meta(max_length=MAX_MESSAGE_CHARS)]
 
 
-@dataclass
 class ErrorReply(Message):
     """The reply to a request that failed (bad payload, no capacity, unknown adapter...)."""
 
@@ -92,12 +91,12 @@ def decode_reply(data: bytes, cls: type[Any]) -> Any:
     """Decode a reply that is either a ``cls`` message or an ErrorReply.
 
     Returns the ``cls`` message; raises RemoteError for an ErrorReply and SchemaError when
-    the payload is neither.
+    the payload is neither. One decode: ``kind`` tells the two apart (a tagged union).
     """
-    body = unpack(data)
-    if kind_of(body) == ErrorReply.KIND:
-        raise RemoteError(ErrorReply.from_envelope(body).error)
-    return cls.from_envelope(body)
+    reply = decode_one_of(data, cls, ErrorReply)
+    if isinstance(reply, ErrorReply):
+        raise RemoteError(reply.error)
+    return reply
 
 
 class ServiceError(Exception):

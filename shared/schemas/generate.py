@@ -6,25 +6,27 @@ reply subject is the inbox that receives its Chunk stream.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated, Literal
 
-from shared.schemas.chunk import CANCEL_TOKEN_PATTERN
-from shared.schemas.names import REQUEST_ID_PATTERN
-from shared.schemas.sampling import INT64_MAX, INT64_MIN, MAX_COUNT, check_stop
-from shared.schemas.wire import Message, SchemaError, Struct, spec
+from msgspec import Meta
+
+from shared.schemas.chunk import CancelToken
+from shared.schemas.names import ModelName, RequestId
+from shared.schemas.sampling import BoundedTokenId, MaxTokens, Seed, Temperature, TopK, TopP, check_stop
+from shared.schemas.wire import Message, SchemaError, Struct, default
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
+ApiKey = Annotated[str, Meta(max_length=1024)]
 
-@dataclass
+
 class ChatMessage(Struct):
     """One chat turn (OpenAI ``messages`` item with text content)."""
 
-    role: str = spec(choices=CHAT_ROLES)
-    content: str = spec(max_len=4_000_000)
+    role: Literal[CHAT_ROLES]
+    content: Annotated[str, Meta(max_length=4_000_000)]
 
 
-@dataclass
 class GenerateRequest(Message):
     """Generate text from ``prompt`` (a string or token ids) or from chat ``messages``.
 
@@ -34,19 +36,19 @@ class GenerateRequest(Message):
     """
 
     KIND = "generate_request"
-    model: str = spec(min_len=1, max_len=256)
-    prompt: str | list[int] | None = spec(None, ge=0, le=MAX_COUNT)
-    messages: list[ChatMessage] | None = spec(None, max_len=4096)
-    max_tokens: int | None = spec(None, ge=1, le=MAX_COUNT)
-    temperature: float = spec(1.0, ge=0.0, le=2.0)
-    top_p: float = spec(1.0, gt=0.0, le=1.0)
-    top_k: int = spec(0, ge=-1, le=MAX_COUNT)
-    seed: int | None = spec(None, ge=INT64_MIN, le=INT64_MAX)
+    model: ModelName
+    prompt: str | list[BoundedTokenId] | None = None
+    messages: Annotated[list[ChatMessage], Meta(max_length=4096)] | None = None
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature = default(1.0)
+    top_p: TopP = default(1.0)
+    top_k: TopK = default(0)
+    seed: Seed | None = None
     stop: str | list[str] | None = None
-    ignore_eos: bool = False
-    stream: bool = True
-    request_id: str | None = spec(None, pattern=REQUEST_ID_PATTERN)
-    api_key: str | None = spec(None, max_len=1024)
+    ignore_eos: bool = default(False)
+    stream: bool = default(True)
+    request_id: RequestId | None = None
+    api_key: ApiKey | None = None
 
     def check(self, path: str = "") -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -60,7 +62,6 @@ class GenerateRequest(Message):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
-@dataclass
 class CancelRequest(Message):
     """Abort request ``request_id`` (to the gateway on ``cancel``, to a worker on ``worker.<id>.cancel``).
 
@@ -70,6 +71,6 @@ class CancelRequest(Message):
     """
 
     KIND = "cancel_request"
-    request_id: str = spec(pattern=REQUEST_ID_PATTERN)
-    api_key: str | None = spec(None, max_len=1024)
-    cancel_token: str | None = spec(None, pattern=CANCEL_TOKEN_PATTERN)
+    request_id: RequestId
+    api_key: ApiKey | None = None
+    cancel_token: CancelToken | None = None

@@ -9,27 +9,27 @@ one asked for (a quick profile superseded meanwhile).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated
 
-from shared.schemas.names import PROFILE_DIGEST_PATTERN, WORKER_ID_PATTERN
-from shared.schemas.wire import Message, spec
+from msgspec import Meta
+
+from shared.schemas.names import ProfileDigest, WorkerId
+from shared.schemas.wire import Message
 
 MAX_PROFILE_BYTES = 900_000  # under NATS's default 1 MiB payload
 
 
-@dataclass(kw_only=True)
-class ProfileRequest(Message):
+class ProfileRequest(Message, kw_only=True):
     """Asks a worker for its current profile (``digest``: the one the asker saw in its state)."""
 
     KIND = "profile_request"
-    digest: str = spec(pattern=PROFILE_DIGEST_PATTERN)
+    digest: ProfileDigest
 
 
-@dataclass(kw_only=True)
-class ProfileReply(Message):
+class ProfileReply(Message, kw_only=True):
     """Worker ``worker_id``'s profile ``digest``: ``profile`` is its JSON text."""
 
     KIND = "profile_reply"
-    worker_id: str = spec(pattern=WORKER_ID_PATTERN)
-    digest: str = spec(pattern=PROFILE_DIGEST_PATTERN)
-    profile: str = spec(min_len=2, max_len=MAX_PROFILE_BYTES)
+    worker_id: WorkerId
+    digest: ProfileDigest
+    profile: Annotated[str, Meta(min_length=2, max_length=MAX_PROFILE_BYTES)]

@@ -8,16 +8,20 @@ place the request within ``deadline_ms`` it publishes a terminal ``no_capacity``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated
 
-from shared.schemas.names import INSTANCE_PATTERN, NAME_PATTERN, REQUEST_ID_PATTERN, SUBJECT_PATTERN, WORKER_ID_PATTERN
+from msgspec import Meta
+
+from shared.schemas.chunk import TokenId
+from shared.schemas.names import Inbox, Instance, ModelName, Name, RequestId, WorkerId
 from shared.schemas.sampling import Sampling
-from shared.schemas.wire import Message, SchemaError, Struct, spec
+from shared.schemas.schema_error import field_path
+from shared.schemas.wire import Message, NonNegativeInt, SchemaError, default
 
 
-@dataclass(kw_only=True)
-class RequestBody(Struct):
-    """The fields a request keeps from the gateway to the worker.
+class RequestBody(Message, kw_only=True):
+    """The fields a request keeps from the gateway to the worker: the body of RouteRequest and
+    WorkerSubmit (never sent on its own).
 
     The worker's context is ``prompt_token_ids + generated_token_ids``: after a worker loss,
     ``generated_token_ids`` holds the tokens already streamed to the client, and the new
@@ -25,17 +29,18 @@ class RequestBody(Struct):
     still counts ``prompt_token_ids`` as the prompt and every generated token as completion.
     """
 
-    request_id: str = spec(pattern=REQUEST_ID_PATTERN)
-    model: str = spec(min_len=1, max_len=256)
-    adapter: str | None = spec(None, pattern=NAME_PATTERN)
-    prompt_token_ids: list[int] = spec(min_len=1, ge=0)
-    generated_token_ids: list[int] = spec(default_factory=list, ge=0)
+    request_id: RequestId
+    model: ModelName
+    adapter: Name | None = None
+    prompt_token_ids: Annotated[list[TokenId], Meta(min_length=1)]
+    generated_token_ids: list[TokenId] = default([])
     sampling: Sampling
-    reply_inbox: str = spec(max_len=1024, pattern=SUBJECT_PATTERN)
-    tenant: str = spec("default", pattern=NAME_PATTERN)
-    attempt: int = spec(0, ge=0, le=64)
+    reply_inbox: Inbox
+    tenant: Name = default("default")
+    attempt: Annotated[int, Meta(ge=0, le=64)] = default(0)
 
     def check(self, path: str = "") -> None:
+        self.sampling.check(field_path(path, "sampling"))
         if len(self.generated_token_ids) >= self.sampling.max_tokens:
             raise SchemaError("generated_token_ids must be shorter than sampling.max_tokens", path)
 
@@ -48,22 +53,20 @@ class RequestBody(Struct):
         return len(self.prompt_token_ids) + len(self.generated_token_ids)
 
 
-@dataclass(kw_only=True)
-class RouteRequest(Message, RequestBody):
+class RouteRequest(RequestBody, kw_only=True):
     """Place a request on a worker within ``deadline_ms``, avoiding ``exclude_workers``."""
 
     KIND = "route_request"
-    deadline_ms: int = spec(2000, ge=1, le=600_000)
-    exclude_workers: list[str] = spec(default_factory=list, max_len=1024, pattern=WORKER_ID_PATTERN)
+    deadline_ms: Annotated[int, Meta(ge=1, le=600_000)] = default(2000)
+    exclude_workers: Annotated[list[WorkerId], Meta(max_length=1024)] = default([])
 
 
-@dataclass
 class RouteReply(Message):
     """The worker a request was forwarded to, with what its SubmitAck said: every state of that
     worker ``instance`` with a ``seq`` past ``state_seq`` lists the request while the worker holds it."""
 
     KIND = "route_reply"
-    request_id: str = spec(pattern=REQUEST_ID_PATTERN)
-    worker_id: str = spec(pattern=WORKER_ID_PATTERN)
-    state_seq: int = spec(0, ge=0)
-    instance: str = spec("", pattern=INSTANCE_PATTERN)
+    request_id: RequestId
+    worker_id: WorkerId
+    state_seq: NonNegativeInt = default(0)
+    instance: Instance = default("")

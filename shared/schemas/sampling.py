@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated
 
-from shared.schemas.wire import SchemaError, Struct, spec
+from msgspec import Meta
+
+from shared.schemas.wire import SchemaError, Struct, default
 
 MAX_STOP_SEQUENCES = 16
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -12,6 +14,14 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # or a torch argument; anything this large is refused by the context length or clamped to the
 # vocabulary long before the bound matters.
 MAX_COUNT = 2**31 - 1
+
+# The sampling fields, shared with the public GenerateRequest.
+MaxTokens = Annotated[int, Meta(ge=1, le=MAX_COUNT)]
+Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
+TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
+TopK = Annotated[int, Meta(ge=-1, le=MAX_COUNT)]
+Seed = Annotated[int, Meta(ge=INT64_MIN, le=INT64_MAX)]
+BoundedTokenId = Annotated[int, Meta(ge=0, le=MAX_COUNT)]
 
 
 def check_stop(stop: list[str], path: str) -> None:
@@ -22,18 +32,17 @@ def check_stop(stop: list[str], path: str) -> None:
         raise SchemaError("stop sequences must be non-empty", path)
 
 
-@dataclass
 class Sampling(Struct):
     """How to sample (OpenAI/vLLM semantics; temperature 0 is greedy, top_k 0 or -1 is off)."""
 
-    max_tokens: int = spec(ge=1, le=MAX_COUNT)
-    temperature: float = spec(1.0, ge=0.0, le=2.0)
-    top_p: float = spec(1.0, gt=0.0, le=1.0)
-    top_k: int = spec(0, ge=-1, le=MAX_COUNT)
-    seed: int | None = spec(None, ge=INT64_MIN, le=INT64_MAX)
-    stop: list[str] = spec(default_factory=list)
-    stop_token_ids: list[int] = spec(default_factory=list, ge=0, le=MAX_COUNT)
-    ignore_eos: bool = False
+    max_tokens: MaxTokens
+    temperature: Temperature = default(1.0)
+    top_p: TopP = default(1.0)
+    top_k: TopK = default(0)
+    seed: Seed | None = None
+    stop: list[str] = default([])
+    stop_token_ids: list[BoundedTokenId] = default([])
+    ignore_eos: bool = default(False)
 
     def check(self, path: str = "") -> None:
         check_stop(self.stop, f"{path}.stop" if path else "stop")

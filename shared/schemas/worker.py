@@ -6,19 +6,16 @@ with a SubmitAck once the request is queued (or with an ErrorReply when it refus
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from shared.schemas.names import INSTANCE_PATTERN, REQUEST_ID_PATTERN, WORKER_ID_PATTERN
+from shared.schemas.names import Instance, RequestId, WorkerId
 from shared.schemas.route import RequestBody, RouteRequest
-from shared.schemas.wire import Message, spec
+from shared.schemas.wire import Message, NonNegativeInt, default
 
 
-@dataclass(kw_only=True)
-class WorkerSubmit(Message, RequestBody):
+class WorkerSubmit(RequestBody, kw_only=True):
     """A routed request, addressed to worker ``worker_id``."""
 
     KIND = "worker_submit"
-    worker_id: str = spec(pattern=WORKER_ID_PATTERN)
+    worker_id: WorkerId
 
     @classmethod
     def from_route(cls, route: RouteRequest, worker_id: str) -> WorkerSubmit:
@@ -30,7 +27,6 @@ class WorkerSubmit(Message, RequestBody):
                    worker_id=worker_id)
 
 
-@dataclass
 class SubmitAck(Message):
     """A worker accepted a request.
 
@@ -40,7 +36,7 @@ class SubmitAck(Message):
     """
 
     KIND = "submit_ack"
-    request_id: str = spec(pattern=REQUEST_ID_PATTERN)
-    worker_id: str = spec(pattern=WORKER_ID_PATTERN)
-    state_seq: int = spec(ge=0)
-    instance: str = spec("", pattern=INSTANCE_PATTERN)
+    request_id: RequestId
+    worker_id: WorkerId
+    state_seq: NonNegativeInt
+    instance: Instance = default("")

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated
+
+from msgspec import Meta
 
 from shared.schemas.adapters import AdapterInfo
-from shared.schemas.names import (INSTANCE_PATTERN, NAME_PATTERN, PROFILE_STATUS_PATTERN, REQUEST_KEY_PATTERN,
-                                  WORKER_ID_PATTERN)
-from shared.schemas.wire import Message, SchemaError, Struct, spec
+from shared.schemas.names import Instance, ModelName, Name, ProfileStatus, RequestKey, WorkerId
+from shared.schemas.wire import Message, NonNegativeFloat, NonNegativeInt, SchemaError, Struct, default
+
+Rank = Annotated[int, Meta(ge=0, le=1024)]
+Processes = Annotated[int, Meta(ge=0, le=256)]
+Positive = Annotated[int, Meta(ge=1)]
 
 
-@dataclass
 class RequestLoad(Struct):
     """A request a worker holds: its key, its adapter (None for the base model) and token counts.
 
@@ -20,19 +24,18 @@ class RequestLoad(Struct):
     most ``remaining_tokens`` more.
     """
 
-    key: str = spec(pattern=REQUEST_KEY_PATTERN)
-    adapter: str | None = spec(None, pattern=NAME_PATTERN)
-    rank: int = spec(0, ge=0, le=1024)
-    prompt_tokens: int = spec(0, ge=0)
-    generated_tokens: int = spec(0, ge=0)
-    remaining_tokens: int = spec(0, ge=0)
+    key: RequestKey
+    adapter: Name | None = None
+    rank: Rank = default(0)
+    prompt_tokens: NonNegativeInt = default(0)
+    generated_tokens: NonNegativeInt = default(0)
+    remaining_tokens: NonNegativeInt = default(0)
 
     @property
     def context_tokens(self) -> int:
         return self.prompt_tokens + self.generated_tokens
 
 
-@dataclass
 class AssistState(Struct):
     """CPU-assisted prefill on a worker (cold-start mode cpu_assist): counters and the pool's health.
 
@@ -41,15 +44,14 @@ class AssistState(Struct):
     ``pool_workers`` / ``pool_alive``: the pool's size and its processes alive at the last heartbeat.
     """
 
-    assisted: int = spec(0, ge=0)
-    fallbacks: int = spec(0, ge=0)
-    cpu_layers: int = spec(0, ge=0)
-    pool_workers: int = spec(0, ge=0, le=256)
-    pool_alive: int = spec(0, ge=0, le=256)
-    pool_healthy: bool = False
+    assisted: NonNegativeInt = default(0)
+    fallbacks: NonNegativeInt = default(0)
+    cpu_layers: NonNegativeInt = default(0)
+    pool_workers: Processes = default(0)
+    pool_alive: Processes = default(0)
+    pool_healthy: bool = default(False)
 
 
-@dataclass
 class WorkerState(Message):
     """A worker's load and residency, numbered by ``seq`` (increasing per worker).
 
@@ -66,23 +68,23 @@ class WorkerState(Message):
     """
 
     KIND = "worker_state"
-    worker_id: str = spec(pattern=WORKER_ID_PATTERN)
-    model: str = spec(min_len=1, max_len=256)
-    backend: str = spec(min_len=1, max_len=64)
-    running: list[RequestLoad] = spec(default_factory=list)
-    queued: list[RequestLoad] = spec(default_factory=list)
-    adapters: list[AdapterInfo] = spec(default_factory=list)
-    free_kv_blocks: int = spec(0, ge=0)
-    total_kv_blocks: int = spec(0, ge=0)
-    block_size: int = spec(16, ge=1)
-    max_batch_size: int = spec(1, ge=1)
-    max_queued: int = spec(0, ge=0)
-    max_model_len: int = spec(1, ge=1)
-    seq: int = spec(0, ge=0)
-    timestamp: float = spec(0.0, ge=0.0)
-    instance: str = spec("", pattern=INSTANCE_PATTERN)
+    worker_id: WorkerId
+    model: ModelName
+    backend: Annotated[str, Meta(min_length=1, max_length=64)]
+    running: list[RequestLoad] = default([])
+    queued: list[RequestLoad] = default([])
+    adapters: list[AdapterInfo] = default([])
+    free_kv_blocks: NonNegativeInt = default(0)
+    total_kv_blocks: NonNegativeInt = default(0)
+    block_size: Positive = default(16)
+    max_batch_size: Positive = default(1)
+    max_queued: NonNegativeInt = default(0)
+    max_model_len: Positive = default(1)
+    seq: NonNegativeInt = default(0)
+    timestamp: NonNegativeFloat = default(0.0)
+    instance: Instance = default("")
     assist: AssistState | None = None  # cpu_assist mode only
-    profile: str = spec("", pattern=PROFILE_STATUS_PATTERN)
+    profile: ProfileStatus = default("")
 
     def check(self, path: str = "") -> None:
         if self.free_kv_blocks > self.total_kv_blocks:

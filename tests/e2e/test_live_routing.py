@@ -1,7 +1,7 @@
 """Live check of rank-aware routing: 2 gpu_workers, a mixed-rank workload, every decision replayed.
 
 The stack runs one ``rank_aware`` scheduler with its decision log on, using a profile measured
-here on the tiny model (small grid). The workload (``bench/live_workload.py``) cycles through
+here on the tiny model (small grid). The workload (``bench/routing/live_workload.py``) cycles through
 the base model and the 7 tiny adapters (ranks 8 to 64): a burst, then staggered arrivals.
 The checks:
 
@@ -22,13 +22,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.live_routing import live_stack_config, report, run_live
-from bench.live_workload import LiveWorkload
+from bench.routing.live_routing import live_stack_config, report, run_live
+from bench.routing.live_workload import LiveWorkload
 from services.gpu_worker.profiling import profiler as profiler_mod
 from services.gpu_worker.engine_config import EngineConfig
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.decision_log import stats_summary
-from services.scheduler.decision_replay import replay
+from services.scheduler.sim.decision_replay import replay
 from services.scheduler.policies import PolicyConfig, make_policy
 from services.scheduler.worker_view import WorkerView
 from shared.native_ops import cpu_lora_kernel

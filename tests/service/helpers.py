@@ -31,7 +31,7 @@ async def start_scheduler(stack: contextlib.AsyncExitStack, url: str, **override
 
 
 async def start_gateway(stack: contextlib.AsyncExitStack, url: str, model_dir: Path, **overrides) -> GatewayService:
-    settings = dict(nats_url=url, model_dir=str(model_dir), http_port=0, grace_s=0.5, adapters_refresh_s=0)
+    settings = dict(nats_url=url, model_dir=str(model_dir), http_port=0, grace_s=0.5)
     settings.update(overrides)
     service = GatewayService(GatewayConfig(**settings))
     await service.start(stack)
@@ -49,7 +49,7 @@ async def client(stack: contextlib.AsyncExitStack, url: str) -> Bus:
 
 
 def make_adapter_dir(root: Path, ranks: dict[str, int]) -> Path:
-    """A directory of minimal PEFT adapter configs (the gateway reads only names and ranks)."""
+    """A directory of minimal PEFT adapter configs (the gateway's adapter root; fake workers list the adapters)."""
     for name, rank in ranks.items():
         (root / name).mkdir(parents=True)
         (root / name / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank}))

@@ -34,7 +34,7 @@ async def base(nats_server, stack, tiny_model_dir, tiny_adapters, tmp_path):
                                   model_name=worker.model_name,
                                   api_keys=tuple(f"{key}:{tenant}" for tenant, key in KEYS.items()),
                                   tenant_adapters=("alice:qv_r8",))
-    await wait_until(lambda: "w1" in gateway.watch.live_workers())
+    await wait_until(lambda: "w1" in gateway.fleet.live_workers())
     return f"http://127.0.0.1:{gateway.http_port}"
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.nats_floor import measure_floor
+from bench.control_plane.nats_floor import measure_floor
 
 pytestmark = pytest.mark.timeout(120)
 

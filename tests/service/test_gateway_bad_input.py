@@ -37,7 +37,7 @@ async def serving(nats_server, stack, tiny_model_dir, tmp_path):
                                       **gateway_overrides)
         worker = await start_worker(stack, nats_server.url, "w0", model=gateway.model_name, adapters=WORKER_ADAPTERS,
                                     step_s=step_s)
-        await wait_until(lambda: "w0" in gateway.watch.live_workers())
+        await wait_until(lambda: "w0" in gateway.fleet.live_workers())
         return gateway, f"http://127.0.0.1:{gateway.http_port}", worker
     return make
 

@@ -39,7 +39,7 @@ async def stack_with_gateway(nats_server, stack, tiny_model_dir, adapter_dir):
 async def add_worker(stack, nats_server, gateway, worker_id="w0", **kwargs):
     worker = await start_worker(stack, nats_server.url, worker_id, model=gateway.model_name,
                                 adapters=WORKER_ADAPTERS, **kwargs)
-    await wait_until(lambda: worker_id in gateway.watch.live_workers())
+    await wait_until(lambda: worker_id in gateway.fleet.live_workers())
     return worker
 
 
@@ -300,25 +300,19 @@ async def test_worker_lost_with_no_other_worker_ends_with_an_error_within_5s(nat
             assert refused.status == 503 and (await refused.json())["error"]["code"] == "no_capacity"
 
 
-async def test_adapters_reported_on_adapters_list_join_the_catalog(nats_server, stack, stack_with_gateway):
-    from shared.bus import Bus
-    from shared.schemas import AdapterList, AdapterListRequest
-
+async def test_adapters_reported_on_worker_states_join_the_catalog(nats_server, stack, stack_with_gateway):
     gateway, base = await stack_with_gateway()
-    responder = await Bus.open(nats_server.url, "lister", stack, grace_s=0.1)
-
-    async def answer(request, msg):
-        return AdapterList(worker_id="w9", adapters=[AdapterInfo(name="legal", rank=32, level="disk")])
-
-    await responder.serve(subjects.ADAPTERS_LIST, AdapterListRequest, answer)
-    deadline = time.monotonic() + 10
-    while await gateway.refresh_adapters() != 1:  # a window can be missed on a loaded box; the loop retries too
-        assert time.monotonic() < deadline
+    await add_worker(stack, nats_server, gateway)  # lists sql and poems
+    await start_worker(stack, nats_server.url, "w9", model=gateway.model_name,
+                       adapters=[AdapterInfo(name="legal", rank=32, level="disk")])
+    await wait_until(lambda: "w9" in gateway.fleet.live_workers())
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{base}/v1/models") as response:
             models = {m["id"]: m for m in (await response.json())["data"]}
     assert models["legal"]["parent"] == gateway.model_name and models["legal"]["rank"] == 32
-    assert {"sql", "poems"} <= set(models)  # the configured directory's adapters stay
+    assert models["legal"]["workers"] == [{"worker": "w9", "level": "disk"}]
+    assert {"sql", "poems"} <= set(models)  # the other worker's adapters stay
+    assert list(models) == [gateway.model_name, "legal", "poems", "sql"]  # the base model, then by name
 
 
 async def test_a_gateway_shutting_down_finishes_its_streams_first(nats_server, stack, tiny_model_dir, adapter_dir):
@@ -407,7 +401,7 @@ async def test_health_reports_a_lost_worker_as_degraded_until_it_is_back(nats_se
         status, body = await health()
         assert status == 200 and body["status"] == "ok" and body["capacity"] == 8 and body["lost_workers"] == []
         await doomed.stop()
-        await wait_until(lambda: gateway.watch.live_workers() == ["w0"])
+        await wait_until(lambda: gateway.fleet.live_workers() == ["w0"])
         status, body = await health()
         assert status == 200 and body["status"] == "degraded" and body["lost_workers"] == ["w1"]
         assert body["capacity"] == 4

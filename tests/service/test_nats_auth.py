@@ -86,7 +86,7 @@ async def services(stack: contextlib.AsyncExitStack, secured: Secured, model_dir
                                   nats_creds=str(secured.files["gateway"]), **gateway_overrides)
     worker = await start_worker(stack, secured.url, "w1", model=gateway.model_name, adapters=WORKER_ADAPTERS,
                                 credentials=secured.creds("w1"), step_s=0.05)
-    await wait_until(lambda: "w1" in gateway.watch.live_workers())
+    await wait_until(lambda: "w1" in gateway.fleet.live_workers())
     return gateway, worker
 
 
@@ -279,7 +279,7 @@ async def test_states_from_the_fleet_reach_the_gateway_only_from_real_workers(se
                        seq=1, timestamp=0.0)
     await alice.publish(subjects.state("ghost"), fake.encode())
     await violations.wait_for("permissions violation for publish")
-    assert gateway.watch.live_workers() == ["w1"]
+    assert gateway.fleet.live_workers() == ["w1"]
 
 
 def test_credential_files_are_private(secured):

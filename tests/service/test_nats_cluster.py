@@ -107,7 +107,7 @@ async def test_killing_a_node_with_streams_in_flight(cluster, stack, tiny_model_
     workers = [await start_worker(stack, preferring(nodes, index), wid, model=gateway.model_name,
                                   adapters=WORKER_ADAPTERS, credentials=users[wid].credentials, step_s=0.03)
                for index, wid in ((0, "w1"), (1, "w2"))]
-    await wait_until(lambda: gateway.watch.live_workers() == ["w1", "w2"], timeout_s=10)
+    await wait_until(lambda: gateway.fleet.live_workers() == ["w1", "w2"], timeout_s=10)
     alice = await Bus.open(preferring(nodes, 0), "alice", stack, grace_s=0.1, credentials=users["alice"].credentials)
     assert gateway.bus.nc.connected_url.port == nodes[1].port  # the node that will die
 
@@ -135,4 +135,4 @@ async def test_killing_a_node_with_streams_in_flight(cluster, stack, tiny_model_
         if chunks[-1].finish_reason == "length":
             resumed_at = time.monotonic()
     assert gateway.bus.connected and gateway.bus.nc.connected_url.port != nodes[1].port
-    assert sorted(gateway.watch.live_workers()) == ["w1", "w2"]  # w2 reconnected to another node
+    assert sorted(gateway.fleet.live_workers()) == ["w1", "w2"]  # w2 reconnected to another node

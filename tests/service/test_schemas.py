@@ -134,6 +134,20 @@ def test_worker_state_shows_request_keys_not_ids_and_old_peers_still_decode():
     assert SubmitAck.decode(pack(request_id="r", worker_id="w", state_seq=3)).instance == ""
 
 
+def test_none_fields_are_left_off_the_wire_and_other_defaults_are_sent():
+    """The wire shape clients read: ``finish_reason``, ``usage``... only when set; ``text`` and
+    ``token_ids`` always."""
+    body = msgpack.unpackb(Chunk(request_id="r", index=0).encode())
+    assert body == {"kind": "chunk", "v": 1, "request_id": "r", "index": 0, "token_ids": [], "text": ""}
+
+
+def test_a_refused_choice_lists_the_allowed_values():
+    with pytest.raises(SchemaError) as raised:
+        GenerateRequest.decode(pack(model="m", messages=[{"role": "r" * 10_000, "content": "x"}]))
+    assert raised.value.path == "messages[0].role" and "must be one of assistant, developer, system, tool, user" \
+        in str(raised.value) and len(str(raised.value)) < 300
+
+
 def test_unknown_version_is_its_own_error_code():
     with pytest.raises(SchemaError) as raised:
         Chunk.decode(msgpack.packb({"v": 2, **CHUNK}))

@@ -42,8 +42,7 @@ async def run_requests(nats_url: str, model_dir, traceparent: str) -> None:
         gateway = await start_gateway(stack, nats_url, model_dir)
         worker = await start_worker(stack, nats_url, "w0", model=gateway.model_name,
                                     adapters=[AdapterInfo(name="sql", rank=8, level="device")])
-        gateway.catalog.add("sql", 8)
-        await wait_until(lambda: "w0" in gateway.watch.live_workers())
+        await wait_until(lambda: "w0" in gateway.fleet.live_workers())
         bus = await client(stack, nats_url)
         inbox = bus.nc.new_inbox()
         sub = await bus.nc.subscribe(inbox)

@@ -9,9 +9,9 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-from bench.control_plane_clients import LoadRun, Timed
-from bench.control_plane_report import STAGES, index_spans, latency_samples, throughput_summary
-from bench.otlp_sink import OtlpSink, SpanTimes
+from bench.control_plane.clients import LoadRun, Timed
+from bench.control_plane.report import STAGES, index_spans, latency_samples, throughput_summary
+from bench.control_plane.otlp_sink import OtlpSink, SpanTimes
 
 
 def test_sink_receives_what_the_otlp_exporter_sends():

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.engine import main, parse_args, _options, run_benchmark, write_outputs
-from bench.engine_options import RunOptions
-from bench.engine_metrics import (decode_step_bytes, decode_step_flops, linear_flops_per_token, memory_bandwidth,
+from bench.engine.benchmark import main, parse_args, _options, run_benchmark, write_outputs
+from bench.engine.options import RunOptions
+from bench.engine.metrics import (decode_step_bytes, decode_step_flops, linear_flops_per_token, memory_bandwidth,
                                   percentile, summarize)
-from bench.engine_plot import target_notes
-from bench.engine_report import ratios, targets
-from bench.vllm_peer import vllm_unavailable
-from bench.vllm_runner import max_lora_rank
-from bench.engine_workload import EngineWorkload, make_requests
+from bench.engine.plot import target_notes
+from bench.engine.report import ratios, targets
+from bench.engine.vllm_peer import vllm_unavailable
+from bench.engine.vllm_runner import max_lora_rank
+from bench.engine.workload import EngineWorkload, make_requests
 from shared.config import ConfigError
 from shared.llama_shape import LlamaShape
 

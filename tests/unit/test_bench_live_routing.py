@@ -1,10 +1,10 @@
-"""bench/live_routing.py's offline parts: stale-state counting and the decision-log cost probe (no stack)."""
+"""bench/routing/live_routing.py's offline parts: stale-state counting and the decision-log cost probe (no stack)."""
 
 from __future__ import annotations
 
-from bench.live_routing import record_cost_us, seq_behind
-from bench.live_workload import LiveWorkload, make_schedule
-from services.scheduler.decision_replay import Decision
+from bench.routing.live_routing import record_cost_us, seq_behind
+from bench.routing.live_workload import LiveWorkload, make_schedule
+from services.scheduler.sim.decision_replay import Decision
 from services.scheduler.policies import PolicyRequest
 from shared.schemas import WorkerState
 

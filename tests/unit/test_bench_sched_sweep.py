@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import logging
 
-from bench import sched_sweep, synthetic_profile
+from bench.routing import sched_sweep, synthetic_profile
 from shared.backends import BACKENDS
 
 
 def _run(tmp_path, caplog, jobs: int, *extra: str, policy: str = "rank_aware,least_loaded") -> tuple[dict, str]:
     caplog.clear()
-    caplog.set_level(logging.INFO, logger="services.scheduler.experiment")
+    caplog.set_level(logging.INFO, logger="services.scheduler.sim.experiment")
     profiles = {}
     for backend in BACKENDS:
         profiles[backend] = tmp_path / f"{backend}.json"

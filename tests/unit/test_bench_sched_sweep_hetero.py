@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bench import sched_sweep_hetero
+from bench.routing import sched_sweep_hetero
 from shared.perf_model import PerfModel
 
 PROFILE = PerfModel.from_coefficients(

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.cold_start_workload import (MAF_DIR, POPULARITY_FILE, TRACE_FILE, WorkloadError, build_workload,
-                                       load_popularity, load_trace, time_scale)
+from bench.cold_start.workload import (POPULARITY_FILE, TRACE_FILE, WorkloadError, build_workload, load_popularity,
+                                       load_trace, time_scale)
+from bench.paths import MAF_DIR
 
 
 def test_real_trace_and_popularity_load():

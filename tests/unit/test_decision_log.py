@@ -9,7 +9,7 @@ import pytest
 
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.decision_log import DecisionLog, DecisionLogError, stats_summary
-from services.scheduler.decision_replay import lag_summary, read_log, replay, stats_from_summary
+from services.scheduler.sim.decision_replay import lag_summary, read_log, replay, stats_from_summary
 from services.scheduler.fleet import Fleet
 from services.scheduler.policies import PolicyConfig, PolicyRequest, make_policy
 from shared.batch_stats import BatchStats

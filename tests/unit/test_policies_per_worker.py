@@ -3,7 +3,7 @@ documented fallbacks for a worker whose profile is pending."""
 
 from __future__ import annotations
 
-from bench.sched_sweep_hetero import scale_rank_terms
+from bench.routing.sched_sweep_hetero import scale_rank_terms
 from services.scheduler.policies import PolicyConfig, PolicyRequest, make_policy
 from services.scheduler.worker_view import WorkerView
 from shared.perf_model import PerfModel

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.scheduler.grouping_bound import expected_max_rank, grouping_bound
+from services.scheduler.sim.grouping_bound import expected_max_rank, grouping_bound
 from shared.perf_model import PerfModel
 
 

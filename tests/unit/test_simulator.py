@@ -10,9 +10,10 @@ import pytest
 
 from launcher.cli import main as cli_main
 from services.scheduler.policies import PolicyConfig, make_policy
-from services.scheduler.sim_metrics import METRIC_KEYS, summarize
-from services.scheduler.simulator import SimulatorConfig, simulate
-from services.scheduler.workload import Workload, WorkloadConfig, WorkloadError, generate, read_popularity, read_trace
+from services.scheduler.sim.metrics import METRIC_KEYS, summarize
+from services.scheduler.sim.simulator import SimulatorConfig, simulate
+from services.scheduler.sim.workload import (Workload, WorkloadConfig, WorkloadError, generate, read_popularity,
+                                             read_trace)
 from shared.batch_stats import BatchStats
 from shared.perf_model import PerfModel
 

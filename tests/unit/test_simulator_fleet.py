@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.sched_sweep_hetero import RANK_TERMS, scale_rank_terms
+from bench.routing.sched_sweep_hetero import RANK_TERMS, scale_rank_terms
 from launcher.cli import CliError
 from launcher.cli import main as cli_main
 from launcher.cmd_simulate import parse_profile_spec
-from services.scheduler.experiment import fastest_model, resolve_slo_ms, run_policies
+from services.scheduler.sim.experiment import fastest_model, resolve_slo_ms, run_policies
 from services.scheduler.policies import PolicyConfig, make_policy
-from services.scheduler.simulator import Simulator, SimulatorConfig, WorkerGroup, simulate
-from services.scheduler.workload import Workload, WorkloadConfig, generate
+from services.scheduler.sim.simulator import Simulator, SimulatorConfig, WorkerGroup, simulate
+from services.scheduler.sim.workload import Workload, WorkloadConfig, generate
 from shared.batch_stats import BatchStats
 from shared.config import ConfigError
 from shared.perf_model import PerfModel

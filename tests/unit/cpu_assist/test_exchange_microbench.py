@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.exchange_microbench import run_microbench
+from bench.cold_start.exchange_microbench import run_microbench
 from shared.llama_shape import LlamaShape
 
 SHAPE = LlamaShape(num_layers=2, hidden_size=16, intermediate_size=32, num_heads=4, num_kv_heads=2, head_dim=4)

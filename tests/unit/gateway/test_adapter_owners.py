@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from services.gateway.adapter_owners import AdapterOwners
-from services.gateway.catalog import Catalog
+from services.gateway.fleet_view import FleetView
 from services.gateway.tenancy import Tenancy
-from shared.schemas import ServiceError
+from shared.schemas import AdapterInfo, ServiceError
 
 KEYS = ("ka:alice", "kb:bob", "kc:carol", "kroot:admin")
 
@@ -25,10 +25,10 @@ def root(tmp_path) -> Path:
 
 def owners_for(root: Path | None, keys=KEYS) -> AdapterOwners:
     tenancy = Tenancy(keys, ("alice:shared", "carol:*"), ("admin",))
-    catalog = Catalog("base")
-    if root is not None:
-        catalog.load_dir(root)
-    return AdapterOwners(tenancy, catalog, root)
+    fleet = FleetView("base", timeout_s=1.0)
+    if root is not None:  # a worker serving the root lists its adapter folders
+        fleet.observe_adapters("w0", [AdapterInfo(name="shared", rank=8, level="disk")])
+    return AdapterOwners(tenancy, fleet, root)
 
 
 def code(call) -> str | None:
