@@ -13,6 +13,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "fast_exp.h"
+
 namespace {
 
 constexpr int64_t kRowGrain = 8;
@@ -69,7 +71,7 @@ void silu_mul_row(const T* gate, const T* up, T* out, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const float g = to_float(gate[i]);
-    const float silu = to_float(round_to<T>(g / (1.0f + std::exp(-g))));
+    const float silu = to_float(round_to<T>(g / (1.0f + fast_exp(-g))));
     out[i] = round_to<T>(silu * to_float(up[i]));
   }
 }
@@ -152,17 +154,23 @@ torch::Tensor silu_mul(const torch::Tensor& gate_up) {
   return out;
 }
 
-// out = round(round(x * cos) + round(rotate_half(x) * sin)) for one head of ``d`` values.
+// out = round(round(x * cos) + round(rotate_half(x) * sin)) for one head of ``d`` values, where
+// rotate_half(x) = (-x[half:], x[:half]); one loop per half so each is a plain vector loop.
+template <typename T>
+void rope_half(const T* x, const T* rotated, float sign, const T* cos, const T* sin, T* out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = to_float(round_to<T>(to_float(x[i]) * to_float(cos[i])));
+    const float b = to_float(round_to<T>(sign * to_float(rotated[i]) * to_float(sin[i])));
+    out[i] = round_to<T>(a + b);
+  }
+}
+
 template <typename T>
 void rope_head(const T* x, const T* cos, const T* sin, T* out, int64_t d) {
   const int64_t half = d / 2;
-#pragma omp simd
-  for (int64_t i = 0; i < d; ++i) {
-    const float rotated = i < half ? -to_float(x[i + half]) : to_float(x[i - half]);
-    const float a = to_float(round_to<T>(to_float(x[i]) * to_float(cos[i])));
-    const float b = to_float(round_to<T>(rotated * to_float(sin[i])));
-    out[i] = round_to<T>(a + b);
-  }
+  rope_half(x, x + half, -1.0f, cos, sin, out, half);
+  rope_half(x + half, x, 1.0f, cos + half, sin + half, out + half, half);
 }
 
 // x: [T, H, D] (rows may be strided, heads contiguous), cos/sin: [P, D], positions: [T] int64

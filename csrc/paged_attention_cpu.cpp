@@ -5,7 +5,7 @@
 // KV head of one block is a contiguous tile. A task is one (sequence, KV head): it reads each tile
 // of that head once, converts it to float32, and runs an online softmax for the G = H / KVH query
 // heads that share it. Decode attention is bound by reading the cache, so reading it once is what
-// counts; the exponentials use a branch-free polynomial the compiler vectorizes.
+// counts; the exponentials use a branch-free polynomial the compiler vectorizes (fast_exp.h).
 //
 // The plain-torch reference is services/gpu_worker/attention.py:gathered_decode_attention, and
 // tests/unit/gpu_worker/test_paged_attention_cpu.py checks this kernel against it.
@@ -24,6 +24,8 @@
 #include <limits>
 #include <vector>
 
+#include "fast_exp.h"
+
 namespace {
 
 inline float to_float(float v) { return v; }
@@ -35,25 +37,6 @@ inline float to_float(at::BFloat16 v) {
   return out;
 }
 
-// exp(x) for x <= 0 (softmax arguments after subtracting the running maximum), relative error
-// about 2e-7: x = k ln2 + r with |r| <= ln2 / 2, exp(r) by Cephes' degree-6 polynomial, 2^k from the
-// exponent bits. Arguments below -87 (and -inf) give about 1e-38, which vanishes against the sum.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - k * 0.693359375f + k * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float e = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return e * scale;
-}
 
 #if defined(__AVX512F__)
 // Lane t of the result is the sum of the 16 lanes of v[t]: a transposing tree of adds (45
@@ -174,12 +157,12 @@ struct FloatTask {
     score(q.data() + g * dim, n);
     float tile_max = max[g];
     for (int64_t t = 0; t < n; ++t) tile_max = std::max(tile_max, scores[t]);
-    const float correction = exp_nonpositive(max[g] - tile_max);
+    const float correction = fast_exp(max[g] - tile_max);
     float tile_sum = 0.0f;
     float* s = scores.data();
 #pragma omp simd reduction(+ : tile_sum)
     for (int64_t t = 0; t < n; ++t) {
-      s[t] = exp_nonpositive(s[t] - tile_max);
+      s[t] = fast_exp(s[t] - tile_max);
       tile_sum += s[t];
     }
     accumulate(acc.data() + g * dim, correction, n);
@@ -237,10 +220,10 @@ struct Bf16Task {
     float tile_sum = 0.0f;
 #pragma omp simd reduction(+ : tile_sum)
     for (int t = 0; t < 16; ++t) {
-      p[g][t] = t < n ? exp_nonpositive(p[g][t] - tile_max) : 0.0f;
+      p[g][t] = t < n ? fast_exp(p[g][t] - tile_max) : 0.0f;
       tile_sum += p[g][t];
     }
-    const float correction = exp_nonpositive(max[g] - tile_max);
+    const float correction = fast_exp(max[g] - tile_max);
     sum[g] = sum[g] * correction + tile_sum;
     max[g] = tile_max;
     return correction;

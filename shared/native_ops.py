@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -37,6 +38,15 @@ def _torch_openmp_flags() -> list[str]:
     return ["-fopenmp"]
 
 
+def _headers_digest() -> str:
+    """A digest of ``csrc/*.h``: torch's builder hashes only the sources, so a changed header
+    reaches the build through a flag that names this digest."""
+    digest = hashlib.sha1()
+    for header in sorted(CSRC.glob("*.h")):
+        digest.update(header.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def _build(name: str, source: str, extra_cflags: tuple[str, ...] = ()) -> ModuleType | None:
     """Compile (or load the cached build of) ``csrc/<source>`` as module ``caraserve_<name>``."""
     from torch.utils import cpp_extension
@@ -47,7 +57,8 @@ def _build(name: str, source: str, extra_cflags: tuple[str, ...] = ()) -> Module
         return cpp_extension.load(
             name=f"caraserve_{name}",
             sources=[str(CSRC / source)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp", *extra_cflags],
+            extra_cflags=["-O3", "-march=native", "-fopenmp", f"-DCARASERVE_HEADERS={_headers_digest()}",
+                          *extra_cflags],
             extra_ldflags=_torch_openmp_flags(),
             build_directory=str(build_dir),
             verbose=False,
