@@ -1,7 +1,8 @@
 """`caraserve generate`: a NATS client that streams one completion to the terminal.
 
 It logs in with ``--creds`` (``caraserve up --nats-client-creds FILE`` writes one). Ctrl-C
-cancels the request with the cancel token its first chunk brought.
+cancels the request with the cancel token its first chunk brought, or, before that chunk, with
+its ``--api-key`` (a key of the request's tenant is proof enough where API keys are configured).
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def make_request(args: argparse.Namespace):
 
 
 async def stream(args: argparse.Namespace) -> int:
-    """Send the request, print its chunks until the final one; Ctrl-C cancels it (with its token)."""
+    """Send the request, print its chunks until the final one; Ctrl-C cancels it (with the token of
+    its first chunk, or with the API key before that chunk arrived)."""
     import nats
 
     from shared import subjects
@@ -85,7 +87,7 @@ async def stream(args: argparse.Namespace) -> int:
     except nats.errors.TimeoutError:
         raise CliError(f"no answer within {args.timeout:.0f} s") from None
     except asyncio.CancelledError:  # Ctrl-C: the gateway stops the request (only its requester may)
-        if cancel_token is not None:
+        if cancel_token is not None or args.api_key:  # before the first chunk, the API key is the proof
             cancel = CancelRequest(request_id=request.request_id, cancel_token=cancel_token, api_key=args.api_key)
             await nc.publish(subjects.CANCEL, cancel.encode())
             await nc.flush(timeout=2)

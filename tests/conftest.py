@@ -29,7 +29,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("CARASERVE_AUTO_PROFILE", "0")  # workers started by tests make no quick profile unless asked
 
 from tests.tiny_adapters import build_adapters, build_bad_adapters  # noqa: E402
+from shared.native_ops import cpu_lora_kernel, layer_ops_kernel, paged_attention_kernel  # noqa: E402
 from shared.tiny_models import TINY_SEED, TINY_TIED_SEED, build_tiny_model, build_tiny_model_tied  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def native_kernels() -> None:
+    """Build (or load) the native CPU kernels once, in the real cache, before any test runs.
+
+    A clean checkout compiles each in about 20 s on a 2-core machine; that must not land inside a
+    test's timed wait (a worker's start, say), nor in a test that points the cache elsewhere.
+    """
+    cpu_lora_kernel()
+    paged_attention_kernel()
+    layer_ops_kernel()
 
 
 @pytest.fixture(scope="session")

@@ -45,7 +45,7 @@ pytestmark = pytest.mark.timeout(180)
 
 HTTP_STREAMS = 8
 NATS_STREAMS = 8
-MAX_TOKENS = 96
+MAX_TOKENS = 240  # long enough that every stream is still running when the fault lands
 STARTED_TOKENS = 2
 FINAL_S = 5.0
 RESUME_S = 15.0

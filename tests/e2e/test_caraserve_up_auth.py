@@ -34,21 +34,24 @@ NATS_LINE = re.compile(r"NATS:\s+(nats://\S+)")
 
 async def interrupt_generation(nats_url: str, operator: Credentials, command: list[str],
                                env: dict[str, str], stderr_path: Path) -> str:
-    """Run ``caraserve generate``, Ctrl-C it at its first output; the request id the gateway
-    then cancelled on the worker (watched as the operator). The command's stderr goes to
-    ``stderr_path`` and into any failure message."""
+    """Run ``caraserve generate``, Ctrl-C it as soon as its request reaches a worker; the request id
+    the gateway then cancelled on the worker (watched as the operator). Interrupting on the worker's
+    submit, not on the first output, keeps the generation unfinished however fast the engine is.
+    The command's stderr goes to ``stderr_path`` and into any failure message."""
     nc = await nats.connect(nats_url, **operator.connect_options())
     try:
+        submits = await nc.subscribe(subjects.any_worker("submit"))
         cancels = await nc.subscribe(subjects.any_worker("cancel"))
         await nc.flush()
         long = [arg if arg != "4" else "400" for arg in command]  # --max-tokens
         with stderr_path.open("w") as stderr:
             proc = await asyncio.create_subprocess_exec(*long, cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE,
                                                         stderr=stderr)
-            first = await asyncio.wait_for(proc.stdout.read(1), 60)
+            await submits.next_msg(timeout=60)
             proc.send_signal(signal.SIGINT)
+            output = await asyncio.wait_for(proc.stdout.read(), 30)
             status = await asyncio.wait_for(proc.wait(), 30)
-        assert status == 130, f"exit {status} after output {first!r}: {stderr_path.read_text()}"
+        assert status == 130, f"exit {status} after output {output[:80]!r}: {stderr_path.read_text()}"
         cancel = CancelRequest.decode((await cancels.next_msg(timeout=30)).data)
         return cancel.request_id
     finally:

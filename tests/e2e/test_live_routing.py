@@ -31,7 +31,6 @@ from services.scheduler.decision_log import stats_summary
 from services.scheduler.sim.decision_replay import replay
 from services.scheduler.policies import PolicyConfig, make_policy
 from services.scheduler.worker_view import WorkerView
-from shared.native_ops import cpu_lora_kernel
 from shared.perf_model import PerfModel
 
 pytestmark = pytest.mark.timeout(180)
@@ -48,7 +47,6 @@ def live_profile(tiny_model_dir, tmp_path_factory) -> Path:
     One torch thread, as each of the stack's two workers gets on this 2-core box (and so that a
     busy machine does not stall the profile's steps); the session's thread count is restored.
     """
-    cpu_lora_kernel()  # built (or loaded) from the real cache before the cache dir moves
     out = tmp_path_factory.mktemp("live_profile") / "profile.json"
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:

@@ -39,6 +39,8 @@ def cost_per_token_us(model: PerfModel, ranks: Sequence[int]) -> float:
 def faster_backend(models: Mapping[str, PerfModel], ranks: Sequence[int]) -> tuple[str, dict[str, float]]:
     """(the family to serve with, each family's cost per output token in us)."""
     costs = {backend: cost_per_token_us(model, ranks) for backend, model in models.items()}
+    if not any(ranks):  # no adapters: the families run the same base path, their fits differ by noise
+        return AUTO_START, costs
     best = min(costs.values())
     winners = [b for b, c in costs.items() if c <= best * (1 + 1e-9)]
     return (AUTO_START if AUTO_START in winners else winners[0]), costs

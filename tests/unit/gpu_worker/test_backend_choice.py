@@ -27,3 +27,12 @@ def test_a_cheaper_bgmv_kernel_wins():
     bgmv = model("bgmv", "batch_max_rank", 1.0)
     mbgmv = model("mbgmv", "sum_rank", 30.0)
     assert faster_backend({"bgmv": bgmv, "mbgmv": mbgmv}, [8, 16, 64])[0] == "bgmv"
+
+
+def test_no_adapters_keeps_the_start_backend_whatever_the_fits_say():
+    # with no adapters both families run the base path; a fit that happens to be cheaper must not switch
+    bgmv = PerfModel.from_coefficients("bgmv", decode={"const": 9_000.0, "requests": 400.0},
+                                       prefill={"const": 20_000.0, "tokens": 300.0})
+    mbgmv = model("mbgmv", "sum_rank", 10.0)
+    chosen, costs = faster_backend({"bgmv": bgmv, "mbgmv": mbgmv}, [])
+    assert chosen == "mbgmv" and costs["bgmv"] < costs["mbgmv"]
