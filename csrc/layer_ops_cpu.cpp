@@ -13,37 +13,12 @@
 #include <cstdint>
 #include <cstring>
 
+#include "bf16.h"
 #include "fast_exp.h"
 
 namespace {
 
 constexpr int64_t kRowGrain = 8;
-
-inline float to_float(float v) { return v; }
-
-inline float to_float(at::BFloat16 v) {
-  uint32_t bits = static_cast<uint32_t>(v.x) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-
-// Round to the storage type as torch does (bf16: round to nearest even, NaN kept a NaN).
-template <typename T>
-inline T round_to(float v);
-
-template <>
-inline float round_to<float>(float v) { return v; }
-
-template <>
-inline at::BFloat16 round_to<at::BFloat16>(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  at::BFloat16 out;
-  out.x = static_cast<uint16_t>(v != v ? 0x7FC0u : rounded);
-  return out;
-}
 
 // out = w * round(x * rsqrt(mean(x^2) + eps)), one row of ``h`` values.
 template <typename T>

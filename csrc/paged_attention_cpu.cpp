@@ -24,19 +24,10 @@
 #include <limits>
 #include <vector>
 
+#include "bf16.h"
 #include "fast_exp.h"
 
 namespace {
-
-inline float to_float(float v) { return v; }
-
-inline float to_float(at::BFloat16 v) {
-  uint32_t bits = static_cast<uint32_t>(v.x) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-
 
 #if defined(__AVX512F__)
 // Lane t of the result is the sum of the 16 lanes of v[t]: a transposing tree of adds (45
