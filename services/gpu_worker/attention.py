@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -15,20 +16,32 @@ class DecodeGroup:
     """Decoding sequences attended together, their contexts padded to the group's longest, ``W`` blocks.
 
     * ``idx: [B]`` batch indices of their decode tokens (one per sequence).
-    * ``blocks: [B * KVH * W]`` rows of the cache viewed as ``[num_blocks * KVH, block_size, D]``
-      (one block of one KV head) that hold each sequence's context, head-major per sequence,
-      so one ``index_select`` of whole blocks gathers a contiguous ``[B, KVH, W * block_size, D]``;
-      padding blocks read block 0.
-    * ``mask: [B, 1, 1, W * block_size]`` marks the real context positions (current token included).
     * ``tables: [B, W]`` each sequence's block ids (padding 0) and ``lengths: [B]`` its context
-      length, current token included: what the native kernel reads instead of ``blocks`` and ``mask``.
+      length, current token included: what the native kernel reads.
+    * ``kv_heads``, ``block_size``: the cache's, from which the torch path derives ``blocks`` and
+      ``mask`` (on first use, once per step: the native kernel never needs them).
     """
 
     idx: torch.Tensor
-    blocks: torch.Tensor
-    mask: torch.Tensor
     tables: torch.Tensor
     lengths: torch.Tensor
+    kv_heads: int
+    block_size: int
+
+    @functools.cached_property
+    def blocks(self) -> torch.Tensor:
+        """``[B * KVH * W]`` rows of the cache viewed as ``[num_blocks * KVH, block_size, D]`` (one block
+        of one KV head) that hold each sequence's context, head-major per sequence, so one
+        ``index_select`` of whole blocks gathers a contiguous ``[B, KVH, W * block_size, D]``;
+        padding blocks read block 0."""
+        heads = torch.arange(self.kv_heads, device=self.tables.device).view(1, -1, 1)
+        return (self.tables.unsqueeze(1) * self.kv_heads + heads).flatten()  # [B, KVH, W] flattened
+
+    @functools.cached_property
+    def mask(self) -> torch.Tensor:
+        """``[B, 1, 1, W * block_size]``: the real context positions (current token included)."""
+        positions = torch.arange(self.tables.shape[1] * self.block_size, device=self.tables.device)
+        return (positions.unsqueeze(0) < self.lengths.unsqueeze(1))[:, None, None, :]
 
 
 @dataclass

@@ -14,8 +14,9 @@ from shared.native_ops import layer_ops_kernel
 
 
 def native(x: torch.Tensor) -> bool:
-    """Whether the fused CPU kernels serve ``x`` (float32 or bf16 rows on the CPU, kernel built)."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 2
+    """Whether the fused CPU kernels serve ``x`` (float32 or bf16 rows on the CPU, kernel built);
+    also the rule of :meth:`~services.gpu_worker.rope.RotaryEmbedding.apply`."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
             and x.stride(-1) == 1 and layer_ops_kernel() is not None)
 
 

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from services.gpu_worker.layer_ops import native
 from shared.native_ops import layer_ops_kernel
 
 
@@ -56,7 +57,7 @@ class RotaryEmbedding:
 
         On the CPU the fused kernel of ``csrc/layer_ops_cpu.cpp`` runs, with the same rounding as
         :meth:`reference`."""
-        if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and layer_ops_kernel() is not None:
+        if native(q):
             kernel = layer_ops_kernel()
             return kernel.rope(q, self.cos, self.sin, positions), kernel.rope(k, self.cos, self.sin, positions)
         return self.reference(q, k, positions)

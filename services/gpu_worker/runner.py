@@ -133,19 +133,15 @@ class ModelRunner:
         return rows.flatten().to(self.device)
 
     def _decode_group(self, seqs: list[Sequence], decode_idx: list[int]) -> DecodeGroup:
-        """Cache tiles ``[B * KVH * W]`` and mask ``[B, 1, 1, W * block_size]`` of these decoding
-        sequences' contexts (see DecodeGroup)."""
-        bs, kvh = self.blocks.block_size, self.kv[0][0].shape[1]
+        """The block tables ``[B, W]`` and context lengths ``[B]`` of these decoding sequences (see DecodeGroup)."""
         lengths = torch.tensor([s.num_tokens for s in seqs])
         width = max(self.blocks.blocks_needed(s.num_tokens) for s in seqs)
         tables = torch.zeros(len(seqs), width, dtype=torch.int64)
         for i, s in enumerate(seqs):
             table = self.blocks.tables[s.request_id][:width]
             tables[i, :len(table)] = torch.tensor(table)
-        tiles = tables.unsqueeze(1) * kvh + torch.arange(kvh).view(1, kvh, 1)  # [B, KVH, W]
-        valid = torch.arange(width * bs).unsqueeze(0) < lengths.unsqueeze(1)  # [B, W * bs]
-        return DecodeGroup(self._tensor(decode_idx), tiles.flatten().to(self.device),
-                           valid[:, None, None, :].to(self.device), tables.to(self.device), lengths.to(self.device))
+        return DecodeGroup(self._tensor(decode_idx), tables.to(self.device), lengths.to(self.device),
+                           self.kv[0][0].shape[1], self.blocks.block_size)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)

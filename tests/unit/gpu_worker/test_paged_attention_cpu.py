@@ -32,10 +32,7 @@ def _case(lengths: list[int], heads: int, kv_heads: int, dtype: torch.dtype, see
         need = -(-n // BLOCK)
         tables[i, :need] = torch.tensor([order.pop() for _ in range(need)])
     q = torch.randn(len(lengths), heads, d, generator=gen).to(dtype)
-    lens = torch.tensor(lengths)
-    tiles = tables.unsqueeze(1) * kv_heads + torch.arange(kv_heads).view(1, kv_heads, 1)
-    mask = (torch.arange(width * BLOCK).unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
-    group = DecodeGroup(torch.arange(len(lengths)), tiles.flatten(), mask, tables, lens)
+    group = DecodeGroup(torch.arange(len(lengths)), tables, torch.tensor(lengths), kv_heads, BLOCK)
     return q, cache_k, cache_v, group
 
 
