@@ -246,11 +246,13 @@ struct Bf16Task {
 };
 #endif
 
-// Ask for a tile's cache lines ahead of use: tiles sit wherever their blocks were allocated, so
-// without this each one starts with a full memory latency that the hardware prefetcher cannot hide.
+// Ask for a tile's cache lines ahead of use, into L2 (an L1 prefetch of a whole tile overflows the
+// L1's few line-fill buffers): tiles sit wherever their blocks were allocated, so without this each
+// one starts with a full memory latency that the hardware prefetcher cannot hide. A task's last
+// tile prefetches the next task's first.
 inline void prefetch(const void* tile, int64_t bytes) {
   const char* p = static_cast<const char*>(tile);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 2);
 }
 
 template <typename T, typename Task>
@@ -272,8 +274,14 @@ void decode_attention(const torch::Tensor& q, const torch::Tensor& cache_k, cons
       const int64_t b = i / kvh, h = i % kvh, length = lp[b];
       task.start(qp + (b * heads + h * group) * d);
       for (int64_t j = 0; j * bs < length; ++j) {
+        int64_t next = -1;
         if ((j + 1) * bs < length) {
-          const int64_t next = (tp[b * width + j + 1] * kvh + h) * bs * d;
+          next = (tp[b * width + j + 1] * kvh + h) * bs * d;
+        } else if (i + 1 < end) {  // the next task's first tile
+          const int64_t nb = (i + 1) / kvh, nh = (i + 1) % kvh;
+          next = (tp[nb * width] * kvh + nh) * bs * d;
+        }
+        if (next >= 0) {
           prefetch(kp + next, bs * d * sizeof(T));
           prefetch(vp + next, bs * d * sizeof(T));
         }
@@ -338,9 +346,41 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
   return out;
 }
 
+// The cache write of a step: row ``rows[t * KVH + h]`` of each cache, viewed as [num_blocks * KVH *
+// block_size, D], takes k[t, h] (and v[t, h]). k, v: [T, KVH, D] with contiguous heads (rows may be
+// strided, as the column slices of the fused q|k|v output are). The reference is index_copy_.
+void write_kv_(torch::Tensor& cache_k, torch::Tensor& cache_v, const torch::Tensor& k, const torch::Tensor& v,
+               const torch::Tensor& rows) {
+  TORCH_CHECK(cache_k.dim() == 4 && cache_k.sizes() == cache_v.sizes() && cache_k.is_contiguous() &&
+                  cache_v.is_contiguous(), "the caches must be contiguous [blocks, KVH, bs, D] of one shape");
+  TORCH_CHECK(k.dim() == 3 && k.sizes() == v.sizes() && k.size(1) == cache_k.size(1) && k.size(2) == cache_k.size(3),
+              "k and v must be [T, KVH, D] matching the cache");
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(1) == v.size(2),
+              "each token's K/V heads must be contiguous");
+  TORCH_CHECK(k.scalar_type() == cache_k.scalar_type() && v.scalar_type() == cache_k.scalar_type(),
+              "k, v and the cache must share a dtype");
+  TORCH_CHECK(rows.dim() == 1 && rows.scalar_type() == torch::kInt64 && rows.is_contiguous() &&
+                  rows.size(0) == k.size(0) * k.size(1), "rows must be contiguous int64 [T * KVH]");
+  const int64_t heads = k.size(1), row_bytes = k.size(2) * k.element_size();
+  const int64_t limit = cache_k.numel() / cache_k.size(3);
+  const int64_t* rp = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows.size(0); ++i) TORCH_CHECK(rp[i] >= 0 && rp[i] < limit, "a cache row is out of range");
+  auto* kc = static_cast<char*>(cache_k.data_ptr());
+  auto* vc = static_cast<char*>(cache_v.data_ptr());
+  const auto* kp = static_cast<const char*>(k.data_ptr());
+  const auto* vp = static_cast<const char*>(v.data_ptr());
+  const int64_t ks = k.stride(0) * k.element_size(), vs = v.stride(0) * v.element_size();
+  for (int64_t i = 0; i < rows.size(0); ++i) {
+    const int64_t t = i / heads, h = i % heads;
+    std::memcpy(kc + rp[i] * row_bytes, kp + t * ks + h * row_bytes, row_bytes);
+    std::memcpy(vc + rp[i] * row_bytes, vp + t * vs + h * row_bytes, row_bytes);
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "Decode attention of one query token per sequence over its paged KV context");
+  m.def("write_kv_", &write_kv_, "Write a step's K/V rows into the paged caches (in place)");
 }

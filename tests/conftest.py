@@ -29,7 +29,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("CARASERVE_AUTO_PROFILE", "0")  # workers started by tests make no quick profile unless asked
 
 from tests.tiny_adapters import build_adapters, build_bad_adapters  # noqa: E402
-from shared.native_ops import cpu_lora_kernel, layer_ops_kernel, paged_attention_kernel  # noqa: E402
+from shared.native_ops import cpu_lora_kernel, greedy_kernel, layer_ops_kernel, paged_attention_kernel  # noqa: E402
 from shared.tiny_models import TINY_SEED, TINY_TIED_SEED, build_tiny_model, build_tiny_model_tied  # noqa: E402
 
 
@@ -43,6 +43,7 @@ def native_kernels() -> None:
     cpu_lora_kernel()
     paged_attention_kernel()
     layer_ops_kernel()
+    greedy_kernel()
 
 
 @pytest.fixture(scope="session")

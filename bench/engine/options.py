@@ -21,7 +21,8 @@ class RunOptions:
     isolate: bool = option(True, "run every configuration in a fresh process (per-run peak RSS)")
     repeats: int = option(1, "rounds over all configurations; each reports its best round")
     peak_size: int = option(0, "side of the square bf16 matmul measuring the peak; 0: 2048 on CPU, 8192 on CUDA")
-    bandwidth_bytes: int = option(0, "tensor size measuring memory bandwidth; 0: 256 MiB on CPU, 2 GiB on CUDA")
+    bandwidth_bytes: int = option(0, "tensor size measuring memory bandwidth; 0: 2 GiB on CUDA, "
+                                     "on CPU 4x the last-level cache (at least 1 GiB)")
     vllm_python: str = option(".venv-vllm/bin/python", "Python of the vLLM venv (relative to the repository)")
     omp_wait_policy: str = option("inherit", "OMP_WAIT_POLICY of isolated processes (inherit: the runtime's "
                                              "default, what a user gets)", OMP_WAIT_POLICIES)

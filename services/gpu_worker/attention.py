@@ -68,9 +68,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: 
     Returns ``[T, H * D]``. Prefill sequences attend causally to themselves (GQA through
     SDPA's ``enable_gqa``); decode tokens attend to their cached context (see :func:`decode_attention`).
     """
-    d = k.shape[-1]
-    cache_k.view(-1, d).index_copy_(0, meta.write_rows, k.reshape(-1, d))
-    cache_v.view(-1, d).index_copy_(0, meta.write_rows, v.reshape(-1, d))
+    write_kv(k, v, cache_k, cache_v, meta.write_rows)
     if not meta.prefill and len(meta.decode) == 1 and meta.decode[0].idx.numel() == q.shape[0]:
         # a decode-only step in one group: its tokens are the whole batch, in order
         return decode_attention(q, cache_k, cache_v, meta.decode[0]).flatten(1)
@@ -81,6 +79,20 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: 
     for group in meta.decode:
         out[group.idx] = decode_attention(q[group.idx], cache_k, cache_v, group)
     return out.flatten(1)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+             rows: torch.Tensor) -> None:
+    """Store this step's ``k``/``v: [T, KVH, D]`` at cache ``rows: [T * KVH]`` (see AttentionMetadata.write_rows).
+
+    On the CPU the native kernel copies the rows in one call; ``index_copy_`` is the reference.
+    """
+    if native_decode(cache_k) and all(t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (k, v)):
+        paged_attention_kernel().write_kv_(cache_k, cache_v, k, v, rows)
+        return
+    d = k.shape[-1]
+    cache_k.view(-1, d).index_copy_(0, rows, k.reshape(-1, d))
+    cache_v.view(-1, d).index_copy_(0, rows, v.reshape(-1, d))
 
 
 def native_decode(cache: torch.Tensor) -> bool:

@@ -11,8 +11,8 @@ import torch
 
 from bench.engine.benchmark import main, parse_args, _options, run_benchmark, write_outputs
 from bench.engine.options import RunOptions
-from bench.engine.metrics import (decode_step_bytes, decode_step_flops, linear_flops_per_token, memory_bandwidth,
-                                  percentile, summarize)
+from bench.engine.metrics import (decode_step_bytes, decode_step_flops, last_level_cache_bytes, linear_flops_per_token,
+                                  memory_bandwidth, percentile, summarize)
 from bench.engine.plot import target_notes
 from bench.engine.report import ratios, targets
 from bench.engine.vllm_peer import vllm_unavailable
@@ -211,6 +211,13 @@ def test_memory_bandwidth_is_measured():
     out = memory_bandwidth("cpu", 1 << 20, repeats=2)
     assert out["size_bytes"] == 1 << 20 and out["kind"] in ("copy", "sum")
     assert 0 < out["median_bytes_per_s"] <= out["best_bytes_per_s"] == out[f"{out['kind']}_best_bytes_per_s"]
+
+
+def test_last_level_cache_is_read_from_sysfs():
+    llc = last_level_cache_bytes()
+    assert llc >= 0
+    if llc:  # a Linux host that reports its caches: a real size, not a count of kilobytes
+        assert 64 * 1024 <= llc <= 16 * 1024 ** 3
 
 
 def test_percentiles():

@@ -85,3 +85,27 @@ def test_bad_metadata_is_refused(kernel, mutate, message):
     mutate(tables, lengths)
     with pytest.raises(RuntimeError, match=message):
         kernel.paged_decode_attention(q, ck, cv, tables, lengths)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_matches_index_copy(kernel, dtype):
+    # v as the engine hands it over: a column slice of the fused q|k|v output (strided rows)
+    gen = torch.Generator().manual_seed(11)
+    tokens, kv_heads, d = 5, 3, 64
+    qkv = torch.randn(tokens, (9 + 2 * kv_heads) * d, generator=gen).to(dtype)
+    k = torch.randn(tokens, kv_heads, d, generator=gen).to(dtype)
+    v = qkv[:, -kv_heads * d:].view(tokens, kv_heads, d)
+    cache_k, cache_v = torch.zeros(4, kv_heads, BLOCK, d, dtype=dtype), torch.zeros(4, kv_heads, BLOCK, d, dtype=dtype)
+    rows = torch.randperm(cache_k.numel() // d, generator=gen)[:tokens * kv_heads]
+    ref_k, ref_v = cache_k.clone(), cache_v.clone()
+    ref_k.view(-1, d).index_copy_(0, rows, k.reshape(-1, d))
+    ref_v.view(-1, d).index_copy_(0, rows, v.reshape(-1, d))
+    kernel.write_kv_(cache_k, cache_v, k, v, rows)
+    assert torch.equal(cache_k, ref_k) and torch.equal(cache_v, ref_v)
+
+
+def test_write_kv_refuses_rows_outside_the_cache(kernel):
+    k = torch.randn(1, 2, 16)
+    cache = torch.zeros(1, 2, BLOCK, 16)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernel.write_kv_(cache, cache.clone(), k, k.clone(), torch.tensor([0, 2 * BLOCK]))
