@@ -43,9 +43,12 @@ def _params(max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
-def _warm_up(engine: LLMEngine, request: BenchRequest, adapter: str | None) -> None:
-    """One short request through the engine, so one-time initialisation is not timed."""
-    engine.add_request(EngineRequest("warm-up", request.prompt_ids[:WARMUP_PROMPT_TOKENS], adapter, _params(2)))
+def _warm_up(engine: LLMEngine, request: BenchRequest, adapters: list[str]) -> None:
+    """One short request per adapter (or one base request), run to completion untimed: one-time
+    initialisation and adapter loads stay out of the timed window, as vLLM's warm-up does."""
+    prompt = request.prompt_ids[:WARMUP_PROMPT_TOKENS]
+    for i, adapter in enumerate(adapters or [None]):
+        engine.add_request(EngineRequest(f"warm-up-{i}", prompt, adapter, _params(2)))
     while engine.has_unfinished():
         engine.step()
 
@@ -56,7 +59,7 @@ def run_engine(model_dir: Path, requests: list[BenchRequest], adapters: dict[str
     engine = LLMEngine(model_dir, EngineConfig(backend=backend, dtype="bfloat16", device=device,
                                                num_threads=threads), dict(adapters or {}))
     use = (lambda r: r.adapter) if adapters else (lambda r: None)
-    _warm_up(engine, requests[0], use(requests[0]))
+    _warm_up(engine, requests[0], sorted(adapters or {}))
     wanted = {r.request_id: r.max_tokens for r in requests}
     record = RunRecord(label, wanted)
     record.start()

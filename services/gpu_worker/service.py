@@ -68,6 +68,7 @@ from shared.schemas.names import request_key
 from shared.perf_model import ProfileError
 from shared.prometheus_endpoint import PrometheusExport, serve_metrics
 from shared.telemetry import Telemetry, extract_context, setup_telemetry, start_span
+from shared.thread_limits import run_in_passing_thread, serial_executor
 from shared.token_timing import TokenTiming
 
 logger = logging.getLogger(__name__)
@@ -148,7 +149,8 @@ class GpuWorkerService:
         self.telemetry = setup_telemetry(SERVICE_NAME, prometheus=export)
         stack.callback(self.telemetry.shutdown)
         self._loop = asyncio.get_running_loop()
-        self.engine = await asyncio.to_thread(self._build_engine)
+        self._loop.set_default_executor(serial_executor("gpu-worker-io"))  # no second OpenMP team
+        self.engine = await run_in_passing_thread(self._build_engine, "engine-build")
         try:
             self.profile = WorkerProfile(self._profile_settings(), self._served_ranks)
         except ProfileError as exc:

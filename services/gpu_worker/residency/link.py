@@ -8,12 +8,13 @@ transfer, :meth:`send` issues one group's copies and returns a handle, and
   stream and records an event per group; :meth:`wait` synchronizes on that event only
   (no device-wide sync), and the step loop never waits on it.
 * :class:`EmulatedLink` is for CPU-only hosts, where "device" memory is host memory: the
-  copy is a real memory copy, and the loader thread then sleeps until the time an
-  EMULATED link of ``gbps`` GB/s (1e9 bytes/s) and ``latency_ms`` would have delivered
-  it: a transfer of ``n`` bytes costs ``latency + n / G``, the latency charged once per
-  adapter load. The sleep is the emulated wire, on the loader thread only. The copy is a
-  plain single-threaded byte copy (numpy), so the loader never starts a torch intra-op
-  thread team that would compete with the step loop's for the cores.
+  device cache holds the host store's own tensors (read-only from here on, as device
+  weights are), and the loader thread sleeps until the time an EMULATED link of ``gbps``
+  GB/s (1e9 bytes/s) and ``latency_ms`` would have delivered them: a transfer of ``n``
+  bytes costs ``latency + n / G``, the latency charged once per adapter load. The sleep is
+  the emulated wire, on the loader thread only. No bytes move: a real link's copy is DMA,
+  which spends no CPU time, and a second copy in the same memory would only double the
+  adapters' share of the worker's RSS.
 """
 
 from __future__ import annotations
@@ -22,19 +23,11 @@ import logging
 import time
 from typing import Callable, Protocol
 
-import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
 
 Weights = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
-
-
-def byte_copy(t: torch.Tensor) -> torch.Tensor:
-    """A copy of CPU tensor ``t`` made with one single-threaded memcpy (same dtype and shape)."""
-    src = t.contiguous()
-    raw = src.view(torch.uint8) if src.dim() else src.reshape(1).view(torch.uint8)
-    return torch.from_numpy(np.array(raw.numpy(), copy=True)).view(t.dtype).reshape(t.shape)
 
 
 def weights_nbytes(weights: Weights) -> int:
@@ -80,10 +73,10 @@ class EmulatedLink:
         self._deadline = self._clock() + self.latency_s
 
     def send(self, weights: Weights) -> tuple[Weights, object]:
-        copied = {k: (byte_copy(a), byte_copy(b)) for k, (a, b) in weights.items()}
+        """The group's own tensors (the "device" is host memory), landing after its emulated wire time."""
         if self.gbps > 0:
             self._deadline += weights_nbytes(weights) / (self.gbps * 1e9)
-        return copied, self._deadline
+        return dict(weights), self._deadline
 
     def wait(self, handle: object) -> None:
         remaining = float(handle) - self._clock()  # type: ignore[arg-type]

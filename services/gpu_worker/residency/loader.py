@@ -21,6 +21,7 @@ from services.gpu_worker.residency.link import Link, Weights, weights_nbytes
 from services.gpu_worker.residency.host_store import HostStore
 from shared.adapter_registry import AdapterRecord
 from shared.peft_adapter import AdapterError
+from shared.thread_limits import run_torch_serially
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ class AdapterLoader:
 
     # ---- the loader thread -------------------------------------------------------------
     def _run(self) -> None:
+        run_torch_serially()
         while (job := self._jobs.get()) is not None and not self._closed:
             job.started = time.monotonic()
             try:

@@ -46,6 +46,7 @@ from shared.adapter_registry import AdapterNotFoundError, AdapterRecord, Adapter
 from shared.llama_shape import LlamaShape
 from shared.peft_adapter import AdapterError, LoraAdapter, validate_adapter
 from shared.schemas.adapters import AdapterInfo
+from shared.thread_limits import run_torch_serially
 
 log = logging.getLogger(__name__)
 
@@ -373,6 +374,7 @@ class TieredResidency:
 
     def _warm_host(self, records: list[AdapterRecord]) -> None:
         """Copy the adapter root's adapters into host memory (warm_host), until the budget is full."""
+        run_torch_serially()
         for record in records:
             if self._closing.is_set():
                 return
