@@ -2,7 +2,12 @@
 // read straight from the block-tile KV cache (no gathered copy, no padding mask).
 //
 // The cache is [num_blocks, KVH, block_size, D] per layer (services/gpu_worker/kv_cache.py), so one
-// KV head of one block is a contiguous tile. A task is one (sequence, KV head): it reads each tile
+// KV head of one block is a contiguous tile. Where this CPU has the bf16 dot-product instruction
+// and the cache is bf16 with 16-token blocks and a head_dim of 64 or 128, the K tiles hold their
+// [16, D] values as bf16 pairs along D, [D / 2, 16, 2] (services/gpu_worker/attention.py:pair_k_tiles
+// is the plain-torch definition): one 64-byte row then holds one pair of dimensions for all 16
+// tokens, and the 16 scores of a query head are 32 dot-product instructions with no transposing
+// sum. write_kv_ stores K in that order; V tiles stay [16, D]. A task is one (sequence, KV head): it reads each tile
 // of that head once, converts it to float32, and runs an online softmax for the G = H / KVH query
 // heads that share it. Decode attention is bound by reading the cache, so reading it once is what
 // counts; the exponentials use a branch-free polynomial the compiler vectorizes (fast_exp.h).
@@ -63,6 +68,19 @@ inline void score16(const float* q, const float* k, int64_t d, float* out) {
 // register (an accumulator in memory would chain every FMA through a store and a reload).
 constexpr int64_t kLanes = 16;
 
+// Whether ``cache_k``'s tiles hold K as bf16 pairs along D (see the top of this file).
+bool paired_k(const torch::Tensor& cache_k) {
+#if defined(__AVX512BF16__)
+  return cache_k.scalar_type() == torch::kBFloat16 && cache_k.dim() == 4 && cache_k.size(2) == 16 &&
+         (cache_k.size(3) == 64 || cache_k.size(3) == 128);
+#else
+  return false;
+#endif
+}
+
+// Element (t, i) of a [16, D] K tile stored as bf16 pairs along D.
+inline int64_t paired_index(int64_t t, int64_t i) { return ((i / 2) * 16 + t) * 2 + i % 2; }
+
 // One (sequence, KV head) task in float32, for any dtype and shape: the online-softmax state of
 // its G query heads, and one K and V tile converted to float32 ([block, D] each).
 template <typename T>
@@ -71,9 +89,11 @@ struct FloatTask {
   float scale;
   std::vector<float> q, acc, max, sum, scores, k_tile, v_tile;
 
-  FloatTask(int64_t g, int64_t bs, int64_t d)
+  bool paired;  // K tiles hold bf16 pairs along D
+
+  FloatTask(int64_t g, int64_t bs, int64_t d, bool paired_tiles)
       : group(g), block(bs), dim(d), scale(1.0f / std::sqrt(static_cast<float>(d))), q(g * d), acc(g * d),
-        max(g), sum(g), scores(bs), k_tile(bs * d), v_tile(bs * d) {}
+        max(g), sum(g), scores(bs), k_tile(bs * d), v_tile(bs * d), paired(paired_tiles) {}
 
   // Begin a task with its G query heads ``qb: [G, D]``.
   void start(const T* qb) {
@@ -100,8 +120,13 @@ struct FloatTask {
     const int64_t count = n * dim;
     float* kt = k_tile.data();
     float* vt = v_tile.data();
+    if (paired) {
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t i = 0; i < dim; ++i) kt[t * dim + i] = to_float(k[paired_index(t, i)]);
+    } else {
 #pragma omp simd
-    for (int64_t i = 0; i < count; ++i) kt[i] = to_float(k[i]);
+      for (int64_t i = 0; i < count; ++i) kt[i] = to_float(k[i]);
+    }
 #pragma omp simd
     for (int64_t i = 0; i < count; ++i) vt[i] = to_float(v[i]);
   }
@@ -172,12 +197,12 @@ struct Bf16Task {
   static constexpr int64_t kMaxGroup = 8;
   int64_t group;
   float scale;
-  __m512bh q[kMaxGroup][kChunks / 2];
+  alignas(64) int32_t q[kMaxGroup][kDim / 2];  // each query head as bf16 pairs, one pair per word
   __m512 acc[kMaxGroup][kChunks];
   float max[kMaxGroup], sum[kMaxGroup];
   alignas(64) float p[kMaxGroup][16];
 
-  Bf16Task(int64_t g, int64_t, int64_t d) : group(g), scale(1.0f / std::sqrt(static_cast<float>(d))) {}
+  Bf16Task(int64_t g, int64_t, int64_t d, bool) : group(g), scale(1.0f / std::sqrt(static_cast<float>(d))) {}
 
   static __m512 widen(const at::BFloat16* x) {
     const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
@@ -186,26 +211,37 @@ struct Bf16Task {
 
   void start(const at::BFloat16* qb) {
     for (int64_t g = 0; g < group; ++g) {
-      for (int c = 0; c < kChunks / 2; ++c) q[g][c] = (__m512bh)_mm512_loadu_si512(qb + g * kDim + 32 * c);
+      std::memcpy(q[g], qb + g * kDim, kDim * sizeof(at::BFloat16));
       for (int c = 0; c < kChunks; ++c) acc[g][c] = _mm512_setzero_ps();
       max[g] = -std::numeric_limits<float>::infinity();
       sum[g] = 0.0f;
     }
   }
 
-  // Softmax weights of head ``g`` over the tile's tokens into p[g] (0 past ``n``); returns the
-  // factor that rescales what the head accumulated so far.
-  float weigh(int64_t g, const at::BFloat16* k, int64_t n) {
-    __m512 partial[16];
-    for (int t = 0; t < 16; ++t) {
-      __m512 a = _mm512_setzero_ps();
-      for (int c = 0; c < kChunks / 2; ++c)
-        a = _mm512_dpbf16_ps(a, q[g][c], (__m512bh)_mm512_loadu_si512(k + t * kDim + 32 * c));
-      partial[t] = a;
+  // Scores of the tile's 16 tokens for every query head, scaled, -inf past ``n``: ``k`` is a paired
+  // tile (row ``j``, 32 bf16, holds dimensions 2j and 2j + 1 of all 16 tokens, so lane t sums
+  // q . k_t). All heads run in one pass over the tile, two accumulators each, so 2G independent
+  // dot-product chains hide the instruction's latency and each row is loaded once.
+  void score(const at::BFloat16* k, int64_t n, __m512* s) const {
+    __m512 even[kMaxGroup], odd[kMaxGroup];
+    for (int64_t g = 0; g < group; ++g) even[g] = odd[g] = _mm512_setzero_ps();
+    for (int j = 0; j < kDim / 2; j += 2) {
+      const __m512bh row0 = (__m512bh)_mm512_loadu_si512(k + 32 * j);
+      const __m512bh row1 = (__m512bh)_mm512_loadu_si512(k + 32 * (j + 1));
+      for (int64_t g = 0; g < group; ++g) {
+        even[g] = _mm512_dpbf16_ps(even[g], (__m512bh)_mm512_set1_epi32(q[g][j]), row0);
+        odd[g] = _mm512_dpbf16_ps(odd[g], (__m512bh)_mm512_set1_epi32(q[g][j + 1]), row1);
+      }
     }
     const __mmask16 valid = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
-    const __m512 s = _mm512_mask_mul_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), valid,
-                                        transpose_sum16(partial), _mm512_set1_ps(scale));
+    for (int64_t g = 0; g < group; ++g)
+      s[g] = _mm512_mask_mul_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), valid,
+                                _mm512_add_ps(even[g], odd[g]), _mm512_set1_ps(scale));
+  }
+
+  // Softmax weights of head ``g`` from its scores ``s`` into p[g] (0 past ``n``); returns the factor
+  // that rescales what the head accumulated so far.
+  float weigh(int64_t g, __m512 s, int64_t n) {
     const float tile_max = std::max(max[g], _mm512_reduce_max_ps(s));
     _mm512_store_ps(p[g], s);
     float tile_sum = 0.0f;
@@ -221,8 +257,10 @@ struct Bf16Task {
   }
 
   void fold(const at::BFloat16* k, const at::BFloat16* v, int64_t n) {
+    __m512 scores[kMaxGroup];
+    score(k, n, scores);
     for (int64_t g = 0; g < group; ++g) {
-      const __m512 correction = _mm512_set1_ps(weigh(g, k, n));
+      const __m512 correction = _mm512_set1_ps(weigh(g, scores[g], n));
       for (int c = 0; c < kChunks; ++c) acc[g][c] = _mm512_mul_ps(acc[g][c], correction);
     }
     for (int64_t t = 0; t < n; ++t) {
@@ -269,7 +307,7 @@ void decode_attention(const torch::Tensor& q, const torch::Tensor& cache_k, cons
   T* op = out.data_ptr<T>();
 
   at::parallel_for(0, batch * kvh, 1, [&](int64_t begin, int64_t end) {
-    Task task(group, bs, d);
+    Task task(group, bs, d, paired_k(cache_k));
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / kvh, h = i % kvh, length = lp[b];
       task.start(qp + (b * heads + h * group) * d);
@@ -348,7 +386,8 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
 
 // The cache write of a step: row ``rows[t * KVH + h]`` of each cache, viewed as [num_blocks * KVH *
 // block_size, D], takes k[t, h] (and v[t, h]). k, v: [T, KVH, D] with contiguous heads (rows may be
-// strided, as the column slices of the fused q|k|v output are). The reference is index_copy_.
+// strided, as the column slices of the fused q|k|v output are). The reference is index_copy_,
+// followed by pair_k_tiles where the K tiles are paired.
 void write_kv_(torch::Tensor& cache_k, torch::Tensor& cache_v, const torch::Tensor& k, const torch::Tensor& v,
                const torch::Tensor& rows) {
   TORCH_CHECK(cache_k.dim() == 4 && cache_k.sizes() == cache_v.sizes() && cache_k.is_contiguous() &&
@@ -370,12 +409,24 @@ void write_kv_(torch::Tensor& cache_k, torch::Tensor& cache_v, const torch::Tens
   const auto* kp = static_cast<const char*>(k.data_ptr());
   const auto* vp = static_cast<const char*>(v.data_ptr());
   const int64_t ks = k.stride(0) * k.element_size(), vs = v.stride(0) * v.element_size();
+  const bool paired = paired_k(cache_k);
+  const int64_t bs = cache_k.size(2), pairs = k.size(2) / 2;
   for (int64_t i = 0; i < rows.size(0); ++i) {
     const int64_t t = i / heads, h = i % heads;
-    std::memcpy(kc + rp[i] * row_bytes, kp + t * ks + h * row_bytes, row_bytes);
+    const char* src = kp + t * ks + h * row_bytes;
+    if (paired) {  // token slot ``rp % bs`` of its tile: word j of the row goes to word j * bs + slot
+      auto* tile = reinterpret_cast<int32_t*>(kc + (rp[i] - rp[i] % bs) * row_bytes);
+      const auto* words = reinterpret_cast<const int32_t*>(src);
+      for (int64_t j = 0; j < pairs; ++j) tile[j * bs + rp[i] % bs] = words[j];
+    } else {
+      std::memcpy(kc + rp[i] * row_bytes, src, row_bytes);
+    }
     std::memcpy(vc + rp[i] * row_bytes, vp + t * vs + h * row_bytes, row_bytes);
   }
 }
+
+// Whether K tiles of this cache are stored as bf16 pairs along D (for the Python side and tests).
+bool paired_k_tiles(const torch::Tensor& cache_k) { return paired_k(cache_k); }
 
 }  // namespace
 
@@ -383,4 +434,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "Decode attention of one query token per sequence over its paged KV context");
   m.def("write_kv_", &write_kv_, "Write a step's K/V rows into the paged caches (in place)");
+  m.def("paired_k_tiles", &paired_k_tiles, "Whether the kernel keeps this cache's K tiles as bf16 pairs along D");
 }

@@ -85,14 +85,24 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: t
              rows: torch.Tensor) -> None:
     """Store this step's ``k``/``v: [T, KVH, D]`` at cache ``rows: [T * KVH]`` (see AttentionMetadata.write_rows).
 
-    On the CPU the native kernel copies the rows in one call; ``index_copy_`` is the reference.
+    On the CPU the native kernel writes the rows in one call, in the tile layout its decode
+    attention reads (see :func:`pair_k_tiles`); ``index_copy_`` is the reference.
     """
-    if native_decode(cache_k) and all(t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (k, v)):
+    if native_decode(cache_k):
+        k, v = (t if t.stride(2) == 1 and t.stride(1) == t.shape[2] else t.contiguous() for t in (k, v))
         paged_attention_kernel().write_kv_(cache_k, cache_v, k, v, rows)
         return
     d = k.shape[-1]
     cache_k.view(-1, d).index_copy_(0, rows, k.reshape(-1, d))
     cache_v.view(-1, d).index_copy_(0, rows, v.reshape(-1, d))
+
+
+def pair_k_tiles(cache_k: torch.Tensor) -> torch.Tensor:
+    """``cache_k: [N, KVH, bs, D]`` with each tile's ``[bs, D]`` values reordered as bf16 pairs along D,
+    ``[D / 2, bs, 2]`` (same shape and dtype): the K layout of the native kernel on CPUs with the bf16
+    dot-product instruction (``paired_k_tiles`` in ``csrc/paged_attention_cpu.cpp`` says when)."""
+    n, kvh, bs, d = cache_k.shape
+    return cache_k.view(n, kvh, bs, d // 2, 2).transpose(2, 3).contiguous().view(n, kvh, bs, d)
 
 
 def native_decode(cache: torch.Tensor) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.gpu_worker.attention import DecodeGroup, gathered_decode_attention
+from services.gpu_worker.attention import DecodeGroup, gathered_decode_attention, pair_k_tiles
 from shared.native_ops import paged_attention_kernel
 
 BLOCK = 16
@@ -36,23 +36,31 @@ def _case(lengths: list[int], heads: int, kv_heads: int, dtype: torch.dtype, see
     return q, cache_k, cache_v, group
 
 
+def _native(kernel, q, cache_k, cache_v, group):
+    """The kernel's output for a row-major ``cache_k``, stored first in the tile layout the kernel reads."""
+    if kernel.paired_k_tiles(cache_k):
+        cache_k = pair_k_tiles(cache_k)
+    return kernel.paged_decode_attention(q, cache_k, cache_v, group.tables, group.lengths)
+
+
 @pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (8, 1)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 1.6e-2)])
 def test_matches_the_gathered_reference(kernel, heads, kv_heads, dtype, tol):
     # lengths: one token, exactly one block, one past a block, long, and a block boundary
     q, ck, cv, group = _case([1, 16, 17, 200, 64, 33, 5], heads, kv_heads, dtype, seed=heads)
     ref = gathered_decode_attention(q, ck, cv, group).float()
-    out = kernel.paged_decode_attention(q, ck, cv, group.tables, group.lengths).float()
+    out = _native(kernel, q, ck, cv, group).float()
     assert out.shape == ref.shape
     assert (out - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item())
 
 
 @pytest.mark.parametrize("heads,kv_heads,d", [(4, 2, 128), (16, 1, 32), (18, 2, 64)])
 def test_other_head_shapes(kernel, heads, kv_heads, d):
-    # head_dim 128 takes the bf16 fast path too; 32, or more than 8 query heads per KV head, the float32 one
+    # head_dim 128 takes the bf16 fast path too; 32, or more than 8 query heads per KV head, the float32
+    # one (with 9 heads per KV head over paired K tiles, where this CPU pairs them)
     q, ck, cv, group = _case([1, 31, 90], heads, kv_heads, torch.bfloat16, seed=d, d=d)
     ref = gathered_decode_attention(q, ck, cv, group).float()
-    out = kernel.paged_decode_attention(q, ck, cv, group.tables, group.lengths).float()
+    out = _native(kernel, q, ck, cv, group).float()
     assert (out - ref).abs().max().item() <= 1.6e-2 * max(1.0, ref.abs().max().item())
 
 
@@ -101,7 +109,21 @@ def test_write_kv_matches_index_copy(kernel, dtype):
     ref_k.view(-1, d).index_copy_(0, rows, k.reshape(-1, d))
     ref_v.view(-1, d).index_copy_(0, rows, v.reshape(-1, d))
     kernel.write_kv_(cache_k, cache_v, k, v, rows)
+    if kernel.paired_k_tiles(cache_k):
+        ref_k = pair_k_tiles(ref_k)
     assert torch.equal(cache_k, ref_k) and torch.equal(cache_v, ref_v)
+
+
+def test_k_tiles_are_paired_exactly_where_the_bf16_fast_path_reads_them(kernel):
+    cache = torch.zeros(2, 3, BLOCK, 64, dtype=torch.bfloat16)
+    paired = kernel.paired_k_tiles(cache)
+    assert not kernel.paired_k_tiles(cache.float())
+    assert not kernel.paired_k_tiles(torch.zeros(2, 3, BLOCK, 32, dtype=torch.bfloat16))
+    assert not kernel.paired_k_tiles(torch.zeros(2, 3, 8, 64, dtype=torch.bfloat16))
+    if paired:  # the layout itself: pair j of token t sits at word j * 16 + t of its tile
+        tile = torch.arange(BLOCK * 64, dtype=torch.float32).view(1, 1, BLOCK, 64).to(torch.bfloat16)
+        words = pair_k_tiles(tile).view(-1, 2)
+        assert torch.equal(words[5 * BLOCK + 3], tile[0, 0, 3, 10:12])
 
 
 def test_write_kv_refuses_rows_outside_the_cache(kernel):
