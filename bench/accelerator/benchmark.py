@@ -1,0 +1,116 @@
+"""One short run on a lent accelerator: the LoRA kernels checked and timed, then the engine bench there.
+
+    python -m bench.accelerator                 # on a CUDA machine: everything, ~5 minutes
+    python -m bench.accelerator --quick         # fewer timing calls, the engine bench's smoke workload
+    python -m bench.accelerator --device cpu --quick --skip-engine   # checks this script on a CPU
+
+1. The Triton shrink/expand kernels (the C++ kernel on a CPU) against the plain-torch reference:
+   mixed ranks, rank 1, an adapter without weights, tokens without an adapter; BGMV and MBGMV.
+2. The same kernels timed against the torch path they replace, at SmolLM2-135M's projection
+   shapes with 64 decode tokens over 16 adapters (ranks 8/16/32/64): µs per call and the ratio.
+3. ``python -m bench.engine --configs abc --skip-hf --skip-vllm`` on the device (its own JSON
+   and PNG, ``accelerator-<device>-engine``), whose throughputs are copied in.
+
+Writes ``bench/results/accelerator-<device>.json`` and ``.png``, the device named in both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from bench.accelerator.kernels import TIMED_SHAPES, KernelCase, check, time_case
+from bench.engine.benchmark import BenchError, device_label, machine_info, resolve_device
+from bench.paths import REPO, RESULTS
+
+DECODE_TOKENS, ADAPTERS = 64, 16
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.accelerator", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="where to run (cpu: a dry run)")
+    parser.add_argument("--quick", action="store_true", help="fewer timing calls, the engine bench's smoke workload")
+    parser.add_argument("--skip-engine", action="store_true", help="kernels only")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="report path (default bench/results/accelerator-<device>.json)")
+    return parser.parse_args(argv)
+
+
+def run_kernels(device: str, calls: int) -> dict:
+    """Part 1 and 2: the correctness check, then one timed row per projection shape."""
+    print(f"[accelerator] checking the LoRA kernels on {device}", flush=True)
+    checked = check(device)
+    rows = []
+    for fan_in, fan_out in TIMED_SHAPES:
+        print(f"[accelerator] timing {fan_in} -> {fan_out}, {DECODE_TOKENS} tokens, {ADAPTERS} adapters", flush=True)
+        rows.append(time_case(KernelCase(fan_in, fan_out, DECODE_TOKENS, ADAPTERS), device, calls))
+    return {"kernel": "triton" if device == "cuda" else "native C++ (csrc/lora_cpu.cpp)", "check": checked,
+            "timings": rows}
+
+
+def run_engine(device: str, quick: bool, path: Path) -> dict:
+    """Part 3: the engine bench's configurations (a), (b), (c) on the device, in a child process
+    writing its own report to ``path`` (next to this one, so a dry run never replaces engine-cpu.json)."""
+    cmd = [sys.executable, "-m", "bench.engine", "--device", device, "--configs", "abc", "--skip-hf",
+           "--skip-vllm", "--json", str(path)] + (["--quick"] if quick else [])
+    print(f"[accelerator] {' '.join(cmd[1:])}", flush=True)
+    subprocess.run(cmd, cwd=REPO, check=True)
+    runs = json.loads(path.read_text())["runs"]
+    return {"report": path.name,
+            "tokens_per_s": {key: run["tokens_per_s"] for key, run in runs.items()}}
+
+
+def plot(report: dict, path: Path) -> None:
+    """Kernel against torch path, µs per call, per shape and backend (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["kernels"]["timings"]
+    labels = [f"{r['fan_in']}→{r['fan_out']}\n{b}" for r in rows for b in ("bgmv", "mbgmv")]
+    kernel = [r[b]["kernel_us"] for r in rows for b in ("bgmv", "mbgmv")]
+    torch_path = [r[b]["torch_us"] for r in rows for b in ("bgmv", "mbgmv")]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    xs = range(len(labels))
+    ax.bar([x - 0.2 for x in xs], torch_path, 0.4, label="torch path")
+    ax.bar([x + 0.2 for x in xs], kernel, 0.4, label=report["kernels"]["kernel"])
+    ax.set_xticks(list(xs), labels)
+    ax.set_yscale("log")
+    ax.set_ylabel("µs per call (lower is better)")
+    ax.set_title(f"Multi-LoRA kernels, {DECODE_TOKENS} decode tokens, {ADAPTERS} adapters — {report['device']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+    except BenchError as exc:
+        print(f"[accelerator] {exc}: run this on a lent accelerator (or with --device cpu to check the script)",
+              file=sys.stderr)
+        return 2
+    label = device_label(device)
+    report = {"bench": "accelerator", "device": label, "machine": machine_info(device, torch.get_num_threads()),
+              "kernels": run_kernels(device, 20 if args.quick else 200)}
+    path = args.json or RESULTS / f"accelerator-{label}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not args.skip_engine:
+        report["engine"] = run_engine(device, args.quick, path.with_name(f"{path.stem}-engine.json"))
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, path.with_suffix(".png"))
+    for row in report["kernels"]["timings"]:
+        print(f"[accelerator] {row['fan_in']}->{row['fan_out']}: " + ", ".join(
+            f"{b} {row[b]['kernel_us']:.1f} us vs torch {row[b]['torch_us']:.1f} us ({row[b]['speedup']:.2f}x)"
+            for b in ("bgmv", "mbgmv")))
+    print(f"[accelerator] check: {json.dumps(report['kernels']['check'])}")
+    print(f"[accelerator] wrote {path} and {path.with_suffix('.png')}")
+    return 0 if all(c["pass"] for c in report["kernels"]["check"].values()) else 1
