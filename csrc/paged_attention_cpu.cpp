@@ -7,10 +7,11 @@
 // [16, D] values as bf16 pairs along D, [D / 2, 16, 2] (services/gpu_worker/attention.py:pair_k_tiles
 // is the plain-torch definition): one 64-byte row then holds one pair of dimensions for all 16
 // tokens, and the 16 scores of a query head are 32 dot-product instructions with no transposing
-// sum. write_kv_ stores K in that order; V tiles stay [16, D]. A task is one (sequence, KV head): it reads each tile
-// of that head once, converts it to float32, and runs an online softmax for the G = H / KVH query
-// heads that share it. Decode attention is bound by reading the cache, so reading it once is what
-// counts; the exponentials use a branch-free polynomial the compiler vectorizes (fast_exp.h).
+// sum. write_kv_ stores K in that order; V tiles stay [16, D].
+//
+// A task is one (sequence, KV head): it reads each tile of that head once, for the G = H / KVH
+// query heads that share it, and runs an online softmax for them; the exponentials use a
+// branch-free polynomial the compiler vectorizes (fast_exp.h).
 //
 // The plain-torch reference is services/gpu_worker/attention.py:gathered_decode_attention, and
 // tests/unit/gpu_worker/test_paged_attention_cpu.py checks this kernel against it.
@@ -331,15 +332,15 @@ void decode_attention(const torch::Tensor& q, const torch::Tensor& cache_k, cons
   });
 }
 
-// The bf16 fast path where this CPU has it (block_size 16, head_dim 64 or 128, G <= 8), else float32 math.
+// The bf16 fast path over paired K tiles with G <= 8, else float32 math (which reads either layout).
 void decode_attention_bf16(const torch::Tensor& q, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
                            const torch::Tensor& tables, const torch::Tensor& lengths, torch::Tensor& out) {
 #if defined(__AVX512BF16__)
-  const int64_t bs = cache_k.size(2), d = cache_k.size(3), group = q.size(1) / cache_k.size(1);
-  if (bs == 16 && group <= 8 && d == 64)
-    return decode_attention<at::BFloat16, Bf16Task<4>>(q, cache_k, cache_v, tables, lengths, out);
-  if (bs == 16 && group <= 8 && d == 128)
+  if (paired_k(cache_k) && q.size(1) / cache_k.size(1) <= Bf16Task<4>::kMaxGroup) {
+    if (cache_k.size(3) == 64)
+      return decode_attention<at::BFloat16, Bf16Task<4>>(q, cache_k, cache_v, tables, lengths, out);
     return decode_attention<at::BFloat16, Bf16Task<8>>(q, cache_k, cache_v, tables, lengths, out);
+  }
 #endif
   decode_attention<at::BFloat16, FloatTask<at::BFloat16>>(q, cache_k, cache_v, tables, lengths, out);
 }

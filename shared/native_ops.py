@@ -1,7 +1,8 @@
 """Builds and loads the native ops in csrc/ (once per machine, cached).
 
-The CPU kernels (LoRA segments, paged decode attention, the layer's fused elementwise ops, greedy sampling) are compiled on first use with torch's
-C++ extension builder into ``$CARASERVE_CACHE_DIR/torch_extensions`` (default ``~/.cache/caraserve``).
+The CPU kernels (LoRA segments, paged decode attention, the layer's fused elementwise ops, greedy
+sampling) are compiled on first use with torch's C++ extension builder into
+``$CARASERVE_CACHE_DIR/torch_extensions`` (default ``~/.cache/caraserve``).
 When no compiler is available, each loader returns None and its callers fall back to their
 plain-torch implementations (logged once).
 """
