@@ -18,6 +18,7 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -28,6 +29,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "bf16.h"
@@ -68,6 +70,10 @@ inline void score16(const float* q, const float* k, int64_t d, float* out) {
 // Inner loops run over kLanes floats held in a local array, which the compiler keeps in one vector
 // register (an accumulator in memory would chain every FMA through a store and a reload).
 constexpr int64_t kLanes = 16;
+
+// Rows of a cache write per thread: a decode step's few hundred rows stay on one thread, a prefill
+// step's thousands are split.
+constexpr int64_t kWriteGrain = 64;
 
 // Whether ``cache_k``'s tiles hold K as bf16 pairs along D (see the top of this file).
 bool paired_k(const torch::Tensor& cache_k) {
@@ -388,7 +394,8 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
 // The cache write of a step: row ``rows[t * KVH + h]`` of each cache, viewed as [num_blocks * KVH *
 // block_size, D], takes k[t, h] (and v[t, h]). k, v: [T, KVH, D] with contiguous heads (rows may be
 // strided, as the column slices of the fused q|k|v output are). The reference is index_copy_,
-// followed by pair_k_tiles where the K tiles are paired.
+// followed by pair_k_tiles where the K tiles are paired. A prefill step's rows are written in parallel
+// (each row's bytes are its own; rows of one tile share cache lines, not words).
 void write_kv_(torch::Tensor& cache_k, torch::Tensor& cache_v, const torch::Tensor& k, const torch::Tensor& v,
                const torch::Tensor& rows) {
   TORCH_CHECK(cache_k.dim() == 4 && cache_k.sizes() == cache_v.sizes() && cache_k.is_contiguous() &&
@@ -412,28 +419,177 @@ void write_kv_(torch::Tensor& cache_k, torch::Tensor& cache_v, const torch::Tens
   const int64_t ks = k.stride(0) * k.element_size(), vs = v.stride(0) * v.element_size();
   const bool paired = paired_k(cache_k);
   const int64_t bs = cache_k.size(2), pairs = k.size(2) / 2;
-  for (int64_t i = 0; i < rows.size(0); ++i) {
-    const int64_t t = i / heads, h = i % heads;
-    const char* src = kp + t * ks + h * row_bytes;
-    if (paired) {  // token slot ``rp % bs`` of its tile: word j of the row goes to word j * bs + slot
-      auto* tile = reinterpret_cast<int32_t*>(kc + (rp[i] - rp[i] % bs) * row_bytes);
-      const auto* words = reinterpret_cast<const int32_t*>(src);
-      for (int64_t j = 0; j < pairs; ++j) tile[j * bs + rp[i] % bs] = words[j];
-    } else {
-      std::memcpy(kc + rp[i] * row_bytes, src, row_bytes);
+  at::parallel_for(0, rows.size(0), kWriteGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = i / heads, h = i % heads;
+      const char* src = kp + t * ks + h * row_bytes;
+      if (paired) {  // token slot ``rp % bs`` of its tile: word j of the row goes to word j * bs + slot
+        auto* tile = reinterpret_cast<int32_t*>(kc + (rp[i] - rp[i] % bs) * row_bytes);
+        const auto* words = reinterpret_cast<const int32_t*>(src);
+        for (int64_t j = 0; j < pairs; ++j) tile[j * bs + rp[i] % bs] = words[j];
+      } else {
+        std::memcpy(kc + rp[i] * row_bytes, src, row_bytes);
+      }
+      std::memcpy(vc + rp[i] * row_bytes, vp + t * vs + h * row_bytes, row_bytes);
     }
-    std::memcpy(vc + rp[i] * row_bytes, vp + t * vs + h * row_bytes, row_bytes);
-  }
+  });
 }
 
 // Whether K tiles of this cache are stored as bf16 pairs along D (for the Python side and tests).
 bool paired_k_tiles(const torch::Tensor& cache_k) { return paired_k(cache_k); }
+
+#if defined(__AVX512BF16__)
+// Causal prefill attention of one sequence's tokens for one KV head, as small GEMMs on torch's
+// batch-reduce GEMM (oneDNN's ukernel: the CPU's matrix units where it has them). The context's
+// paired K tiles side by side are K^T in the GEMM's pair layout ([D / 2, L, 2]); the V tiles,
+// paired along the tokens, are V in it ([L / 2, D, 2]). Per block of up to 64 query tokens and
+// query head: S = Q K^T (float32), a causal softmax per row, P rounded to bf16 (as torch's flash
+// attention rounds it), O = P V, O / rowsum.
+struct PrefillScratch {
+  static constexpr int64_t kQueryBlock = 64;
+  std::vector<at::BFloat16> k_t, v, p;  // [D / 2, L, 2], [L / 2, D, 2], [64, L]
+  std::vector<float> s, o, sums;        // [64, L], [64, D], [64]
+
+  PrefillScratch(int64_t longest, int64_t d)
+      : k_t(longest * d), v(longest * d), p(kQueryBlock * longest), s(kQueryBlock * longest),
+        o(kQueryBlock * d), sums(kQueryBlock) {}
+};
+
+// k_t = the context's ``tiles`` paired K tiles side by side; v = its V tiles paired along the tokens,
+// zero from token ``length`` on (slots past the context may hold anything, inf or NaN included).
+void pack_context(PrefillScratch& w, const at::BFloat16* kp, const at::BFloat16* vp, const int64_t* table,
+                  int64_t kvh, int64_t h, int64_t d, int64_t length) {
+  constexpr int64_t bs = 16;
+  const int64_t tiles = (length + bs - 1) / bs, keys = tiles * bs;
+  for (int64_t i = 0; i < tiles; ++i) {
+    const int64_t tile = (table[i] * kvh + h) * bs * d;
+    for (int64_t j = 0; j < d / 2; ++j)  // pair row j of the tile: dimensions 2j, 2j + 1 of its 16 tokens
+      std::memcpy(w.k_t.data() + (j * keys + i * bs) * 2, kp + tile + j * bs * 2, bs * 2 * sizeof(at::BFloat16));
+    for (int64_t t = 0; t < bs; ++t) {  // token t of the tile: dimension e goes to ((token / 2) * D + e) * 2 + token % 2
+      const int64_t token = i * bs + t;
+      at::BFloat16* first = w.v.data() + (token / 2) * d * 2 + token % 2;
+      for (int64_t e = 0; e < d; ++e) first[2 * e] = token < length ? vp[tile + t * d + e] : at::BFloat16(0.0f);
+    }
+  }
+}
+
+// Rows i < m of w.s (``keys`` scores each) -> causal softmax weights in w.p (bf16, zero past
+// position ``first + i``) and their sums in w.sums.
+void causal_softmax(PrefillScratch& w, int64_t m, int64_t keys, int64_t first, float scale) {
+  for (int64_t i = 0; i < m; ++i) {
+    float* s = w.s.data() + i * keys;
+    const int64_t n = first + i + 1;  // keys 0 .. first + i
+    __m512 tops = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t t = 0; t < n; t += 16) {
+      const __mmask16 lanes = n - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - t)) - 1);
+      tops = _mm512_mask_max_ps(tops, lanes, tops, _mm512_maskz_loadu_ps(lanes, s + t));
+    }
+    const float top = _mm512_reduce_max_ps(tops) * scale;
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t t = 0; t < n; ++t) {
+      s[t] = fast_exp(s[t] * scale - top);
+      total += s[t];
+    }
+    std::fill(s + n, s + keys, 0.0f);
+    at::BFloat16* p = w.p.data() + i * keys;
+    for (int64_t t = 0; t < keys; t += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + t), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + t)));
+    w.sums[i] = total;
+  }
+}
+
+// Sequence s's tokens are q rows starts[s] .. starts[s] + lengths[s], at positions 0 .. lengths[s] - 1,
+// their K/V already in the cache along tables[s]; tasks are (sequence, KV head).
+void prefill_attention(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& cache_k,
+                       const torch::Tensor& cache_v, const torch::Tensor& tables, const torch::Tensor& starts,
+                       const torch::Tensor& lengths) {
+  const int64_t heads = q.size(1), d = q.size(2), kvh = cache_k.size(1);
+  const int64_t group = heads / kvh, width = tables.size(1), stride = heads * d;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* sp = starts.data_ptr<int64_t>();
+  const int64_t* lp = lengths.data_ptr<int64_t>();
+  const int64_t longest = (*std::max_element(lp, lp + lengths.size(0)) + 15) / 16 * 16;
+  const auto* kp = cache_k.data_ptr<at::BFloat16>();
+  const auto* vp = cache_v.data_ptr<at::BFloat16>();
+  const auto* qp = q.data_ptr<at::BFloat16>();
+  auto* op = out.data_ptr<at::BFloat16>();
+  at::parallel_for(0, lengths.size(0) * kvh, 1, [&](int64_t begin, int64_t end) {
+    PrefillScratch w(longest, d);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t seq = task / kvh, h = task % kvh, length = lp[seq], keys = (length + 15) / 16 * 16;
+      pack_context(w, kp, vp, tp + seq * width, kvh, h, d, length);
+      for (int64_t first = 0; first < length; first += PrefillScratch::kQueryBlock) {
+        const int64_t m = std::min(PrefillScratch::kQueryBlock, length - first);
+        const int64_t seen = (first + m + 15) / 16 * 16;  // keys the block's last token sees, in whole tiles
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t row0 = (sp[seq] + first) * stride + (h * group + g) * d;
+          at::native::cpublas::brgemm(m, seen, d, stride, keys, seen, false, qp + row0, w.k_t.data(), w.s.data());
+          causal_softmax(w, m, seen, first, scale);
+          at::native::cpublas::brgemm(m, d, seen, seen, d, d, false, w.p.data(), w.v.data(), w.o.data());
+          for (int64_t i = 0; i < m; ++i) {
+            const __m512 norm = _mm512_set1_ps(1.0f / w.sums[i]);
+            for (int64_t e = 0; e < d; e += 16)
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(op + row0 + i * stride + e),
+                                  (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(w.o.data() + i * d + e), norm)));
+          }
+        }
+      }
+    }
+    at::native::cpublas::brgemm_release();
+  });
+}
+#endif
+
+// Whether paged_prefill_attention_ runs for this cache and these head counts (else the caller uses
+// torch's attention): paired tiles and at most 8 query heads per KV head.
+bool prefills(const torch::Tensor& cache_k, int64_t heads) {
+  return paired_k(cache_k) && heads % cache_k.size(1) == 0 && at::native::cpublas::could_pack(torch::kBFloat16);
+}
+
+// out[starts[s] + i] = causal attention of q[starts[s] + i] over the first i + 1 cached tokens of
+// sequence s (tables[s]), for i < lengths[s]: the prefill tokens of a step, after write_kv_. q, out:
+// [T, H, D] bf16; tables: [S, W] int64; starts, lengths: [S] int64. Other rows of ``out`` are left
+// as they are. The plain-torch reference is causal SDPA over each sequence's own q, k, v.
+void paged_prefill_attention_(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& cache_k,
+                              const torch::Tensor& cache_v, const torch::Tensor& tables,
+                              const torch::Tensor& starts, const torch::Tensor& lengths) {
+  TORCH_CHECK(q.dim() == 3 && out.sizes() == q.sizes() && q.is_contiguous() && out.is_contiguous() &&
+                  q.scalar_type() == torch::kBFloat16 && out.scalar_type() == torch::kBFloat16,
+              "q and out must be contiguous bf16 [T, H, D] of one shape");
+  TORCH_CHECK(cache_k.sizes() == cache_v.sizes() && cache_v.is_contiguous() && cache_k.is_contiguous() &&
+                  cache_v.scalar_type() == torch::kBFloat16 && q.size(2) == cache_k.size(3),
+              "the caches must be contiguous bf16 [blocks, KVH, bs, D] matching q");
+  TORCH_CHECK(prefills(cache_k, q.size(1)), "this cache or head count has no native prefill path");
+  TORCH_CHECK(tables.dim() == 2 && tables.scalar_type() == torch::kInt64 && tables.is_contiguous() &&
+                  starts.dim() == 1 && starts.scalar_type() == torch::kInt64 && lengths.dim() == 1 &&
+                  lengths.scalar_type() == torch::kInt64 && starts.size(0) == tables.size(0) &&
+                  lengths.size(0) == tables.size(0),
+              "tables must be contiguous int64 [S, W], starts and lengths int64 [S]");
+  const int64_t bs = cache_k.size(2), blocks = cache_k.size(0), width = tables.size(1);
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* sp = starts.data_ptr<int64_t>();
+  const int64_t* lp = lengths.data_ptr<int64_t>();
+  for (int64_t s = 0; s < tables.size(0); ++s) {
+    TORCH_CHECK(lp[s] >= 1 && lp[s] <= width * bs, "a sequence length is outside its block table");
+    TORCH_CHECK(sp[s] >= 0 && sp[s] + lp[s] <= q.size(0), "a sequence's tokens are outside q");
+    for (int64_t j = 0; j * bs < lp[s]; ++j)
+      TORCH_CHECK(tp[s * width + j] >= 0 && tp[s * width + j] < blocks, "a block index is out of range");
+  }
+#if defined(__AVX512BF16__)
+  prefill_attention(out, q, cache_k, cache_v, tables, starts, lengths);
+#endif
+}
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "Decode attention of one query token per sequence over its paged KV context");
+  m.def("paged_prefill_attention_", &paged_prefill_attention_,
+        "Causal attention of a step's prefill tokens over their paged K/V (into out, in place)");
+  m.def("prefills", &prefills, "Whether the native prefill path runs for this cache and query head count");
   m.def("write_kv_", &write_kv_, "Write a step's K/V rows into the paged caches (in place)");
   m.def("paired_k_tiles", &paired_k_tiles, "Whether the kernel keeps this cache's K tiles as bf16 pairs along D");
 }

@@ -45,17 +45,32 @@ class DecodeGroup:
 
 
 @dataclass
+class PrefillGroup:
+    """The sequences prefilled from position 0 in a step.
+
+    * ``ranges``: each one's ``(start, end)`` token range in the batch;
+    * ``starts``, ``lengths: [S]``: the same as tensors, and ``tables: [S, W]`` their block ids
+      (padding 0): what the native kernel reads.
+    """
+
+    ranges: list[tuple[int, int]]
+    starts: torch.Tensor
+    lengths: torch.Tensor
+    tables: torch.Tensor
+
+
+@dataclass
 class AttentionMetadata:
     """Where each token of a step lives in the KV cache and what it attends to.
 
     * ``write_rows: [T * KVH]`` rows of the cache viewed as ``[num_blocks * KVH * block_size, D]``
       written with each token's K/V heads (token-major, as ``k.reshape(-1, D)`` orders them).
-    * ``prefill``: ``(start, end)`` token ranges of sequences prefilled from position 0.
+    * ``prefill``: the sequences prefilled from position 0, if any.
     * ``decode``: the decoding sequences in groups of similar context length (less padding).
     """
 
     write_rows: torch.Tensor
-    prefill: list[tuple[int, int]]
+    prefill: PrefillGroup | None = None
     decode: list[DecodeGroup] = field(default_factory=list)
 
 
@@ -65,20 +80,37 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: 
 
     ``q: [T, H, D]``, ``k``/``v``: ``[T, KVH, D]``, ``cache_k``/``cache_v``:
     ``[num_blocks, KVH, block_size, D]`` (see :func:`~services.gpu_worker.kv_cache.allocate_cache`).
-    Returns ``[T, H * D]``. Prefill sequences attend causally to themselves (GQA through
-    SDPA's ``enable_gqa``); decode tokens attend to their cached context (see :func:`decode_attention`).
+    Returns ``[T, H * D]``. Prefill sequences attend causally to themselves (see
+    :func:`prefill_attention`); decode tokens attend to their cached context (see :func:`decode_attention`).
     """
     write_kv(k, v, cache_k, cache_v, meta.write_rows)
     if not meta.prefill and len(meta.decode) == 1 and meta.decode[0].idx.numel() == q.shape[0]:
         # a decode-only step in one group: its tokens are the whole batch, in order
         return decode_attention(q, cache_k, cache_v, meta.decode[0]).flatten(1)
     out = torch.empty_like(q)
-    for start, end in meta.prefill:
-        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
+    if meta.prefill:
+        prefill_attention(out, q, k, v, cache_k, cache_v, meta.prefill)
     for group in meta.decode:
         out[group.idx] = decode_attention(q[group.idx], cache_k, cache_v, group)
     return out.flatten(1)
+
+
+def prefill_attention(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      cache_k: torch.Tensor, cache_v: torch.Tensor, group: PrefillGroup) -> None:
+    """Causal attention of the prefill tokens into their rows of ``out: [T, H, D]`` (``q: [T, H, D]``,
+    ``k``/``v: [T, KVH, D]``, their K/V already written to the cache).
+
+    On CPUs where the native kernel prefills (bf16 paired tiles and torch's batch-reduce GEMM:
+    ``prefills`` in ``csrc/paged_attention_cpu.cpp``), it reads K/V from the cache; the reference,
+    and the path elsewhere, is SDPA over each sequence's own ``q``/``k``/``v`` (GQA through ``enable_gqa``).
+    """
+    if native_prefill(cache_k, q.shape[1]):
+        paged_attention_kernel().paged_prefill_attention_(out, q.contiguous(), cache_k, cache_v, group.tables,
+                                                          group.starts, group.lengths)
+        return
+    for start, end in group.ranges:
+        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
@@ -110,6 +142,11 @@ def native_decode(cache: torch.Tensor) -> bool:
     no padding, so the runner puts every decoding sequence in one group)."""
     return (cache.device.type == "cpu" and cache.dtype in (torch.float32, torch.bfloat16)
             and paged_attention_kernel() is not None)
+
+
+def native_prefill(cache: torch.Tensor, heads: int) -> bool:
+    """Whether prefill attention over ``cache`` with ``heads`` query heads runs the native CPU kernel."""
+    return native_decode(cache) and paged_attention_kernel().prefills(cache, heads)
 
 
 def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,

@@ -11,6 +11,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# The batch size oneDNN chooses the packed layout for. A hint of 1 picks a layout that runs the
+# engine's decode batches (16-64 tokens) and its 2k-token prefill steps 12-19 % slower than any
+# hint from 16 up, which all measure the same (docs/engine_performance.md, round 4).
+PACKED_FOR_TOKENS = 64
+
 
 def prepacks(weight: torch.Tensor) -> bool:
     """Whether :class:`DenseWeight` prepacks this weight: bf16 on a CPU whose oneDNN has bf16 kernels."""
@@ -29,7 +34,7 @@ class DenseWeight:
         self.out_features, self.in_features = weight.shape
         self.nbytes = weight.numel() * weight.element_size()
         self.packed = prepacks(weight)
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_FOR_TOKENS) if self.packed else weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:

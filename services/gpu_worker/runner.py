@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from services.gpu_worker.admission import StepPlan
-from services.gpu_worker.attention import AttentionMetadata, DecodeGroup, native_decode
+from services.gpu_worker.attention import AttentionMetadata, DecodeGroup, PrefillGroup, native_decode
 from services.gpu_worker.kv_cache import BlockManager
 from services.gpu_worker.lora_plan import LoraSegment, LoraStep
 from services.gpu_worker.residency.protocol import AdapterResidency
@@ -117,7 +117,8 @@ class ModelRunner:
                 if prefill:
                     seq.prefill_lora.cpu_layers, seq.prefill_lora.device_layers = layer_split(seg)
                 _add_segment(segments, seg)
-        meta = AttentionMetadata(self._write_rows(slots), prefill_ranges)
+        prefilling = [e[0] for e in entries if e[1]]
+        meta = AttentionMetadata(self._write_rows(slots), self._prefill_group(prefilling, prefill_ranges))
         decoding = [e[0] for e in entries if not e[1]]
         groups = [list(range(len(decoding)))] if native_decode(self.kv[0][0]) and decoding \
             else decode_groups([s.num_tokens for s in decoding])
@@ -132,15 +133,26 @@ class ModelRunner:
         rows = ((slot // bs) * kvh + torch.arange(kvh)) * bs + slot % bs  # [T, KVH]
         return rows.flatten().to(self.device)
 
-    def _decode_group(self, seqs: list[Sequence], decode_idx: list[int]) -> DecodeGroup:
-        """The block tables ``[B, W]`` and context lengths ``[B]`` of these decoding sequences (see DecodeGroup)."""
-        lengths = torch.tensor([s.num_tokens for s in seqs])
+    def _tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        """The block tables ``[B, W]`` of these sequences' contexts (padding 0)."""
         width = max(self.blocks.blocks_needed(s.num_tokens) for s in seqs)
         tables = torch.zeros(len(seqs), width, dtype=torch.int64)
         for i, s in enumerate(seqs):
             table = self.blocks.tables[s.request_id][:width]
             tables[i, :len(table)] = torch.tensor(table)
-        return DecodeGroup(self._tensor(decode_idx), tables.to(self.device), lengths.to(self.device),
+        return tables.to(self.device)
+
+    def _prefill_group(self, seqs: list[Sequence], ranges: list[tuple[int, int]]) -> PrefillGroup | None:
+        """The prefilling sequences' token ranges, lengths and block tables (see PrefillGroup)."""
+        if not seqs:
+            return None
+        return PrefillGroup(ranges, self._tensor([start for start, _ in ranges]),
+                            self._tensor([end - start for start, end in ranges]), self._tables(seqs))
+
+    def _decode_group(self, seqs: list[Sequence], decode_idx: list[int]) -> DecodeGroup:
+        """The block tables ``[B, W]`` and context lengths ``[B]`` of these decoding sequences (see DecodeGroup)."""
+        lengths = torch.tensor([s.num_tokens for s in seqs])
+        return DecodeGroup(self._tensor(decode_idx), self._tables(seqs), lengths.to(self.device),
                            self.kv[0][0].shape[1], self.blocks.block_size)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:

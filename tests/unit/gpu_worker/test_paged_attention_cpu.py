@@ -1,11 +1,13 @@
-"""The native CPU decode-attention kernel against its plain-torch reference (gather + SDPA)."""
+"""The native CPU attention kernels against their plain-torch references: decode (gather + SDPA) and
+prefill (causal SDPA per sequence)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from services.gpu_worker.attention import DecodeGroup, gathered_decode_attention, pair_k_tiles
+from services.gpu_worker.attention import DecodeGroup, PrefillGroup, gathered_decode_attention, pair_k_tiles
 from shared.native_ops import paged_attention_kernel
 
 BLOCK = 16
@@ -74,6 +76,18 @@ def test_large_scores_stay_finite(kernel):
     assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slots_past_the_context_are_never_read(kernel, dtype):
+    # the last tile of each context ends before the tile does: its later slots may hold anything
+    q, ck, cv, group = _case([7, 21, 16], 9, 3, dtype, seed=5)
+    before = _native(kernel, q, ck, cv, group)
+    for row, n in enumerate(group.lengths.tolist()):
+        last = group.tables[row, (n - 1) // BLOCK]
+        ck[last, :, n % BLOCK or BLOCK:] = float("inf")
+        cv[last, :, n % BLOCK or BLOCK:] = float("nan")
+    assert torch.equal(_native(kernel, q, ck, cv, group), before)
+
+
 def test_padding_blocks_are_never_read(kernel):
     q, ck, cv, group = _case([20, 3], 9, 3, torch.float32, seed=3)
     before = kernel.paged_decode_attention(q, ck, cv, group.tables, group.lengths)
@@ -131,3 +145,77 @@ def test_write_kv_refuses_rows_outside_the_cache(kernel):
     cache = torch.zeros(1, 2, BLOCK, 16)
     with pytest.raises(RuntimeError, match="out of range"):
         kernel.write_kv_(cache, cache.clone(), k, k.clone(), torch.tensor([0, 2 * BLOCK]))
+
+
+def _prefill_case(lengths: list[int], heads: int, kv_heads: int, d: int = 64, seed: int = 0):
+    """A step's prefill tokens for sequences of ``lengths``, their K/V written through ``write_kv_``
+    into a shuffled bf16 cache whose unused slots hold inf (K) and NaN (V)."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = sum(lengths)
+    num_blocks = sum(-(-n // BLOCK) for n in lengths) + 3
+    cache_k = torch.full((num_blocks, kv_heads, BLOCK, d), float("inf"), dtype=torch.bfloat16)
+    cache_v = torch.full((num_blocks, kv_heads, BLOCK, d), float("nan"), dtype=torch.bfloat16)
+    q, k, v = (torch.randn(tokens, h, d, generator=gen).to(torch.bfloat16) for h in (heads, kv_heads, kv_heads))
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = torch.zeros(len(lengths), max(-(-n // BLOCK) for n in lengths), dtype=torch.int64)
+    rows, ranges, start = [], [], 0
+    for i, n in enumerate(lengths):
+        blocks = [order.pop() for _ in range(-(-n // BLOCK))]
+        tables[i, :len(blocks)] = torch.tensor(blocks)
+        rows += [(blocks[p // BLOCK] * kv_heads + h) * BLOCK + p % BLOCK for p in range(n) for h in range(kv_heads)]
+        ranges.append((start, start + n))
+        start += n
+    group = PrefillGroup(ranges, torch.tensor([a for a, _ in ranges]), torch.tensor(lengths), tables)
+    return q, k, v, cache_k, cache_v, torch.tensor(rows), group
+
+
+def _sdpa_prefill(q, k, v, group):
+    out = torch.empty_like(q)
+    for start, end in group.ranges:
+        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (4, 4, 64), (8, 1, 128)])
+def test_prefill_matches_causal_sdpa(kernel, heads, kv_heads, d):
+    # lengths: one token, around a tile, past the 64-token query block, and long
+    q, k, v, ck, cv, rows, group = _prefill_case([1, 15, 16, 17, 65, 130, 40], heads, kv_heads, d, seed=heads)
+    if not kernel.prefills(ck, heads):
+        pytest.skip("this CPU has no native prefill path (bf16 tiles and torch's batch-reduce GEMM)")
+    kernel.write_kv_(ck, cv, k, v, rows)
+    out = torch.zeros_like(q)
+    kernel.paged_prefill_attention_(out, q, ck, cv, group.tables, group.starts, group.lengths)
+    ref = _sdpa_prefill(q, k, v, group).float()
+    assert torch.isfinite(out).all()
+    assert (out.float() - ref).abs().max().item() <= 1.6e-2 * max(1.0, ref.abs().max().item())
+
+
+def test_prefill_writes_only_the_prefill_rows(kernel):
+    q, k, v, ck, cv, rows, group = _prefill_case([20, 3], 9, 3)
+    if not kernel.prefills(ck, 9):
+        pytest.skip("this CPU has no native prefill path")
+    kernel.write_kv_(ck, cv, k, v, rows)
+    out = torch.full((q.shape[0] + 2, 9, 64), 7.0, dtype=torch.bfloat16)  # two rows of decode tokens after them
+    kernel.paged_prefill_attention_(out, torch.cat([q, q[:2]]), ck, cv, group.tables, group.starts, group.lengths)
+    assert torch.equal(out[-2:], torch.full((2, 9, 64), 7.0, dtype=torch.bfloat16))
+
+
+def test_prefill_path_only_where_tiles_are_paired(kernel):
+    assert not kernel.prefills(torch.zeros(2, 3, BLOCK, 64), 9)
+    assert kernel.prefills(torch.zeros(2, 3, BLOCK, 64, dtype=torch.bfloat16), 9) <= \
+        kernel.paired_k_tiles(torch.zeros(2, 3, BLOCK, 64, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda g: g.tables.__setitem__((0, 0), 10_000), "block index"),
+    (lambda g: g.lengths.__setitem__(0, 10_000), "sequence length"),
+    (lambda g: g.starts.__setitem__(1, 10_000), "outside q"),
+])
+def test_bad_prefill_metadata_is_refused(kernel, mutate, message):
+    q, k, v, ck, cv, rows, group = _prefill_case([20, 3], 9, 3)
+    if not kernel.prefills(ck, 9):
+        pytest.skip("this CPU has no native prefill path")
+    mutate(group)
+    with pytest.raises(RuntimeError, match=message):
+        kernel.paged_prefill_attention_(torch.empty_like(q), q, ck, cv, group.tables, group.starts, group.lengths)
