@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <utility>
 #include <vector>
 
@@ -499,6 +500,25 @@ void causal_softmax(PrefillScratch& w, int64_t m, int64_t keys, int64_t first, f
   }
 }
 
+// The (sequence, KV head) tasks of a prefill, task = sequence * KVH + head, shared out over
+// ``threads``: largest first, each to the least-loaded thread (a task costs about its length
+// squared). A step's few sequences differ in length up to 8x, so equal contiguous ranges of tasks
+// would leave one thread idle for much of the call.
+std::vector<std::vector<int64_t>> balanced_shares(const torch::Tensor& lengths, int64_t kvh, int64_t threads) {
+  const int64_t* lp = lengths.data_ptr<int64_t>();
+  std::vector<int64_t> order(lengths.size(0) * kvh);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return lp[a / kvh] > lp[b / kvh]; });
+  std::vector<std::vector<int64_t>> share(threads);
+  std::vector<int64_t> load(threads, 0);
+  for (const int64_t task : order) {
+    const int64_t t = std::min_element(load.begin(), load.end()) - load.begin();
+    share[t].push_back(task);
+    load[t] += lp[task / kvh] * lp[task / kvh];
+  }
+  return share;
+}
+
 // Sequence s's tokens are q rows starts[s] .. starts[s] + lengths[s], at positions 0 .. lengths[s] - 1,
 // their K/V already in the cache along tables[s]; tasks are (sequence, KV head).
 void prefill_attention(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& cache_k,
@@ -515,9 +535,13 @@ void prefill_attention(torch::Tensor& out, const torch::Tensor& q, const torch::
   const auto* vp = cache_v.data_ptr<at::BFloat16>();
   const auto* qp = q.data_ptr<at::BFloat16>();
   auto* op = out.data_ptr<at::BFloat16>();
-  at::parallel_for(0, lengths.size(0) * kvh, 1, [&](int64_t begin, int64_t end) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), lengths.size(0) * kvh);
+  const auto share = balanced_shares(lengths, kvh, threads);
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     PrefillScratch w(longest, d);
-    for (int64_t task = begin; task < end; ++task) {
+    std::vector<int64_t> mine;
+    for (int64_t t = begin; t < end; ++t) mine.insert(mine.end(), share[t].begin(), share[t].end());
+    for (const int64_t task : mine) {
       const int64_t seq = task / kvh, h = task % kvh, length = lp[seq], keys = (length + 15) / 16 * 16;
       pack_context(w, kp, vp, tp + seq * width, kvh, h, d, length);
       for (int64_t first = 0; first < length; first += PrefillScratch::kQueryBlock) {

@@ -185,7 +185,8 @@ def run_benchmark(model_dir: Path, adapters: dict[str, Path], workload: EngineWo
     threads = options.resolved_threads()
     env = child_env(options.omp_wait_policy) if options.isolate else dict(os.environ)
     specs = {key: make_spec(key, model_dir, adapters, requests, options.device, threads, workload.hf_batch_size,
-                            options.peak_size, options.bandwidth_bytes) for key in options.configs}
+                            workload.step_tokens, options.peak_size, options.bandwidth_bytes)
+             for key in options.configs}
     skipped = vllm_skips(options)
     load_start = load_average()
     runs = _run_rounds(specs, options, env, skipped)

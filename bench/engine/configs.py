@@ -46,14 +46,15 @@ DECODE_EFFICIENCY_CONFIG = "a"
 
 
 def make_spec(key: str, model_dir: Path, adapters: dict[str, Path], requests: list[BenchRequest], device: str,
-              threads: int, hf_batch_size: int, peak_size: int | None = None,
+              threads: int, hf_batch_size: int, step_tokens: int, peak_size: int | None = None,
               bandwidth_bytes: int | None = None) -> dict:
     """The JSON-able description of one run."""
     if key not in CONFIGS:
         raise ValueError(f"unknown configuration {key!r}; choose from {', '.join(CONFIGS)}")
     return {"config": key, "model_dir": str(model_dir), "adapters": {n: str(p) for n, p in adapters.items()},
             "requests": [r.to_dict() for r in requests], "device": device, "threads": threads,
-            "hf_batch_size": hf_batch_size, "peak_size": peak_size, "bandwidth_bytes": bandwidth_bytes}
+            "hf_batch_size": hf_batch_size, "step_tokens": step_tokens, "peak_size": peak_size,
+            "bandwidth_bytes": bandwidth_bytes}
 
 
 def run_configuration(spec: dict) -> dict:
@@ -69,12 +70,12 @@ def run_configuration(spec: dict) -> dict:
         from bench.engine.engine_runner import run_engine
 
         record, tally = run_engine(model_dir, requests, adapters, config.backend, spec["device"], spec["threads"],
-                                   label)
+                                   spec["step_tokens"], label)
         decode = tally.to_dict()
     elif config.system == "vllm":
         from bench.engine.vllm_runner import run_vllm
 
-        record, peer = run_vllm(model_dir, requests, adapters, spec["threads"], label)
+        record, peer = run_vllm(model_dir, requests, adapters, spec["threads"], spec["step_tokens"], label)
     else:
         from bench.engine.hf_runner import run_hf
 

@@ -54,10 +54,11 @@ def _warm_up(engine: LLMEngine, request: BenchRequest, adapters: list[str]) -> N
 
 
 def run_engine(model_dir: Path, requests: list[BenchRequest], adapters: dict[str, Path] | None, backend: str,
-               device: str, threads: int, label: str) -> tuple[RunRecord, DecodeTally]:
-    """Serve ``requests`` (with their adapters, or on the base model when ``adapters`` is None)."""
-    engine = LLMEngine(model_dir, EngineConfig(backend=backend, dtype="bfloat16", device=device,
-                                               num_threads=threads), dict(adapters or {}))
+               device: str, threads: int, step_tokens: int, label: str) -> tuple[RunRecord, DecodeTally]:
+    """Serve ``requests`` (with their adapters, or on the base model when ``adapters`` is None), at most
+    ``step_tokens`` tokens per step."""
+    engine = LLMEngine(model_dir, EngineConfig(backend=backend, dtype="bfloat16", device=device, num_threads=threads,
+                                               max_batched_tokens=step_tokens), dict(adapters or {}))
     use = (lambda r: r.adapter) if adapters else (lambda r: None)
     _warm_up(engine, requests[0], sorted(adapters or {}))
     wanted = {r.request_id: r.max_tokens for r in requests}

@@ -26,6 +26,8 @@ Settings, and why:
   its best base-only path (its default inductor compilation on CPU).
 * ``bfloat16``, greedy (``temperature=0``), ``ignore_eos``, ``detokenize=False`` (the other
   configurations return token ids too), ``max_model_len`` = the longest prompt + output.
+* ``max_num_batched_tokens``: the workload's ``step_tokens``, which our engine gets as its
+  ``max_batched_tokens`` (default 4096: what vLLM's offline ``LLM`` uses on CPU anyway).
 
 Timing: the timed window starts after the engine is built (model load, compilation, KV
 cache allocation), every adapter is loaded (``add_lora``) and warm-up requests have run to
@@ -75,13 +77,14 @@ def max_lora_rank(adapters: dict[str, Path]) -> int:
     return fits[0]
 
 
-def _build_llm(model_dir: Path, requests: list[BenchRequest], adapters: dict[str, Path] | None):
+def _build_llm(model_dir: Path, requests: list[BenchRequest], adapters: dict[str, Path] | None, step_tokens: int):
     from vllm import LLM
 
     longest = max(len(r.prompt_ids) + r.max_tokens for r in requests)
     lora = {"enable_lora": True, "max_loras": len(adapters), "max_lora_rank": max_lora_rank(adapters)} \
         if adapters else {}
-    return LLM(model=str(model_dir), dtype="bfloat16", max_model_len=longest, seed=0, **lora)
+    return LLM(model=str(model_dir), dtype="bfloat16", max_model_len=longest, seed=0,
+               max_num_batched_tokens=step_tokens, **lora)
 
 
 def _lora_requests(adapters: dict[str, Path] | None) -> dict[str, object]:
@@ -127,7 +130,7 @@ def _step_until_done(engine, record: RunRecord | None) -> None:
 
 
 def run_vllm(model_dir: Path, requests: list[BenchRequest], adapters: dict[str, Path] | None, threads: int,
-             label: str) -> tuple[RunRecord, dict]:
+             step_tokens: int, label: str) -> tuple[RunRecord, dict]:
     """Serve ``requests`` on vLLM's CPU backend (with their adapters, or base only when ``adapters`` is None).
 
     Returns the timings and the settings the run used (versions, threads, environment).
@@ -137,7 +140,7 @@ def run_vllm(model_dir: Path, requests: list[BenchRequest], adapters: dict[str, 
     import vllm
 
     torch.set_num_threads(threads)  # before vLLM starts: its CPU worker forbids changing it later
-    engine = _build_llm(Path(model_dir), requests, adapters).llm_engine
+    engine = _build_llm(Path(model_dir), requests, adapters, step_tokens).llm_engine
     loras = _lora_requests(adapters)
     for lora in loras.values():
         engine.add_lora(lora)

@@ -28,6 +28,8 @@ class EngineWorkload:
     num_adapters: int = option(16, "LoRA adapters; request adapters are picked uniformly")
     ranks: tuple[int, ...] = option(DEFAULT_RANKS, "adapter ranks, cycled over the adapters")
     hf_batch_size: int = option(16, "static batch size of the transformers baselines")
+    step_tokens: int = option(4096, "tokens per step (prefill + decode) of our engine and vLLM alike "
+                                    "(vLLM's default for offline batches on CPU)")
     seed: int = option(0, "seed of prompts, lengths, adapter choice and adapter weights")
 
     def __post_init__(self) -> None:
@@ -38,6 +40,7 @@ class EngineWorkload:
         require(self.num_adapters >= 1, "num_adapters must be >= 1")
         require(bool(self.ranks) and all(r >= 1 for r in self.ranks), "ranks must be positive")
         require(self.hf_batch_size >= 1, "hf_batch_size must be >= 1")
+        require(self.step_tokens >= 16, "step_tokens must be >= 16")
 
     def adapter_ranks(self) -> dict[str, int]:
         """Adapter name -> rank, ranks cycling through ``ranks``."""

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bench.engine.benchmark import main, parse_args, _options, run_benchmark, write_outputs
+from bench.engine.configs import make_spec
 from bench.engine.options import RunOptions
 from bench.engine.metrics import (decode_step_bytes, decode_step_flops, last_level_cache_bytes, linear_flops_per_token,
                                   memory_bandwidth, percentile, summarize)
@@ -235,3 +236,12 @@ def test_workload_is_seeded_and_validated():
     assert list(w.adapter_ranks().values())[:5] == [8, 16, 32, 64, 8]
     with pytest.raises(ConfigError):
         EngineWorkload(output_min=1)
+    with pytest.raises(ConfigError):
+        EngineWorkload(step_tokens=8)
+
+
+def test_both_engines_get_the_workloads_step_budget(tiny_model_dir):
+    # our engine's max_batched_tokens and vLLM's max_num_batched_tokens come from the same spec field
+    spec = make_spec("c", tiny_model_dir, {}, [], "cpu", 2, 4, step_tokens=1234)
+    assert spec["step_tokens"] == 1234
+    assert EngineWorkload().step_tokens == 4096
