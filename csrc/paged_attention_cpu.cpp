@@ -456,6 +456,23 @@ struct PrefillScratch {
         o(kQueryBlock * d), sums(kQueryBlock) {}
 };
 
+// ``out`` ([8, D, 2]) = the V tile ``v`` ([16, D]) paired along the tokens: dimension e of token t at
+// ((t / 2) * D + e) * 2 + t % 2. Tokens from ``n`` on (past the context) are zero.
+void pair_v_tile(at::BFloat16* out, const at::BFloat16* v, int64_t d, int64_t n) {
+  alignas(64) static const int16_t lo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                             8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const int16_t hi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                             24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i low = _mm512_load_si512(lo), high = _mm512_load_si512(hi);
+  for (int64_t t = 0; t < 16; t += 2)
+    for (int64_t e = 0; e < d; e += 32) {  // dimensions e .. e + 31 of tokens t and t + 1
+      const __m512i a = t < n ? _mm512_loadu_si512(v + t * d + e) : _mm512_setzero_si512();
+      const __m512i b = t + 1 < n ? _mm512_loadu_si512(v + (t + 1) * d + e) : _mm512_setzero_si512();
+      _mm512_storeu_si512(out + (t / 2 * d + e) * 2, _mm512_permutex2var_epi16(a, low, b));
+      _mm512_storeu_si512(out + (t / 2 * d + e + 16) * 2, _mm512_permutex2var_epi16(a, high, b));
+    }
+}
+
 // k_t = the context's ``tiles`` paired K tiles side by side; v = its V tiles paired along the tokens,
 // zero from token ``length`` on (slots past the context may hold anything, inf or NaN included).
 void pack_context(PrefillScratch& w, const at::BFloat16* kp, const at::BFloat16* vp, const int64_t* table,
@@ -466,11 +483,7 @@ void pack_context(PrefillScratch& w, const at::BFloat16* kp, const at::BFloat16*
     const int64_t tile = (table[i] * kvh + h) * bs * d;
     for (int64_t j = 0; j < d / 2; ++j)  // pair row j of the tile: dimensions 2j, 2j + 1 of its 16 tokens
       std::memcpy(w.k_t.data() + (j * keys + i * bs) * 2, kp + tile + j * bs * 2, bs * 2 * sizeof(at::BFloat16));
-    for (int64_t t = 0; t < bs; ++t) {  // token t of the tile: dimension e goes to ((token / 2) * D + e) * 2 + token % 2
-      const int64_t token = i * bs + t;
-      at::BFloat16* first = w.v.data() + (token / 2) * d * 2 + token % 2;
-      for (int64_t e = 0; e < d; ++e) first[2 * e] = token < length ? vp[tile + t * d + e] : at::BFloat16(0.0f);
-    }
+    pair_v_tile(w.v.data() + i * bs * d, vp + tile, d, std::min(bs, length - i * bs));
   }
 }
 
@@ -486,17 +499,19 @@ void causal_softmax(PrefillScratch& w, int64_t m, int64_t keys, int64_t first, f
       tops = _mm512_mask_max_ps(tops, lanes, tops, _mm512_maskz_loadu_ps(lanes, s + t));
     }
     const float top = _mm512_reduce_max_ps(tops) * scale;
-    float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-    for (int64_t t = 0; t < n; ++t) {
-      s[t] = fast_exp(s[t] * scale - top);
-      total += s[t];
-    }
-    std::fill(s + n, s + keys, 0.0f);
     at::BFloat16* p = w.p.data() + i * keys;
-    for (int64_t t = 0; t < keys; t += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + t), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + t)));
-    w.sums[i] = total;
+    __m512 totals = _mm512_setzero_ps();
+    for (int64_t t0 = 0; t0 < n; t0 += 16) {  // 16 keys at a time, in a loop the compiler vectorizes
+      alignas(64) float e[16];
+      _mm512_store_ps(e, _mm512_loadu_ps(s + t0));
+#pragma omp simd
+      for (int l = 0; l < 16; ++l) e[l] = t0 + l < n ? fast_exp(e[l] * scale - top) : 0.0f;
+      const __m512 weights = _mm512_load_ps(e);
+      totals = _mm512_add_ps(totals, weights);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + t0), (__m256i)_mm512_cvtneps_pbh(weights));
+    }
+    std::fill(p + (n + 15) / 16 * 16, p + keys, at::BFloat16(0.0f));
+    w.sums[i] = _mm512_reduce_add_ps(totals);
   }
 }
 
