@@ -1,5 +1,6 @@
-// Paged decode attention on the CPU: one query token per sequence against its cached context,
-// read straight from the block-tile KV cache (no gathered copy, no padding mask).
+// Paged attention on the CPU, read straight from the block-tile KV cache (no gathered copy, no
+// padding mask): decode (one query token per sequence against its cached context), the cache
+// write, and prefill (a step's prompts, causally; see prefill_attention below).
 //
 // The cache is [num_blocks, KVH, block_size, D] per layer (services/gpu_worker/kv_cache.py), so one
 // KV head of one block is a contiguous tile. Where this CPU has the bf16 dot-product instruction
@@ -9,12 +10,12 @@
 // tokens, and the 16 scores of a query head are 32 dot-product instructions with no transposing
 // sum. write_kv_ stores K in that order; V tiles stay [16, D].
 //
-// A task is one (sequence, KV head): it reads each tile of that head once, for the G = H / KVH
+// A decode task is one (sequence, KV head): it reads each tile of that head once, for the G = H / KVH
 // query heads that share it, and runs an online softmax for them; the exponentials use a
 // branch-free polynomial the compiler vectorizes (fast_exp.h).
 //
-// The plain-torch reference is services/gpu_worker/attention.py:gathered_decode_attention, and
-// tests/unit/gpu_worker/test_paged_attention_cpu.py checks this kernel against it.
+// The plain-torch references are services/gpu_worker/attention.py:gathered_decode_attention (decode)
+// and causal SDPA (prefill); tests/unit/gpu_worker/test_paged_attention_cpu.py checks both kernels.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -352,6 +353,20 @@ void decode_attention_bf16(const torch::Tensor& q, const torch::Tensor& cache_k,
   decode_attention<at::BFloat16, FloatTask<at::BFloat16>>(q, cache_k, cache_v, tables, lengths, out);
 }
 
+// Each row b's ``lengths[b]`` tokens fit its block table ``tables[b]``, whose blocks are in ``cache``;
+// ``what`` names such a length in the error.
+void check_block_tables(const torch::Tensor& tables, const torch::Tensor& lengths, const torch::Tensor& cache,
+                        const char* what) {
+  const int64_t bs = cache.size(2), blocks = cache.size(0), width = tables.size(1);
+  const int64_t* lp = lengths.data_ptr<int64_t>();
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  for (int64_t b = 0; b < tables.size(0); ++b) {
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= width * bs, "a ", what, " is outside its block table");
+    for (int64_t j = 0; j * bs < lp[b]; ++j)
+      TORCH_CHECK(tp[b * width + j] >= 0 && tp[b * width + j] < blocks, "a block index is out of range");
+  }
+}
+
 void check_inputs(const torch::Tensor& q, const torch::Tensor& cache_k, const torch::Tensor& cache_v,
                   const torch::Tensor& tables, const torch::Tensor& lengths) {
   TORCH_CHECK(q.dim() == 3 && cache_k.dim() == 4, "q must be [B, H, D] and the cache [blocks, KVH, bs, D]");
@@ -366,14 +381,7 @@ void check_inputs(const torch::Tensor& q, const torch::Tensor& cache_k, const to
                   tables.is_contiguous(), "tables must be contiguous int64 [B, W]");
   TORCH_CHECK(lengths.dim() == 1 && lengths.size(0) == q.size(0) && lengths.scalar_type() == torch::kInt64,
               "lengths must be int64 [B]");
-  const int64_t bs = cache_k.size(2), blocks = cache_k.size(0), width = tables.size(1);
-  const int64_t* lp = lengths.data_ptr<int64_t>();
-  const int64_t* tp = tables.data_ptr<int64_t>();
-  for (int64_t b = 0; b < q.size(0); ++b) {
-    TORCH_CHECK(lp[b] >= 1 && lp[b] <= width * bs, "a context length is outside its block table");
-    for (int64_t j = 0; j * bs < lp[b]; ++j)
-      TORCH_CHECK(tp[b * width + j] >= 0 && tp[b * width + j] < blocks, "a block index is out of range");
-  }
+  check_block_tables(tables, lengths, cache_k, "context length");
 }
 
 // q: [B, H, D]; cache_k, cache_v: [num_blocks, KVH, block_size, D]; tables: [B, W] int64 block ids;
@@ -581,8 +589,9 @@ void prefill_attention(torch::Tensor& out, const torch::Tensor& q, const torch::
 }
 #endif
 
-// Whether paged_prefill_attention_ runs for this cache and these head counts (else the caller uses
-// torch's attention): paired tiles and at most 8 query heads per KV head.
+// Whether paged_prefill_attention_ runs for this cache and this many query heads (else the caller
+// uses torch's attention): paired tiles, whole groups of query heads per KV head, and a batch-reduce
+// GEMM that can pack bf16 on this CPU.
 bool prefills(const torch::Tensor& cache_k, int64_t heads) {
   return paired_k(cache_k) && heads % cache_k.size(1) == 0 && at::native::cpublas::could_pack(torch::kBFloat16);
 }
@@ -606,16 +615,11 @@ void paged_prefill_attention_(torch::Tensor& out, const torch::Tensor& q, const 
                   lengths.scalar_type() == torch::kInt64 && starts.size(0) == tables.size(0) &&
                   lengths.size(0) == tables.size(0),
               "tables must be contiguous int64 [S, W], starts and lengths int64 [S]");
-  const int64_t bs = cache_k.size(2), blocks = cache_k.size(0), width = tables.size(1);
-  const int64_t* tp = tables.data_ptr<int64_t>();
+  check_block_tables(tables, lengths, cache_k, "sequence length");
   const int64_t* sp = starts.data_ptr<int64_t>();
   const int64_t* lp = lengths.data_ptr<int64_t>();
-  for (int64_t s = 0; s < tables.size(0); ++s) {
-    TORCH_CHECK(lp[s] >= 1 && lp[s] <= width * bs, "a sequence length is outside its block table");
+  for (int64_t s = 0; s < tables.size(0); ++s)
     TORCH_CHECK(sp[s] >= 0 && sp[s] + lp[s] <= q.size(0), "a sequence's tokens are outside q");
-    for (int64_t j = 0; j * bs < lp[s]; ++j)
-      TORCH_CHECK(tp[s * width + j] >= 0 && tp[s * width + j] < blocks, "a block index is out of range");
-  }
 #if defined(__AVX512BF16__)
   prefill_attention(out, q, cache_k, cache_v, tables, starts, lengths);
 #endif

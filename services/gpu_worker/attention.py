@@ -101,14 +101,22 @@ def prefill_attention(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     ``k``/``v: [T, KVH, D]``, their K/V already written to the cache).
 
     On CPUs where the native kernel prefills (bf16 paired tiles and torch's batch-reduce GEMM:
-    ``prefills`` in ``csrc/paged_attention_cpu.cpp``), it reads K/V from the cache; the reference,
-    and the path elsewhere, is SDPA over each sequence's own ``q``/``k``/``v`` (GQA through ``enable_gqa``).
+    ``prefills`` in ``csrc/paged_attention_cpu.cpp``), it reads K/V from the cache; elsewhere
+    :func:`sdpa_prefill_attention` runs.
     """
     if native_prefill(cache_k, q.shape[1]):
         paged_attention_kernel().paged_prefill_attention_(out, q.contiguous(), cache_k, cache_v, group.tables,
                                                           group.starts, group.lengths)
         return
-    for start, end in group.ranges:
+    sdpa_prefill_attention(out, q, k, v, group.ranges)
+
+
+def sdpa_prefill_attention(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           ranges: list[tuple[int, int]]) -> None:
+    """Prefill attention in plain torch (the reference of the native kernel): each ``(start, end)`` range
+    of ``q: [T, H, D]`` attends causally to its own ``k``/``v: [T, KVH, D]`` (GQA through SDPA's
+    ``enable_gqa``), into the same rows of ``out: [T, H, D]``."""
+    for start, end in ranges:
         qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
         out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
 

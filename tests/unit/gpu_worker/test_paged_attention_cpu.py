@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from services.gpu_worker.attention import DecodeGroup, PrefillGroup, gathered_decode_attention, pair_k_tiles
+from services.gpu_worker.attention import (DecodeGroup, PrefillGroup, gathered_decode_attention, pair_k_tiles,
+                                           sdpa_prefill_attention)
 from shared.native_ops import paged_attention_kernel
 
 BLOCK = 16
@@ -171,9 +171,7 @@ def _prefill_case(lengths: list[int], heads: int, kv_heads: int, d: int = 64, se
 
 def _sdpa_prefill(q, k, v, group):
     out = torch.empty_like(q)
-    for start, end in group.ranges:
-        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
+    sdpa_prefill_attention(out, q, k, v, group.ranges)
     return out
 
 
