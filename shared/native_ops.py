@@ -1,7 +1,7 @@
 """Builds and loads the native ops in csrc/ (once per machine, cached).
 
 The CPU kernels (LoRA segments, paged decode attention, the layer's fused elementwise ops, greedy
-sampling) are compiled on first use with torch's C++ extension builder into
+sampling, decode-sized GEMMs) are compiled on first use with torch's C++ extension builder into
 ``$CARASERVE_CACHE_DIR/torch_extensions`` (default ``~/.cache/caraserve``).
 When no compiler is available, each loader returns None and its callers fall back to their
 plain-torch implementations (logged once).
@@ -86,6 +86,12 @@ def layer_ops_kernel() -> ModuleType | None:
     """The compiled ``rms_norm``, ``add_rms_norm_`` and ``silu_mul`` ops, or None when they cannot be built here."""
     # no fused multiply-adds: each product is rounded as eager torch rounds it
     return _build("layer_ops_cpu", "layer_ops_cpu.cpp", ("-ffp-contract=off",))
+
+
+@functools.cache
+def dense_kernel() -> ModuleType | None:
+    """The compiled ``small_batch_linear`` op (and ``packed_blocks``), or None when it cannot be built here."""
+    return _build("dense_cpu", "dense_cpu.cpp")
 
 
 @functools.cache

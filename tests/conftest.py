@@ -29,7 +29,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("CARASERVE_AUTO_PROFILE", "0")  # workers started by tests make no quick profile unless asked
 
 from tests.tiny_adapters import build_adapters, build_bad_adapters  # noqa: E402
-from shared.native_ops import cpu_lora_kernel, greedy_kernel, layer_ops_kernel, paged_attention_kernel  # noqa: E402
+from shared.native_ops import (cpu_lora_kernel, dense_kernel, greedy_kernel, layer_ops_kernel,  # noqa: E402
+                               paged_attention_kernel)
 from shared.tiny_models import TINY_SEED, TINY_TIED_SEED, build_tiny_model, build_tiny_model_tied  # noqa: E402
 
 
@@ -44,6 +45,7 @@ def native_kernels() -> None:
     paged_attention_kernel()
     layer_ops_kernel()
     greedy_kernel()
+    dense_kernel()
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""DenseWeight (a base projection, prepacked for oneDNN on bf16 CPUs) against F.linear."""
+"""DenseWeight (a base projection, prepacked for oneDNN on bf16 CPUs) and the small-batch kernel on its
+packed blocks, against F.linear."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from services.gpu_worker.dense import DenseWeight, prepacks
+from services.gpu_worker.dense import SMALL_BATCH_TOKENS, DenseWeight, prepacks, vnni_blocks
+from shared.native_ops import dense_kernel
 
 
 def _weight(dtype: torch.dtype) -> torch.Tensor:
@@ -39,3 +41,69 @@ def test_bf16_reads_strided_rows():
     wide = torch.randn(9, 200, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     x = wide[:, 50:146]
     torch.testing.assert_close(DenseWeight(w)(x), F.linear(x, w), rtol=1.6e-2, atol=1e-2)
+
+
+# --- decode-sized batches on oneDNN's packed blocks (csrc/dense_cpu.cpp) ---
+
+@pytest.fixture(scope="module")
+def kernel():
+    module = dense_kernel()
+    if module is None or not module.available():
+        pytest.skip("no C++ compiler or no bf16 batch-reduce GEMM here: every batch goes to oneDNN")
+    return module
+
+
+def test_vnni_blocks_puts_each_weight_where_its_docstring_says():
+    w = torch.arange(64 * 6, dtype=torch.float32).view(64, 6)
+    blocks = vnni_blocks(w)
+    assert blocks.shape == (2, 6 * 32)
+    for n in range(64):
+        for k in range(6):
+            assert blocks[n // 32, (k // 2) * 64 + 2 * (n % 32) + k % 2] == w[n, k]
+
+
+@pytest.mark.parametrize("tokens", [1, 15, 16, 17, 48])
+@pytest.mark.parametrize("shape", [(64, 40), (96, 576), (3072, 576)])
+def test_small_batch_linear_matches_linear(kernel, tokens, shape):
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
+    out = kernel.small_batch_linear(x, vnni_blocks(w))
+    assert out.shape == (tokens, shape[0]) and out.dtype == torch.bfloat16
+    # float accumulation, one rounding at the end: within one bf16 step of the float32 product
+    ref = F.linear(x.float(), w.float())
+    torch.testing.assert_close(out.float(), ref, rtol=8e-3, atol=1e-2)
+
+
+def test_small_batch_linear_reads_strided_rows_and_empty_batches(kernel):
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    wide = torch.randn(9, 200, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    x = wide[:, 50:146]
+    assert torch.equal(kernel.small_batch_linear(x, vnni_blocks(w)), kernel.small_batch_linear(x.contiguous(), vnni_blocks(w)))
+    assert kernel.small_batch_linear(x[:0], vnni_blocks(w)).shape == (0, 64)
+
+
+def test_small_batch_linear_refuses_blocks_of_another_width(kernel):
+    w = torch.randn(64, 96).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="inputs per column"):
+        kernel.small_batch_linear(torch.randn(2, 80).to(torch.bfloat16), vnni_blocks(w))
+
+
+def test_packed_weight_serves_small_batches_from_its_own_buffer(kernel):
+    w = _weight(torch.bfloat16)
+    dense = DenseWeight(w)
+    if not dense.packed:
+        pytest.skip("oneDNN has no bf16 kernels here")
+    if dense.blocks is None:
+        pytest.skip("this oneDNN lays bf16 weights out otherwise: small batches go to oneDNN")
+    assert torch.equal(dense.blocks, vnni_blocks(w))
+    assert dense.blocks.data_ptr() == kernel.packed_blocks(dense.weight, *w.shape).data_ptr()  # shared, not a copy
+    x = torch.randn(SMALL_BATCH_TOKENS, 96, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    assert torch.equal(dense(x), kernel.small_batch_linear(x, vnni_blocks(w)))
+
+
+def test_padded_layouts_are_never_read_as_blocks():
+    w = torch.randn(64, 30, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)  # oneDNN pads K to 32
+    dense = DenseWeight(w)
+    assert dense.blocks is None
+    x = torch.randn(4, 30, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    torch.testing.assert_close(dense(x), F.linear(x, w), rtol=1.6e-2, atol=1e-2)
