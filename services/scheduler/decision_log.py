@@ -6,12 +6,17 @@ of the policy appends one JSON line, written before the request is counted as pe
 chosen worker, so the line holds exactly what the policy saw. ``services.scheduler.sim.decision_replay``
 reads the file back, rebuilds the policy's inputs and re-runs the policy on them.
 
-Format (``FORMAT_VERSION`` 1). The first line describes the policy::
+Format (``FORMAT_VERSION`` 2). The first line describes the policy::
 
-    {"type": "policy", "v": 1, "scheduler": NAME, "policy": {PolicyConfig fields},
+    {"type": "policy", "v": 2, "scheduler": NAME, "policy": {PolicyConfig fields},
      "slo_us": float | null, "profile": PATH}
 
-then one line per decision::
+then, before the first decision that prices a worker with a worker's own profile, one line
+per such profile::
+
+    {"type": "profile", "digest": the digest the worker published, "model": PerfModel.to_dict()}
+
+and one line per decision::
 
     {"type": "decision", "request_id": str, "attempt": int, "decided_at": wall-clock s,
      "request": {"rank": int, "prompt_tokens": int, "adapter": str | null},
@@ -25,7 +30,8 @@ with one SNAPSHOT per candidate worker, in the order the policy got them::
      "seq": the seq of the worker state held, "state_timestamp": when the worker took it (wall s),
      "age_s": since the scheduler received it, "lag_s": decided_at - state_timestamp,
      "pending": routed requests the state does not show yet, "pending_age_s": the oldest one's age,
-     "running" | "waiting" | "total": SUMMARY}
+     "profile": the digest of the worker's model the policy priced it with ("": the reference model),
+     "assist_cores": cores of its healthy CPU prefill pool, "running" | "waiting" | "total": SUMMARY}
 
 where a SUMMARY is a BatchStats' sums: ``count``, ``sum_rank``, ``max_rank``, ``sum_tokens``,
 ``sum_token_rank``, ``sum_tokens_sq``, ``adapters`` (distinct), ``rank_counts`` ({rank: requests},
@@ -51,7 +57,7 @@ from shared.batch_stats import BatchStats
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 NAME_FIELD = "{name}"
 
 
@@ -75,6 +81,7 @@ def worker_snapshot(record: WorkerRecord, adapter: str | None, now: float, decid
             "free_kv_blocks": view.free_kv_blocks, "residency": view.residency(adapter), "seq": state.seq,
             "state_timestamp": state.timestamp, "age_s": now - record.last_seen,
             "lag_s": decided_at - state.timestamp, "pending": len(record.pending), "pending_age_s": now - oldest,
+            "profile": state.profile if record.perf is not None else "", "assist_cores": view.assist_cores,
             "running": stats_summary(view.running), "waiting": stats_summary(view.waiting),
             "total": stats_summary(view.total)}
 
@@ -86,6 +93,7 @@ class DecisionLog:
         self._stream: IO[str] | None = stream
         self.path = path
         self.written = 0
+        self._profiles: set[str] = set()  # digests whose profile line is written
 
     @classmethod
     def open(cls, path: str, scheduler: str, policy: Policy, profile: str = "") -> DecisionLog:
@@ -112,6 +120,7 @@ class DecisionLog:
         """Log one decision: ``records`` as the policy saw them (before the choice is reserved)."""
         if self._stream is None:
             return
+        self._write_profiles(records)
         decided_at = time.time()
         adapter = None if request.adapter is None else str(request.adapter)
         entry = {"type": "decision", "request_id": request_id, "attempt": attempt, "decided_at": decided_at,
@@ -123,6 +132,14 @@ class DecisionLog:
                  "workers": [worker_snapshot(r, adapter, now, decided_at) for r in records]}
         self._write(entry)
         self.written += 1
+
+    def _write_profiles(self, records: Sequence[WorkerRecord]) -> None:
+        """Write the profile line of each worker model not yet in the log."""
+        for record in records:
+            digest = record.state.profile
+            if record.perf is not None and digest not in self._profiles and self._stream is not None:
+                self._profiles.add(digest)
+                self._write({"type": "profile", "digest": digest, "model": record.perf.to_dict()})
 
     def _write(self, entry: dict[str, Any]) -> None:
         assert self._stream is not None

@@ -14,7 +14,7 @@ def _state(seq: int, timestamp: float) -> WorkerState:
 
 
 def _decision(at: float, held: int) -> Decision:
-    return Decision("r", 0, at, PolicyRequest(8, 4, "a"), (), "w0", None, 1.0, ({"worker_id": "w0", "seq": held},))
+    return Decision("r", 0, at, PolicyRequest(8, 4, "a"), (), "w0", None, 1.0, ({"worker_id": "w0", "seq": held},), (None,))
 
 
 def test_seq_behind_counts_states_taken_before_the_decision_but_not_held():

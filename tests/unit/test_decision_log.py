@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -16,6 +17,7 @@ from shared.batch_stats import BatchStats
 from shared.levels import LEVELS
 from shared.perf_model import PerfModel
 from shared.schemas import AdapterInfo, RequestLoad, WorkerState
+from shared.schemas.worker_state import AssistState
 from shared.schemas.names import request_key
 
 RANKS = {"a8": 8, "b16": 16, "c32": 32, "d64": 64}
@@ -28,7 +30,18 @@ def _perf() -> PerfModel:
     return PerfModel.from_coefficients("bgmv", decode, prefill, cold)
 
 
-def _state(worker_id: str, seq: int, rng: random.Random) -> WorkerState:
+def _own_perf() -> PerfModel:
+    """A worker's own model, unlike the reference: slower decode, cheap cold starts."""
+    decode = {"const": 2_500.0, "requests": 90.0, "batch_max_rank": 6.0, "tokens": 0.5, "adapters": 40.0}
+    prefill = {"const": 1_000.0, "tokens": 4.0, "tokens_max_rank": 0.02, "tokens_sq": 0.01}
+    cold = {"host": {"const": 50.0, "sum_rank": 2.0}, "disk": {"const": 400.0, "sum_rank": 9.0}}
+    return PerfModel.from_coefficients("mbgmv", decode, prefill, cold)
+
+
+OWN_DIGEST = "0123456789abcdef"
+
+
+def _state(worker_id: str, seq: int, rng: random.Random, own: bool = False) -> WorkerState:
     def loads(n: int, tag: str) -> list[RequestLoad]:
         names = [rng.choice([None, *RANKS]) for _ in range(n)]
         return [RequestLoad(key=request_key(f"{worker_id}-{tag}{seq}-{i}"), adapter=a, rank=RANKS.get(a, 0),
@@ -37,24 +50,30 @@ def _state(worker_id: str, seq: int, rng: random.Random) -> WorkerState:
     adapters = [AdapterInfo(name=a, rank=r, level=rng.choice(LEVELS)) for a, r in RANKS.items()]
     return WorkerState(worker_id=worker_id, model="m", backend="bgmv", running=loads(rng.randint(0, 6), "r"),
                        queued=loads(rng.randint(0, 2), "q"), adapters=adapters, free_kv_blocks=rng.randint(0, 40),
-                       total_kv_blocks=40, max_batch_size=8, max_model_len=512, seq=seq, timestamp=1000.0 + seq)
+                       total_kv_blocks=40, max_batch_size=8, max_model_len=512, seq=seq, timestamp=1000.0 + seq,
+                       profile=OWN_DIGEST if own and worker_id == "w1" else "",
+                       assist=AssistState(pool_workers=2, pool_alive=2, pool_healthy=True)
+                       if own and worker_id == "w2" else None)
 
 
-def _drive(policy, path, decisions: int = 150, seed: int = 3):
+def _drive(policy, path, decisions: int = 150, seed: int = 3, own: bool = False):
     """Route random requests through a fleet of 3 workers whose states arrive now and then;
-    log each decision; return the live decode-cost what-ifs per decision and worker, and the log's path."""
-    rng, perf, fleet = random.Random(seed), _perf(), Fleet(dead_after_s=1e9, pending_ttl_s=1e9)
+    log each decision; return the live decode-cost what-ifs per decision and worker, and the log's path.
+    ``own``: w1 publishes its own profile (priced with _own_perf) and w2 has a CPU prefill pool."""
+    models = {OWN_DIGEST: _own_perf()} if own else {}
+    rng, perf = random.Random(seed), _perf()
+    fleet = Fleet(dead_after_s=1e9, pending_ttl_s=1e9, perf_of=models.get)
     log = DecisionLog.open(str(path), "sched-1", policy)
     seqs = {w: 1 for w in ("w0", "w1", "w2")}
     for w in seqs:
-        fleet.observe(_state(w, 1, rng), 0.0)
+        fleet.observe(_state(w, 1, rng, own), 0.0)
     live_costs = []
     for i in range(decisions):
         now = 0.01 * i
         if rng.random() < 0.2:
             w = rng.choice(list(seqs))
             seqs[w] += 1
-            fleet.observe(_state(w, seqs[w], rng), now)
+            fleet.observe(_state(w, seqs[w], rng, own), now)
         adapter = rng.choice([None, *RANKS])
         request = PolicyRequest(RANKS.get(adapter, 0), rng.randint(1, 80), adapter)
         records = fleet.live(now)
@@ -84,6 +103,30 @@ def test_replayed_decisions_equal_the_logged_ones(name, tmp_path):
         assert [perf.decode_us_with(v.total, req.rank, req.prompt_tokens, req.adapter) for v in views] == costs
     assert {d.choice for d in decisions} >= {"w0", "w1"}
     assert any(d.pending for d in decisions)
+
+
+def test_replay_prices_each_worker_as_the_scheduler_did(tmp_path):
+    """A worker's own profile and its CPU prefill pool are logged, so the replay reproduces decisions
+    that pricing every worker with the reference model and no pool would not."""
+    policy = make_policy(PolicyConfig(policy="rank_aware", slo_ms=3.0), _perf())
+    _drive(policy, tmp_path / "log.jsonl", own=True)
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [e["digest"] for e in lines if e["type"] == "profile"] == [OWN_DIGEST]  # once, before its first use
+    header, decisions = read_log(tmp_path / "log.jsonl")
+    assert not replay(header.make_policy(_perf()), decisions)
+    snapshots = {w["worker_id"]: w for w in lines[-1]["workers"]}
+    assert (snapshots["w1"]["profile"], snapshots["w2"]["assist_cores"]) == (OWN_DIGEST, 2)
+    blind = [dataclasses.replace(d, models=(None,) * len(d.workers),
+                                 workers=tuple({**w, "assist_cores": 0} for w in d.workers)) for d in decisions]
+    assert replay(header.make_policy(_perf()), blind)
+
+
+def test_a_profile_used_before_its_line_is_refused(tmp_path):
+    _drive(make_policy(PolicyConfig(policy="rank_aware", slo_ms=3.0), _perf()), tmp_path / "log.jsonl", own=True)
+    lines = [line for line in (tmp_path / "log.jsonl").read_text().splitlines() if '"type":"profile"' not in line]
+    (tmp_path / "log.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DecisionLogError, match="before its profile line"):
+        read_log(tmp_path / "log.jsonl")
 
 
 def test_a_wrong_logged_choice_is_reported(tmp_path):

@@ -2,7 +2,8 @@
 
 A decision log (``services.scheduler.decision_log``) holds, per routing decision, the sums of
 every candidate worker's running, waiting and total BatchStats, the residency of the request's
-adapter there and the worker's capacity: everything a policy reads. :meth:`Decision.views`
+adapter there, the worker's capacity, the cores of its CPU prefill pool and the model it was
+priced with (the worker's own profiles are logged once each): everything a policy reads. :meth:`Decision.views`
 turns them back into :class:`WorkerView` objects that answer every question a policy asks
 exactly as the live views did, so :func:`replay` can check that the scheduler routed each
 request where ``policy.choose(views, request)`` sends it. :func:`lag_summary` says how old the
@@ -64,17 +65,24 @@ class Decision:
     no_capacity: str | None
     choose_us: float
     workers: tuple[Mapping[str, Any], ...]
+    models: tuple[PerfModel | None, ...]  # per worker: its own model, or None for the reference
 
     @classmethod
-    def from_entry(cls, entry: Mapping[str, Any]) -> Decision:
+    def from_entry(cls, entry: Mapping[str, Any], profiles: Mapping[str, PerfModel]) -> Decision:
+        """The decision on a log line; ``profiles``: the models of the profile lines before it, by digest."""
         r = entry["request"]
+        workers = tuple(entry["workers"])
+        unknown = [w["profile"] for w in workers if w["profile"] and w["profile"] not in profiles]
+        if unknown:
+            raise ValueError(f"profile {unknown[0]} is used before its profile line")
         return cls(entry["request_id"], int(entry["attempt"]), float(entry["decided_at"]),
                    PolicyRequest(int(r["rank"]), int(r["prompt_tokens"]), r["adapter"]), tuple(entry["excluded"]),
-                   entry["choice"], entry["no_capacity"], float(entry["choose_us"]), tuple(entry["workers"]))
+                   entry["choice"], entry["no_capacity"], float(entry["choose_us"]), workers,
+                   tuple(profiles[w["profile"]] if w["profile"] else None for w in workers))
 
     def views(self) -> list[WorkerView]:
         """The candidate workers as the policy saw them, in the same order."""
-        return [_view(w, self.request.adapter) for w in self.workers]
+        return [_view(w, self.request.adapter, perf) for w, perf in zip(self.workers, self.models)]
 
     @property
     def pending(self) -> int:
@@ -82,7 +90,7 @@ class Decision:
         return sum(int(w["pending"]) for w in self.workers)
 
 
-def _view(snapshot: Mapping[str, Any], adapter: str | None) -> WorkerView:
+def _view(snapshot: Mapping[str, Any], adapter: str | None, perf: PerfModel | None) -> WorkerView:
     level = snapshot["residency"]
     return WorkerView(snapshot["worker_id"], int(snapshot["max_batch"]),
                       running=stats_from_summary(snapshot["running"]),
@@ -90,7 +98,8 @@ def _view(snapshot: Mapping[str, Any], adapter: str | None) -> WorkerView:
                       total=stats_from_summary(snapshot["total"]),
                       resident={adapter} if adapter is not None and level == Level.DEVICE else set(),
                       host={adapter} if adapter is not None and level == Level.HOST else set(),
-                      free_kv_blocks=snapshot["free_kv_blocks"], block_size=int(snapshot["block_size"]))
+                      free_kv_blocks=snapshot["free_kv_blocks"], block_size=int(snapshot["block_size"]),
+                      perf=perf, assist_cores=int(snapshot["assist_cores"]))
 
 
 @dataclass(frozen=True)
@@ -117,14 +126,16 @@ def read_log(path: str | Path) -> tuple[LogHeader, list[Decision]]:
         raise DecisionLogError(f"cannot read the decision log {path}: {exc}") from exc
     if not lines:
         raise DecisionLogError(f"{path} is empty (no policy line)")
-    header, decisions = None, []
+    header, decisions, profiles = None, [], {}
     for number, line in enumerate(lines, start=1):
         try:
             entry = json.loads(line)
             if number == 1:
                 header = _header(entry)
+            elif entry.get("type") == "profile":
+                profiles[entry["digest"]] = PerfModel.from_dict(entry["model"], f"{path}:{number}")
             elif entry.get("type") == "decision":
-                decisions.append(Decision.from_entry(entry))
+                decisions.append(Decision.from_entry(entry, profiles))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise DecisionLogError(f"{path}:{number}: not a decision log line ({exc!r})") from exc
     assert header is not None
