@@ -12,9 +12,15 @@
 //             (BGMV: cost follows tokens x max rank).
 //
 // Short segments (decode tokens) run in a fused fp32 loop, parallel over segments, reading each
-// adapter's weights once per segment. Long segments (prefill) go to BLAS through at::mm.
+// adapter's weights once per segment. Long segments (prefill) compute x @ A, round it to the model
+// dtype, multiply by B and round the delta before adding it: in bf16 on torch's batch-reduce GEMM
+// (AMX here) over 32-row blocks of every long segment at once, with A and B put in bf16 pairs per
+// call; elsewhere through BLAS (at::mm), segment by segment. at::mm costs ~100 us per segment and
+// projection in bf16, most of it per-call overhead (docs/engine_performance.md, round 5).
+// long_delta gives one segment's rounded delta alone (services/cpu_prefill/lora_slice.py).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <type_traits>
@@ -188,6 +194,129 @@ at::Tensor padded(const at::Tensor& w, int64_t dim, int64_t target) {
   return at::constant_pad_nd(w, pad, 0);
 }
 
+// ---- long segments on the batch-reduce GEMM (bf16) -----------------------------------------
+
+constexpr int64_t kRowBlock = 32;       // rows of x per GEMM
+constexpr int64_t kColBlock = 64;       // output columns per expand GEMM
+constexpr int64_t kMaxPairedRank = 64;  // larger ranks go to BLAS
+
+int64_t max_rank(const std::vector<Item>& items, const std::vector<at::Tensor>& A) {
+  int64_t r = 0;
+  for (const auto& it : items) r = std::max(r, A[it.adapter].size(1));
+  return r;
+}
+
+bool pairs_gemm(const at::Tensor& x) {
+  return x.scalar_type() == at::kBFloat16 && at::native::cpublas::could_pack(at::kBFloat16);
+}
+
+// w: [k, n] bf16 -> [kp / 2, np, 2]: rows in pairs (the GEMM's B layout), zero-padded to kp
+// (even) rows and np columns.
+std::vector<at::BFloat16> pair_rows(const at::Tensor& w, int64_t kp, int64_t np) {
+  const int64_t k = w.size(0), n = w.size(1);
+  const auto* src = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  std::vector<at::BFloat16> out(kp * np, at::BFloat16(0.f));
+  auto* dst = reinterpret_cast<uint16_t*>(out.data());
+  for (int64_t i = 0; i < k; i += 2) {
+    const uint16_t* even = src + i * n;
+    uint16_t* pair = dst + i * np;  // row pair i / 2: np columns of 2
+    if (i + 1 < k) {
+      const uint16_t* odd = even + n;
+      for (int64_t j = 0; j < n; ++j) {
+        pair[2 * j] = even[j];
+        pair[2 * j + 1] = odd[j];
+      }
+    } else {
+      for (int64_t j = 0; j < n; ++j) pair[2 * j] = even[j];
+    }
+  }
+  return out;
+}
+
+// One long segment's adapter as the GEMMs read it: A [in, R] and B [R, out] in pairs, the rank
+// padded to R (BGMV's pad rank, else the adapter's own) and to an even count for B.
+struct PairedAdapter {
+  int64_t rank = 0, even_rank = 0;
+  std::vector<at::BFloat16> a, b;
+  PairedAdapter() = default;
+  PairedAdapter(const at::Tensor& A, const at::Tensor& B, int64_t R)
+      : rank(R), even_rank((R + 1) / 2 * 2), a(pair_rows(A, A.size(0), R)), b(pair_rows(B, even_rank, B.size(1))) {}
+};
+
+// Rows [i0, i0 + rows) of a long segment (x rows ``lda`` apart): v = bf16(x @ A), then for each
+// block of output columns, sink(col, width, c) with c = v @ B[:, col:col + width] in float
+// ([rows, width], contiguous). rows <= kRowBlock.
+template <typename Sink>
+void long_rows(const at::BFloat16* x, int64_t lda, int64_t rows, int64_t in, int64_t out, const PairedAdapter& w,
+               Sink&& sink) {
+  float c[kRowBlock * std::max(kColBlock, kMaxPairedRank)];
+  at::BFloat16 v[kRowBlock * kMaxPairedRank];
+  at::native::cpublas::brgemm(rows, w.rank, in, lda, w.rank, w.rank, false, x, w.a.data(), c);
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < w.rank; ++j) v[i * w.even_rank + j] = at::BFloat16(c[i * w.rank + j]);
+    if (w.even_rank > w.rank) v[i * w.even_rank + w.rank] = at::BFloat16(0.f);
+  }
+  for (int64_t col = 0; col < out; col += kColBlock) {
+    const int64_t width = std::min(kColBlock, out - col);
+    at::native::cpublas::brgemm(rows, width, w.even_rank, w.even_rank, out, width, false, v, w.b.data() + col * 2, c);
+    sink(col, width, c);
+  }
+}
+
+// dst[0:n] = bf16(dst + bf16(c)): a delta rounded to bf16, then added, rounded again (as
+// ``y += bf16 GEMM output`` rounds).
+void add_rounded(at::BFloat16* dst, const float* c, int64_t n) {
+  int64_t j = 0;
+#if defined(__AVX512BF16__)
+  for (; j + 16 <= n; j += 16) {
+    const __m512 delta = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(_mm512_loadu_ps(c + j)));
+    const __m512 sum = _mm512_add_ps(load16(dst + j), delta);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), (__m256i)_mm512_cvtneps_pbh(sum));
+  }
+#endif
+  for (; j < n; ++j) dst[j] = at::BFloat16(static_cast<float>(dst[j]) + static_cast<float>(at::BFloat16(c[j])));
+}
+
+// y[seg] = bf16(y[seg] + bf16(delta)) for every long segment, 32-row blocks dealt to the threads.
+void long_segments_paired(at::Tensor& y, const at::Tensor& x, const std::vector<Item>& large,
+                          const std::vector<at::Tensor>& A, const std::vector<at::Tensor>& B, int64_t pad_rank) {
+  std::vector<PairedAdapter> paired(large.size());
+  at::parallel_for(0, (int64_t)large.size(), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t s = lo; s < hi; ++s) {
+      const at::Tensor& a = A[large[s].adapter];
+      paired[s] = PairedAdapter(a, B[large[s].adapter], pad_rank > 0 ? pad_rank : a.size(1));
+    }
+  });
+  std::vector<std::pair<int64_t, int64_t>> blocks;  // (segment, first row)
+  for (size_t s = 0; s < large.size(); ++s)
+    for (int64_t row = large[s].start; row < large[s].end; row += kRowBlock) blocks.emplace_back(s, row);
+  const int64_t in = x.size(1), out = y.size(1), lda = x.stride(0), ldy = y.stride(0);
+  const auto* xp = x.data_ptr<at::BFloat16>();
+  auto* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, (int64_t)blocks.size(), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const auto [s, row] = blocks[k];
+      const int64_t rows = std::min(kRowBlock, large[s].end - row);
+      long_rows(xp + row * lda, lda, rows, in, out, paired[s], [&](int64_t col, int64_t width, const float* c) {
+        for (int64_t i = 0; i < rows; ++i) add_rounded(yp + (row + i) * ldy + col, c + i * width, width);
+      });
+    }
+    at::native::cpublas::brgemm_release();
+  });
+}
+
+void long_segments_blas(at::Tensor& y, const at::Tensor& x, const std::vector<Item>& large,
+                        const std::vector<at::Tensor>& A, const std::vector<at::Tensor>& B, int64_t pad_rank) {
+  for (const auto& it : large) {
+    at::Tensor a = A[it.adapter], b = B[it.adapter];
+    if (pad_rank > 0) {
+      a = padded(a, 1, pad_rank);
+      b = padded(b, 0, pad_rank);
+    }
+    y.narrow(0, it.start, it.end - it.start).add_(at::mm(at::mm(x.narrow(0, it.start, it.end - it.start), a), b));
+  }
+}
+
 }  // namespace
 
 void lora_segments_(at::Tensor y, at::Tensor x, at::Tensor segs, std::vector<at::Tensor> A,
@@ -217,13 +346,9 @@ void lora_segments_(at::Tensor y, at::Tensor x, at::Tensor segs, std::vector<at:
     }
     small.push_back(it);
   }
-  for (const auto& it : large) {
-    at::Tensor a = A[it.adapter], b = B[it.adapter];
-    if (pad_rank > 0) {
-      a = padded(a, 1, pad_rank);
-      b = padded(b, 0, pad_rank);
-    }
-    y.narrow(0, it.start, it.end - it.start).add_(at::mm(at::mm(x.narrow(0, it.start, it.end - it.start), a), b));
+  if (!large.empty()) {
+    if (pairs_gemm(x) && std::max(pad_rank, max_rank(large, A)) <= kMaxPairedRank) long_segments_paired(y, x, large, A, B, pad_rank);
+    else long_segments_blas(y, x, large, A, B, pad_rank);
   }
   if (small.empty()) return;
   auto run_all = [&](auto tag) {
@@ -241,6 +366,39 @@ void lora_segments_(at::Tensor y, at::Tensor x, at::Tensor segs, std::vector<at:
   }
 }
 
+// out = float(bf16(bf16(x @ A) @ B)): the delta a long segment's rows get from lora_segments_,
+// for rows of a segment on their own (x: [n, in] bf16, out: [n, out] float32 with contiguous rows).
+void long_delta(at::Tensor out, at::Tensor x, at::Tensor A, at::Tensor B) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && out.dim() == 2 && out.stride(1) == 1 && out.size(0) == x.size(0),
+              "x [n, in] and out [n, out] with contiguous rows expected");
+  TORCH_CHECK(out.scalar_type() == at::kFloat, "out must be float32");
+  TORCH_CHECK(pairs_gemm(x) && A.scalar_type() == at::kBFloat16 && B.scalar_type() == at::kBFloat16,
+              "long_delta needs bf16 operands and the bf16 batch-reduce GEMM");
+  TORCH_CHECK(A.is_contiguous() && B.is_contiguous() && A.size(0) == x.size(1) && B.size(0) == A.size(1) &&
+              B.size(1) == out.size(1), "adapter shape mismatch");
+  TORCH_CHECK(A.size(1) <= kMaxPairedRank, "long_delta takes ranks up to ", kMaxPairedRank);
+  const PairedAdapter w(A, B, A.size(1));
+  const int64_t n = x.size(0), lda = x.stride(0), ldo = out.stride(0);
+  const auto* xp = x.data_ptr<at::BFloat16>();
+  float* op = out.data_ptr<float>();
+  for (int64_t row = 0; row < n; row += kRowBlock) {
+    const int64_t rows = std::min(kRowBlock, n - row);
+    long_rows(xp + row * lda, lda, rows, x.size(1), out.size(1), w, [&](int64_t col, int64_t width, const float* c) {
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t j = 0; j < width; ++j)
+          op[(row + i) * ldo + col + j] = static_cast<float>(at::BFloat16(c[i * width + j]));
+    });
+  }
+  at::native::cpublas::brgemm_release();
+}
+
+// Whether long_delta runs here for this rank (else lora_segments_ takes long segments to BLAS too).
+bool long_delta_available(int64_t rank) {
+  return rank <= kMaxPairedRank && at::native::cpublas::could_pack(at::kBFloat16);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_segments_", &lora_segments_, "y[seg] += x[seg] @ A[u] @ B[u] over segments (in place)");
+  m.def("long_delta", &long_delta, "A long segment's rounded bf16 delta, for rows on their own, into float32");
+  m.def("long_delta_available", &long_delta_available, "Whether long_delta runs here for this rank");
 }

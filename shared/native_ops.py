@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 BLAS_SEGMENT_TOKENS = 32
-"""Segments at least this long go to BLAS in the CPU LoRA kernel (csrc/lora_cpu.cpp kBlasThreshold)."""
+"""Segments at least this long take the CPU LoRA kernel's two-GEMM path (csrc/lora_cpu.cpp kBlasThreshold)."""
 
 
 def cache_root() -> Path:

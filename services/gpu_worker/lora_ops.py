@@ -21,7 +21,8 @@ The two backends differ in cost, not in result:
 
 Numerics: adapter weights are stored in the model dtype (as vLLM does; PEFT keeps them in
 float32). The native kernel accumulates in float32 and rounds once when adding the delta,
-as PEFT does; the BLAS path for long (prefill) segments rounds ``x @ A`` to the model dtype.
+as PEFT does; for long (prefill) segments it runs two GEMMs in the model dtype (bf16 on the
+batch-reduce GEMM where the CPU has it, else BLAS), rounding ``x @ A`` and the delta to it.
 
 On CPU both run in the native kernel from csrc/lora_cpu.cpp when it builds; on CUDA they
 run the Triton shrink/expand kernels of triton_lora.py when triton is installed. Otherwise

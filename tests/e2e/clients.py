@@ -95,6 +95,7 @@ class StateWatch:
         self.latest: dict[str, WorkerState] = {}
         self.placed: dict[str, str] = {}  # request key -> the last worker whose state held it
         self.held_by: dict[str, set[str]] = {}  # request key -> every worker whose state held it
+        self.runs: dict[str, set[tuple[str, str]]] = {}  # request key -> every (worker, instance) that held it
         self.blocks_in_use: dict[str, int] = {}  # request key -> most KV blocks in use on its worker meanwhile
         self._changed = asyncio.Event()
 
@@ -108,6 +109,7 @@ class StateWatch:
         for key in state.request_keys():
             self.placed[key] = state.worker_id
             self.held_by.setdefault(key, set()).add(state.worker_id)
+            self.runs.setdefault(key, set()).add((state.worker_id, state.instance))
             self.blocks_in_use[key] = max(self.blocks_in_use.get(key, 0), in_use)
         self._changed.set()
 

@@ -1,4 +1,5 @@
-"""BGMV and MBGMV (native kernel and torch paths) against the plain per-token reference."""
+"""BGMV and MBGMV (native kernel and torch paths) against the plain per-token reference; the kernel's
+long bf16 segments against their two-GEMM rounding."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from services.gpu_worker.lora_ops import LoraBatch, bgmv, get_backend, lora_reference, mbgmv, token_adapters
+from shared.native_ops import cpu_lora_kernel
 
 
 def make_batch(ranks: list[int], lengths: list[int | None], fan_in: int, fan_out: int, dtype, seed=0):
@@ -74,3 +76,65 @@ def test_reference_padding_changes_nothing():
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="unknown LoRA backend"):
         get_backend("sgmv")
+
+
+# --- long bf16 segments (prefill) on the kernel's batch-reduce GEMM (csrc/lora_cpu.cpp) ---
+
+LONG_RANKS, LONG_LENGTHS = [1, 7, 64, 80], [33, 40, 65, 32]  # rank 80: above the GEMM path's 64, to BLAS
+
+
+def _long_kernel():
+    kernel = cpu_lora_kernel()
+    if kernel is None or not kernel.long_delta_available(8):
+        pytest.skip("no C++ compiler or no bf16 batch-reduce GEMM here: long segments go to BLAS")
+    return kernel
+
+
+def _two_gemms(x, a, b):
+    """The long-segment definition: x @ A rounded to bf16, times B, rounded to bf16 (float sums)."""
+    return ((x.float() @ a.float()).bfloat16().float() @ b.float()).bfloat16()
+
+
+def test_long_bf16_segments_round_like_two_gemms():
+    _long_kernel()
+    batch, total = make_batch(LONG_RANKS, LONG_LENGTHS, 96, 200, torch.bfloat16)  # 200: a partial column block
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(total, 96, generator=g).to(torch.bfloat16)
+    fused = torch.randn(total, 210, generator=g).to(torch.bfloat16)
+    base = fused.clone()
+    for op in (mbgmv, bgmv):
+        fused.copy_(base)
+        op(fused[:, 5:205], x, batch)
+        for start, end, u in batch.segs.tolist():
+            want = (base[start:end, 5:205].float() + _two_gemms(x[start:end], batch.A[u], batch.B[u]).float()).bfloat16()
+            # float sums in another order can round x @ A one bf16 step apart, which B carries on
+            torch.testing.assert_close(fused[start:end, 5:205], want, rtol=1.6e-2, atol=5e-2)
+        assert torch.equal(fused[:, :5], base[:, :5]) and torch.equal(fused[:, 205:], base[:, 205:])
+        assert torch.equal(fused[-3:], base[-3:])  # the trailing base-model tokens
+
+
+def test_long_delta_is_what_a_segment_gets_whole_or_sliced():
+    kernel = _long_kernel()
+    batch, total = make_batch(LONG_RANKS[:3], LONG_LENGTHS[:3], 96, 200, torch.bfloat16, seed=4)
+    g = torch.Generator().manual_seed(5)
+    x, base = torch.randn(total, 96, generator=g).to(torch.bfloat16), torch.randn(total, 200, generator=g).to(torch.bfloat16)
+    y = base.clone()
+    mbgmv(y, x, batch)
+    for start, end, u in batch.segs.tolist():
+        delta = torch.empty(end - start, 200)
+        kernel.long_delta(delta, x[start:end], batch.A[u], batch.B[u])
+        assert torch.equal(y[start:end], (base[start:end].float() + delta).bfloat16())
+        part = torch.empty(end - start - 10, 200)  # a CPU prefill worker's slice of the segment
+        kernel.long_delta(part, x[start + 10:end], batch.A[u], batch.B[u])
+        assert torch.equal(part, delta[10:])
+
+
+def test_long_delta_refuses_bad_operands():
+    kernel = _long_kernel()
+    x, a, b = torch.randn(40, 16).bfloat16(), torch.randn(16, 8).bfloat16(), torch.randn(8, 24).bfloat16()
+    with pytest.raises(RuntimeError, match="float32"):
+        kernel.long_delta(torch.empty(40, 24).bfloat16(), x, a, b)
+    with pytest.raises(RuntimeError, match="shape"):
+        kernel.long_delta(torch.empty(40, 24), x, b.t().contiguous(), b)
+    with pytest.raises(RuntimeError, match="ranks up to"):
+        kernel.long_delta(torch.empty(40, 24), x, torch.randn(16, 80).bfloat16(), torch.randn(80, 24).bfloat16())
