@@ -206,8 +206,9 @@ int64_t max_rank(const std::vector<Item>& items, const std::vector<at::Tensor>& 
   return r;
 }
 
-bool pairs_gemm(const at::Tensor& x) {
-  return x.scalar_type() == at::kBFloat16 && at::native::cpublas::could_pack(at::kBFloat16);
+// Whether long segments of this dtype, at ranks up to ``rank``, run on the batch-reduce GEMM here.
+bool paired_path(at::ScalarType dtype, int64_t rank) {
+  return dtype == at::kBFloat16 && rank <= kMaxPairedRank && at::native::cpublas::could_pack(at::kBFloat16);
 }
 
 // w: [k, n] bf16 -> [kp / 2, np, 2]: rows in pairs (the GEMM's B layout), zero-padded to kp
@@ -347,8 +348,10 @@ void lora_segments_(at::Tensor y, at::Tensor x, at::Tensor segs, std::vector<at:
     small.push_back(it);
   }
   if (!large.empty()) {
-    if (pairs_gemm(x) && std::max(pad_rank, max_rank(large, A)) <= kMaxPairedRank) long_segments_paired(y, x, large, A, B, pad_rank);
-    else long_segments_blas(y, x, large, A, B, pad_rank);
+    if (paired_path(x.scalar_type(), std::max(pad_rank, max_rank(large, A))))
+      long_segments_paired(y, x, large, A, B, pad_rank);
+    else
+      long_segments_blas(y, x, large, A, B, pad_rank);
   }
   if (small.empty()) return;
   auto run_all = [&](auto tag) {
@@ -372,11 +375,11 @@ void long_delta(at::Tensor out, at::Tensor x, at::Tensor A, at::Tensor B) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && out.dim() == 2 && out.stride(1) == 1 && out.size(0) == x.size(0),
               "x [n, in] and out [n, out] with contiguous rows expected");
   TORCH_CHECK(out.scalar_type() == at::kFloat, "out must be float32");
-  TORCH_CHECK(pairs_gemm(x) && A.scalar_type() == at::kBFloat16 && B.scalar_type() == at::kBFloat16,
-              "long_delta needs bf16 operands and the bf16 batch-reduce GEMM");
   TORCH_CHECK(A.is_contiguous() && B.is_contiguous() && A.size(0) == x.size(1) && B.size(0) == A.size(1) &&
               B.size(1) == out.size(1), "adapter shape mismatch");
   TORCH_CHECK(A.size(1) <= kMaxPairedRank, "long_delta takes ranks up to ", kMaxPairedRank);
+  TORCH_CHECK(paired_path(x.scalar_type(), A.size(1)) && A.scalar_type() == at::kBFloat16 &&
+              B.scalar_type() == at::kBFloat16, "long_delta needs bf16 operands and the bf16 batch-reduce GEMM");
   const PairedAdapter w(A, B, A.size(1));
   const int64_t n = x.size(0), lda = x.stride(0), ldo = out.stride(0);
   const auto* xp = x.data_ptr<at::BFloat16>();
@@ -393,9 +396,7 @@ void long_delta(at::Tensor out, at::Tensor x, at::Tensor A, at::Tensor B) {
 }
 
 // Whether long_delta runs here for this rank (else lora_segments_ takes long segments to BLAS too).
-bool long_delta_available(int64_t rank) {
-  return rank <= kMaxPairedRank && at::native::cpublas::could_pack(at::kBFloat16);
-}
+bool long_delta_available(int64_t rank) { return paired_path(at::kBFloat16, rank); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_segments_", &lora_segments_, "y[seg] += x[seg] @ A[u] @ B[u] over segments (in place)");
