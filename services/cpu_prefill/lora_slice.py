@@ -4,9 +4,10 @@ It computes as the CPU device path (``csrc/lora_cpu.cpp``) computes the same seg
 CPU-assisted prefill gives the tokens a device-resident one would: a segment of at least
 ``BLAS_SEGMENT_TOKENS`` tokens goes through two GEMMs in the model dtype (``x @ A`` and the
 delta rounded to it), in bf16 on the kernel's own batch-reduce GEMM (``long_delta``) where the
-device path uses it, else through torch's; a shorter one runs in the native kernel itself, in
-float32, and is rounded once, when the worker adds it (plain torch in float32 where the kernel
-does not build).
+device path uses it, else through torch's; a shorter one in bf16 rounds the same two products on
+the kernel's bf16 pair dot products (``short_delta``) where the device path uses them, and
+otherwise runs in the native kernel itself, in float32, rounded once, when the worker adds it
+(plain torch in float32 where the kernel does not build).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ def lora_slice(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Ten
         return
     if kernel is None:
         torch.mm(torch.mm(x.float(), a.float()), b.float(), out=out)
+        return
+    if x.dtype == torch.bfloat16 and kernel.short_delta_available(a.shape[1]):
+        kernel.short_delta(out, x, a.contiguous(), b.contiguous())
         return
     out.zero_()
     rows = torch.tensor([[0, x.shape[0], 0]], dtype=torch.int64)

@@ -20,9 +20,11 @@ The two backends differ in cost, not in result:
   cost ~ sum over adapters of tokens x r_u.
 
 Numerics: adapter weights are stored in the model dtype (as vLLM does; PEFT keeps them in
-float32). The native kernel accumulates in float32 and rounds once when adding the delta,
-as PEFT does; for long (prefill) segments it runs two GEMMs in the model dtype (bf16 on the
-batch-reduce GEMM where the CPU has it, else BLAS), rounding ``x @ A`` and the delta to it.
+float32). In bf16 the native kernel rounds ``x @ A`` and the delta to bf16, as two bf16 linears
+(PEFT's lora_A and lora_B) do: long (prefill) segments on the batch-reduce GEMM where the CPU
+has it (else BLAS), short (decode) ones on bf16 pair dot products where it has AVX512-BF16 and
+the rank is at most 64. In float32, and for short bf16 segments elsewhere, it accumulates in
+float32 and rounds once when adding the delta.
 
 On CPU both run in the native kernel from csrc/lora_cpu.cpp when it builds; on CUDA they
 run the Triton shrink/expand kernels of triton_lora.py when triton is installed. Otherwise

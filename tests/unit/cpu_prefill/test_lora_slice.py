@@ -7,14 +7,7 @@ import torch
 
 from services.cpu_prefill.lora_slice import lora_slice
 from shared.native_ops import BLAS_SEGMENT_TOKENS
-
-
-def reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, segment_tokens: int) -> torch.Tensor:
-    """How the CPU device path rounds a segment's delta: in the model dtype through BLAS for long
-    segments, in float32 for short ones (csrc/lora_cpu.cpp)."""
-    if segment_tokens >= BLAS_SEGMENT_TOKENS:
-        return (x @ a @ b).float()
-    return x.float() @ a.float() @ b.float()
+from tests.unit.cpu_prefill.slice_reference import reference
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -14,7 +14,7 @@ import uuid
 import pytest
 import torch
 
-from shared.native_ops import BLAS_SEGMENT_TOKENS
+from tests.unit.cpu_prefill.slice_reference import reference as slice_reference
 
 from services.cpu_prefill.pool import STOP_GRACE_S, CpuPool
 from shared.llama_shape import INPUT_GROUPS, LlamaShape
@@ -41,9 +41,7 @@ def adapter_weights(dtype: torch.dtype) -> dict:
 
 def reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The delta as the CPU device path rounds a segment of ``x``'s length (see lora_slice)."""
-    if x.shape[0] >= BLAS_SEGMENT_TOKENS:
-        return (x @ a @ b).float()
-    return x.float() @ a.float() @ b.float()
+    return slice_reference(x, a, b, x.shape[0])
 
 
 def shm_names(worker_id: str) -> list[str]:
