@@ -11,17 +11,17 @@
 //             R > 0 zero-pads every adapter to rank R and computes the padded product
 //             (BGMV: cost follows tokens x max rank).
 //
-// Short segments (decode tokens) run parallel over segments, reading each adapter's weights once
-// per segment and 4 tokens: in bf16 (rank <= 64, AVX512-BF16) as bf16 pair dot products that round
-// x @ A and the delta as the long path does, with the weights prefetched ahead of use (2.5x fewer
-// instructions than float FMAs, and a step's adapters read at about 20 GB/s instead of 12,
-// docs/engine_performance.md round 6); otherwise in a fused fp32 loop that rounds only the sum.
-// Long segments (prefill) compute x @ A, round it to the model
-// dtype, multiply by B and round the delta before adding it: in bf16 on torch's batch-reduce GEMM
-// (AMX here) over 32-row blocks of every long segment at once, with A and B put in bf16 pairs per
-// call; elsewhere through BLAS (at::mm), segment by segment. at::mm costs ~100 us per segment and
-// projection in bf16, most of it per-call overhead (docs/engine_performance.md, round 5).
-// long_delta gives one segment's rounded delta alone (services/cpu_prefill/lora_slice.py).
+// Short segments (decode tokens) are dealt to the threads by their weights' bytes; each reads its
+// adapter's weights once per 4 tokens. In bf16 (rank <= 64, AVX512-BF16) they run on bf16 pair
+// dot products that round x @ A and the delta as the long path does, the weights prefetched
+// ahead of use (a step's adapters read at about 20 GB/s instead of 12 with float FMAs,
+// docs/engine_performance.md round 6); otherwise in a fused float32 loop that rounds only the sum.
+// Long segments (prefill) compute x @ A, round it to the model dtype, multiply by B and round the
+// delta before adding it: in bf16 on torch's batch-reduce GEMM (AMX here) over 32-row blocks of
+// every long segment at once, with A and B put in bf16 pairs per call; elsewhere through BLAS
+// (at::mm), segment by segment. at::mm costs ~100 us per segment and projection in bf16, most of
+// it per-call overhead (docs/engine_performance.md, round 5).
+// long_delta and short_delta give one segment's rounded delta alone (services/cpu_prefill/lora_slice.py).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -181,13 +181,14 @@ void expand(const float* v, int64_t R, int64_t n, const scalar_t* B, int64_t r, 
   }
 }
 
-#if defined(__AVX512BF16__)
 // ---- short bf16 segments on bf16 pair dot products (vdpbf16ps) ----------------------------
 // A decode token's delta is bf16(bf16(x @ A) @ B), rounded as the long path and PEFT's two bf16
 // linears round it. Each sum runs over pairs of inputs: the pair (row i, row i + 1) of A or B is
 // built in registers from two adjacent rows, so the weights are read once, where they lie.
 
-constexpr int64_t kMaxDotRank = 64;       // ranks (or pad ranks) above this take the float loop
+constexpr int64_t kMaxDotRank = 64;  // ranks (or pad ranks) above this take the float loop
+
+#if defined(__AVX512BF16__)
 constexpr int64_t kPrefetchAhead = 4096;  // bytes of A requested ahead of the rows in use
 
 inline __mmask32 first_lanes(int64_t n) {
@@ -250,7 +251,6 @@ void shrink_dot(const uint16_t* x, int64_t ldx, const uint16_t* A, int64_t in, i
   for (; i + 1 < in; i += 2) {
     for (const int64_t want = std::min(in * r * 2, (i + 2) * r * 2 + kPrefetchAhead); fetched < want; fetched += 64)
       _mm_prefetch(bytes + fetched, _MM_HINT_T0);
-
     __m512i xp[NB];
     for (int b = 0; b < NB; ++b) xp[b] = pair_at(x + b * ldx + i);
     pass(i, true, xp);
@@ -621,7 +621,7 @@ bool long_delta_available(int64_t rank) { return paired_path(at::kBFloat16, rank
 // rows of a segment on their own (operands as long_delta's).
 void short_delta(at::Tensor out, at::Tensor x, at::Tensor A, at::Tensor B) {
   check_delta_operands(out, x, A, B);
-  TORCH_CHECK(dot_path(x.scalar_type(), A.size(1)), "short_delta needs ranks up to 64 and AVX512-BF16");
+  TORCH_CHECK(dot_path(x.scalar_type(), A.size(1)), "short_delta needs ranks up to ", kMaxDotRank, " and AVX512-BF16");
 #if defined(__AVX512BF16__)
   float* op = out.data_ptr<float>();
   const int64_t ldo = out.stride(0);

@@ -169,25 +169,16 @@ def test_short_delta_is_what_a_segment_gets_whole_or_sliced():
     _check_delta_is_what_a_segment_gets(_short_kernel().short_delta, [1, 7, 64], [7, 3, 31], sliced=2)
 
 
-def test_long_delta_refuses_bad_operands():
-    kernel = _long_kernel()
-    x, a, b = torch.randn(40, 16).bfloat16(), torch.randn(16, 8).bfloat16(), torch.randn(8, 24).bfloat16()
+@pytest.mark.parametrize("delta_op,rows", [(lambda: _long_kernel().long_delta, 40),
+                                           (lambda: _short_kernel().short_delta, 5)], ids=["long", "short"])
+def test_segment_deltas_refuse_bad_operands(delta_op, rows):
+    delta = delta_op()
+    x, a, b = torch.randn(rows, 16).bfloat16(), torch.randn(16, 8).bfloat16(), torch.randn(8, 24).bfloat16()
     with pytest.raises(RuntimeError, match="float32"):
-        kernel.long_delta(torch.empty(40, 24).bfloat16(), x, a, b)
+        delta(torch.empty(rows, 24).bfloat16(), x, a, b)
     with pytest.raises(RuntimeError, match="shape"):
-        kernel.long_delta(torch.empty(40, 24), x, b.t().contiguous(), b)
-    with pytest.raises(RuntimeError, match="ranks up to"):
-        kernel.long_delta(torch.empty(40, 24), x, torch.randn(16, 80).bfloat16(), torch.randn(80, 24).bfloat16())
-
-
-def test_short_delta_refuses_bad_operands():
-    kernel = _short_kernel()
-    x, a, b = torch.randn(5, 16).bfloat16(), torch.randn(16, 8).bfloat16(), torch.randn(8, 24).bfloat16()
-    with pytest.raises(RuntimeError, match="float32"):
-        kernel.short_delta(torch.empty(5, 24).bfloat16(), x, a, b)
-    with pytest.raises(RuntimeError, match="shape"):
-        kernel.short_delta(torch.empty(5, 24), x, b.t().contiguous(), b)
+        delta(torch.empty(rows, 24), x, b.t().contiguous(), b)
     with pytest.raises(RuntimeError, match="bf16"):
-        kernel.short_delta(torch.empty(5, 24), x.float(), a.float(), b.float())
+        delta(torch.empty(rows, 24), x.float(), a.float(), b.float())
     with pytest.raises(RuntimeError, match="ranks up to 64"):
-        kernel.short_delta(torch.empty(5, 24), x, torch.randn(16, 80).bfloat16(), torch.randn(80, 24).bfloat16())
+        delta(torch.empty(rows, 24), x, torch.randn(16, 80).bfloat16(), torch.randn(80, 24).bfloat16())
