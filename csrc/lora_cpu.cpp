@@ -36,7 +36,11 @@
 
 namespace {
 
-constexpr int64_t kBlasThreshold = 32;  // segments at least this long use at::mm (shared/native_ops.py BLAS_SEGMENT_TOKENS)
+// Segments at least this long take the two-GEMM path (shared/native_ops.py BLAS_SEGMENT_TOKENS);
+// bf16 segments that the batch-reduce GEMM takes, from kPairedThreshold tokens (PAIRED_SEGMENT_TOKENS):
+// above about 12 tokens it beats the pair dot products, which read the weights once per 4 tokens.
+constexpr int64_t kBlasThreshold = 32;
+constexpr int64_t kPairedThreshold = 16;
 
 struct Item {
   int64_t start;
@@ -542,7 +546,8 @@ void lora_segments_(at::Tensor y, at::Tensor x, at::Tensor segs, std::vector<at:
     TORCH_CHECK(a.size(0) == x.size(1) && B[it.adapter].size(1) == y.size(1) && B[it.adapter].size(0) == a.size(1),
                 "adapter shape mismatch");
     TORCH_CHECK(pad_rank == 0 || pad_rank >= a.size(1), "pad_rank below an adapter's rank");
-    if (it.end - it.start >= kBlasThreshold) {
+    const bool paired = paired_path(x.scalar_type(), std::max(pad_rank, a.size(1)));
+    if (it.end - it.start >= (paired ? kPairedThreshold : kBlasThreshold)) {
       large.push_back(it);
       continue;
     }

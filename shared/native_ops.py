@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 BLAS_SEGMENT_TOKENS = 32
 """Segments at least this long take the CPU LoRA kernel's two-GEMM path (csrc/lora_cpu.cpp kBlasThreshold)."""
+PAIRED_SEGMENT_TOKENS = 16
+"""bf16 segments its batch-reduce GEMM takes (``long_delta_available``) do from this length (kPairedThreshold)."""
 
 
 def cache_root() -> Path:

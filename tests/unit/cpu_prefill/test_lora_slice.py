@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from services.cpu_prefill.lora_slice import lora_slice
-from shared.native_ops import BLAS_SEGMENT_TOKENS
+from shared.native_ops import BLAS_SEGMENT_TOKENS, PAIRED_SEGMENT_TOKENS
 from tests.unit.cpu_prefill.slice_reference import reference
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rank", [1, 8])
-@pytest.mark.parametrize("segment_tokens", [5, BLAS_SEGMENT_TOKENS])
+@pytest.mark.parametrize("segment_tokens", [5, PAIRED_SEGMENT_TOKENS, BLAS_SEGMENT_TOKENS])
 def test_lora_slice_writes_only_its_rows(dtype, rank, segment_tokens):
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(7, 16, generator=gen).to(dtype)
