@@ -8,14 +8,19 @@ parameters, unknown model, overloaded...) gets a single final error chunk.
 Core NATS delivers at most once: chunks in flight when a connection drops are lost, and
 ``index`` is contiguous so that a client can tell. When the gateway's own connection was
 re-established during a stream, it cannot know what its client received, so the stream ends
-with a ``stream_interrupted`` error chunk instead of going on as if complete; the client
-retries. (A client whose own connection dropped sees a gap in ``index``.)
+with a ``stream_interrupted`` error chunk (about a second after the reconnect, whether or not
+another chunk came) instead of going on as if complete; the client retries. A client whose own
+connection dropped sees a gap in ``index``, or, if its stream's last chunks and final were
+published while it was away, nothing more: it should treat a stream still open when its own
+connection comes back as interrupted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+from collections.abc import AsyncIterator
 
 from nats.aio.msg import Msg
 
@@ -31,6 +36,12 @@ from shared.schemas.names import REQUEST_ID_PATTERN
 logger = logging.getLogger(__name__)
 
 UNKNOWN_REQUEST_ID = "unknown"
+RECONNECT_CHECK_S = 0.25
+"""How often a stream waiting for its next chunk checks whether the gateway's connection was re-established."""
+INTERRUPT_SETTLE_S = 1.0
+"""After noticing its reconnect, the gateway waits this long before it sends ``stream_interrupted``: a
+client that lost its connection too reconnects meanwhile (Bus: every 0.5 s) and has its inbox
+subscribed again, since core NATS drops what is published to an inbox nobody listens on."""
 
 
 class NatsApi:
@@ -59,14 +70,35 @@ class NatsApi:
         return None
 
     async def _stream(self, stream: RequestStream, reply: str) -> None:
-        """Publish each chunk of ``stream`` to ``reply``; end it early if the connection dropped."""
-        reconnects = self.bus.reconnects
-        async for chunk in stream.chunks():
-            if self.bus.reconnects != reconnects:
-                await self.bus.publish(reply, interrupted_chunk(stream.request_id, chunk.index))
+        """Publish each chunk of ``stream`` to ``reply``; end it early once the connection was re-established.
+
+        The reconnect is noticed while waiting for the next chunk too: a stream whose next chunk
+        was lost in the outage (or never comes) must not wait for it."""
+        reconnects, index = self.bus.reconnects, 0
+        chunks = stream.chunks()
+        while True:
+            chunk = await self._next_unless_reconnected(chunks, reconnects)
+            if chunk is None:
+                await asyncio.sleep(INTERRUPT_SETTLE_S)
+                await self.bus.publish(reply, interrupted_chunk(stream.request_id, index))
                 return  # the caller's finally cancels the request
             await self.bus.publish(reply, chunk)
             self.relay.journal.sent(stream.request_id, chunk.index + 1)
+            if chunk.final:
+                return
+            index = chunk.index + 1
+
+    async def _next_unless_reconnected(self, chunks: AsyncIterator[Chunk], reconnects: int) -> Chunk | None:
+        """The next chunk, or None once the bus has reconnected more than ``reconnects`` times."""
+        pending = asyncio.ensure_future(anext(chunks))
+        try:
+            while self.bus.reconnects == reconnects:
+                done, _ = await asyncio.wait({pending}, timeout=RECONNECT_CHECK_S)
+                if done:
+                    return pending.result() if self.bus.reconnects == reconnects else None
+            return None
+        finally:
+            pending.cancel()
 
     def cancel(self, request: CancelRequest, msg: Msg) -> None:
         """Cancel a request this gateway runs, if the canceller is its requester: it holds the

@@ -283,6 +283,27 @@ async def test_a_silent_worker_is_told_to_cancel_when_its_request_moves_on(nats_
     await wait_until(lambda: silent.cancels == ["moved-on"] and not silent.running_ids)
 
 
+async def test_a_stream_waiting_for_its_next_chunk_ends_stream_interrupted_after_a_nats_restart(
+        nats_server, stack, stack_with_gateway):
+    """nats-server restarts while a NATS stream waits for its worker's next chunk (the worker is silent,
+    as one whose last chunks were lost in the outage): the gateway ends the stream with
+    stream_interrupted soon after its reconnect rather than when, if ever, another chunk comes."""
+    gateway, _ = await stack_with_gateway()
+    silent = await add_worker(stack, nats_server, gateway, "silent", mode="stall")
+    bus = await client(stack, nats_server.url)
+    inbox = bus.nc.new_inbox()
+    sub = await bus.nc.subscribe(inbox)
+    request = GenerateRequest(model="sql", prompt=[1, 2], max_tokens=5, request_id="cut-off")
+    await bus.nc.publish(subjects.GENERATE, request.encode(), reply=inbox)
+    await wait_until(lambda: silent.submits)
+    restarted = time.monotonic()
+    nats_server.restart()
+    final = Chunk.decode((await sub.next_msg(timeout=8)).data)
+    assert final.final and final.index == 0 and final.error.code == "stream_interrupted", final
+    assert time.monotonic() - restarted < 5.0
+    await wait_until(lambda: silent.cancels == ["cut-off"])  # and the worker was told to stop
+
+
 async def test_worker_lost_with_no_other_worker_ends_with_an_error_within_5s(nats_server, stack, stack_with_gateway):
     gateway, base = await stack_with_gateway(worker_timeout_s=0.5, route_deadline_ms=500)
     doomed = await add_worker(stack, nats_server, gateway, "doomed", step_s=0.05)
