@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator
 
 from nats.aio.msg import Msg
 
@@ -72,33 +71,32 @@ class NatsApi:
     async def _stream(self, stream: RequestStream, reply: str) -> None:
         """Publish each chunk of ``stream`` to ``reply``; end it early once the connection was re-established.
 
-        The reconnect is noticed while waiting for the next chunk too: a stream whose next chunk
-        was lost in the outage (or never comes) must not wait for it."""
-        reconnects, index = self.bus.reconnects, 0
-        chunks = stream.chunks()
-        while True:
-            chunk = await self._next_unless_reconnected(chunks, reconnects)
-            if chunk is None:
-                await asyncio.sleep(INTERRUPT_SETTLE_S)
-                await self.bus.publish(reply, interrupted_chunk(stream.request_id, index))
-                return  # the caller's finally cancels the request
-            await self.bus.publish(reply, chunk)
-            self.relay.journal.sent(stream.request_id, chunk.index + 1)
-            if chunk.final:
-                return
-            index = chunk.index + 1
+        The relay runs as its own task, so that the reconnect is noticed while it waits for the next
+        chunk too: a stream whose next chunk was lost in the outage (or never comes) must not wait."""
+        reconnects = self.bus.reconnects
+        next_index = 0
 
-    async def _next_unless_reconnected(self, chunks: AsyncIterator[Chunk], reconnects: int) -> Chunk | None:
-        """The next chunk, or None once the bus has reconnected more than ``reconnects`` times."""
-        pending = asyncio.ensure_future(anext(chunks))
+        async def relay() -> bool:
+            nonlocal next_index
+            async for chunk in stream.chunks():
+                if self.bus.reconnects != reconnects:
+                    return False
+                next_index = chunk.index + 1  # before the publish: a cut-off publish leaves a gap, not a repeat
+                await self.bus.publish(reply, chunk)
+                self.relay.journal.sent(stream.request_id, chunk.index + 1)
+            return True
+
+        relaying = asyncio.ensure_future(relay())
         try:
-            while self.bus.reconnects == reconnects:
-                done, _ = await asyncio.wait({pending}, timeout=RECONNECT_CHECK_S)
-                if done:
-                    return pending.result() if self.bus.reconnects == reconnects else None
-            return None
+            while not relaying.done() and self.bus.reconnects == reconnects:
+                await asyncio.wait({relaying}, timeout=RECONNECT_CHECK_S)
+            if relaying.done() and relaying.result():
+                return
         finally:
-            pending.cancel()
+            relaying.cancel()
+        await asyncio.sleep(INTERRUPT_SETTLE_S)
+        await self.bus.publish(reply, interrupted_chunk(stream.request_id, next_index))
+        # the caller's finally cancels the request
 
     def cancel(self, request: CancelRequest, msg: Msg) -> None:
         """Cancel a request this gateway runs, if the canceller is its requester: it holds the
