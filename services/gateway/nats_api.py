@@ -38,7 +38,7 @@ UNKNOWN_REQUEST_ID = "unknown"
 RECONNECT_CHECK_S = 0.25
 """How often a stream waiting for its next chunk checks whether the gateway's connection was re-established."""
 INTERRUPT_SETTLE_S = 1.0
-"""After noticing its reconnect, the gateway waits this long before it sends ``stream_interrupted``: a
+"""After its reconnect, the gateway waits this long before it sends ``stream_interrupted``: a
 client that lost its connection too reconnects meanwhile (Bus: every 0.5 s) and has its inbox
 subscribed again, since core NATS drops what is published to an inbox nobody listens on."""
 
@@ -69,17 +69,20 @@ class NatsApi:
         return None
 
     async def _stream(self, stream: RequestStream, reply: str) -> None:
-        """Publish each chunk of ``stream`` to ``reply``; end it early once the connection was re-established.
+        """Publish each chunk of ``stream`` to ``reply`` while the connection holds; once it dropped,
+        end the stream with ``stream_interrupted`` after the reconnect.
 
-        The relay runs as its own task, so that the reconnect is noticed while it waits for the next
-        chunk too: a stream whose next chunk was lost in the outage (or never comes) must not wait."""
+        The relay runs as its own task, so that a drop is noticed while it waits for the next chunk
+        too: a stream whose next chunk was lost in the outage (or never comes) must not wait. No chunk
+        is published while the connection is down: nats-py would buffer it and send it on the
+        reconnect, before the client's inbox may be listened on again."""
         reconnects = self.bus.reconnects
         next_index = 0
 
         async def relay() -> bool:
             nonlocal next_index
             async for chunk in stream.chunks():
-                if self.bus.reconnects != reconnects:
+                if not self._unbroken(reconnects):
                     return False
                 next_index = chunk.index + 1  # before the publish: a cut-off publish leaves a gap, not a repeat
                 await self.bus.publish(reply, chunk)
@@ -88,15 +91,21 @@ class NatsApi:
 
         relaying = asyncio.ensure_future(relay())
         try:
-            while not relaying.done() and self.bus.reconnects == reconnects:
+            while not relaying.done() and self._unbroken(reconnects):
                 await asyncio.wait({relaying}, timeout=RECONNECT_CHECK_S)
             if relaying.done() and relaying.result():
                 return
         finally:
             relaying.cancel()
+        while not self.bus.connected:
+            await asyncio.sleep(RECONNECT_CHECK_S)
         await asyncio.sleep(INTERRUPT_SETTLE_S)
         await self.bus.publish(reply, interrupted_chunk(stream.request_id, next_index))
         # the caller's finally cancels the request
+
+    def _unbroken(self, reconnects: int) -> bool:
+        """Whether the connection is up and has not been re-established since ``reconnects``."""
+        return self.bus.connected and self.bus.reconnects == reconnects
 
     def cancel(self, request: CancelRequest, msg: Msg) -> None:
         """Cancel a request this gateway runs, if the canceller is its requester: it holds the
