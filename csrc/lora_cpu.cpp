@@ -339,11 +339,10 @@ void run_segment_dot(const Item& it, const at::Tensor& y, const at::Tensor& x, c
   at::BFloat16* yp = y.data_ptr<at::BFloat16>() + it.start * ldy;
   short_rows_dot(bits_of(x) + it.start * x.stride(0), x.stride(0), it.end - it.start, x.size(1), bits_of(A),
                  bits_of(B), A.size(1), R, y.size(1), [&](int64_t t, int64_t col, int64_t lanes, __m512 delta) {
-                   const __mmask16 m = static_cast<__mmask16>(first_lanes(lanes));
                    at::BFloat16* dst = yp + t * ldy + col;
-                   const __m256i old = _mm256_maskz_loadu_epi16(m, dst);
-                   const __m512 sum = _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(old), 16)), delta);
-                   _mm256_mask_storeu_epi16(dst, m, (__m256i)_mm512_cvtneps_pbh(sum));
+                   const __m512 sum = _mm512_add_ps(load16_masked(dst, 0, lanes), delta);
+                   _mm256_mask_storeu_epi16(dst, static_cast<__mmask16>(first_lanes(lanes)),
+                                            (__m256i)_mm512_cvtneps_pbh(sum));
                  });
 }
 #endif
