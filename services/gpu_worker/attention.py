@@ -67,11 +67,18 @@ class AttentionMetadata:
       written with each token's K/V heads (token-major, as ``k.reshape(-1, D)`` orders them).
     * ``prefill``: the sequences prefilled from position 0, if any.
     * ``decode``: the decoding sequences in groups of similar context length (less padding).
+    * ``every_token``: when set, every token of the step (``idx`` = all of them, in order) as one query
+      over the first ``position + 1`` cached tokens of its own sequence: for a prefill token that is
+      causal attention, for a decode token its whole context. The runner sets it where the native
+      decode kernel runs and the native prefill kernel does not (float32 caches; CPUs without AMX),
+      so that one pass of the decode kernel serves the whole step instead of an SDPA call per
+      prefill sequence (``docs/engine_performance.md``, round 7).
     """
 
     write_rows: torch.Tensor
     prefill: PrefillGroup | None = None
     decode: list[DecodeGroup] = field(default_factory=list)
+    every_token: DecodeGroup | None = None
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
@@ -84,6 +91,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: 
     :func:`prefill_attention`); decode tokens attend to their cached context (see :func:`decode_attention`).
     """
     write_kv(k, v, cache_k, cache_v, meta.write_rows)
+    if meta.every_token is not None:
+        return decode_attention(q, cache_k, cache_v, meta.every_token).flatten(1)
     if not meta.prefill and len(meta.decode) == 1 and meta.decode[0].idx.numel() == q.shape[0]:
         # a decode-only step in one group: its tokens are the whole batch, in order
         return decode_attention(q, cache_k, cache_v, meta.decode[0]).flatten(1)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.gpu_worker.attention import (DecodeGroup, PrefillGroup, gathered_decode_attention, pair_k_tiles,
-                                           sdpa_prefill_attention)
+from services.gpu_worker.attention import (AttentionMetadata, DecodeGroup, PrefillGroup, gathered_decode_attention,
+                                           pair_k_tiles, paged_attention, sdpa_prefill_attention)
 from shared.native_ops import paged_attention_kernel
 
 BLOCK = 16
@@ -147,15 +147,16 @@ def test_write_kv_refuses_rows_outside_the_cache(kernel):
         kernel.write_kv_(cache, cache.clone(), k, k.clone(), torch.tensor([0, 2 * BLOCK]))
 
 
-def _prefill_case(lengths: list[int], heads: int, kv_heads: int, d: int = 64, seed: int = 0):
+def _prefill_case(lengths: list[int], heads: int, kv_heads: int, d: int = 64, seed: int = 0,
+                  dtype: torch.dtype = torch.bfloat16):
     """A step's prefill tokens for sequences of ``lengths``, their K/V written through ``write_kv_``
-    into a shuffled bf16 cache whose unused slots hold inf (K) and NaN (V)."""
+    into a shuffled cache whose unused slots hold inf (K) and NaN (V)."""
     gen = torch.Generator().manual_seed(seed)
     tokens = sum(lengths)
     num_blocks = sum(-(-n // BLOCK) for n in lengths) + 3
-    cache_k = torch.full((num_blocks, kv_heads, BLOCK, d), float("inf"), dtype=torch.bfloat16)
-    cache_v = torch.full((num_blocks, kv_heads, BLOCK, d), float("nan"), dtype=torch.bfloat16)
-    q, k, v = (torch.randn(tokens, h, d, generator=gen).to(torch.bfloat16) for h in (heads, kv_heads, kv_heads))
+    cache_k = torch.full((num_blocks, kv_heads, BLOCK, d), float("inf"), dtype=dtype)
+    cache_v = torch.full((num_blocks, kv_heads, BLOCK, d), float("nan"), dtype=dtype)
+    q, k, v = (torch.randn(tokens, h, d, generator=gen).to(dtype) for h in (heads, kv_heads, kv_heads))
     order = torch.randperm(num_blocks, generator=gen).tolist()
     tables = torch.zeros(len(lengths), max(-(-n // BLOCK) for n in lengths), dtype=torch.int64)
     rows, ranges, start = [], [], 0
@@ -217,3 +218,18 @@ def test_bad_prefill_metadata_is_refused(kernel, mutate, message):
     mutate(group)
     with pytest.raises(RuntimeError, match=message):
         kernel.paged_prefill_attention_(torch.empty_like(q), q, ck, cv, group.tables, group.starts, group.lengths)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 1.6e-2)])
+def test_every_token_path_is_causal_prefill_attention(kernel, dtype, tol):
+    # the runner's every_token metadata: each prefill token a decode query over its own sequence's
+    # first position + 1 cached tokens (unused cache slots hold inf and NaN, so a slot read past a
+    # token's position, or another sequence's, shows in the output)
+    q, k, v, ck, cv, rows, group = _prefill_case([1, 15, 16, 17, 65, 40], 9, 3, seed=1, dtype=dtype)
+    owner = torch.repeat_interleave(torch.arange(len(group.ranges)), group.lengths)
+    positions = torch.cat([torch.arange(n) for n in group.lengths.tolist()])
+    every = DecodeGroup(torch.arange(q.shape[0]), group.tables[owner], positions + 1, 3, BLOCK)
+    out = paged_attention(q, k, v, ck, cv, AttentionMetadata(rows, every_token=every))  # no other group: it alone attends
+    ref = _sdpa_prefill(q, k, v, group).float().flatten(1)
+    assert torch.isfinite(out).all()
+    assert (out.float() - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item())
