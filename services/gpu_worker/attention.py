@@ -69,10 +69,8 @@ class AttentionMetadata:
     * ``decode``: the decoding sequences in groups of similar context length (less padding).
     * ``every_token``: when set, every token of the step (``idx`` = all of them, in order) as one query
       over the first ``position + 1`` cached tokens of its own sequence: for a prefill token that is
-      causal attention, for a decode token its whole context. The runner sets it where the native
-      decode kernel runs and the native prefill kernel does not (float32 caches; CPUs without AMX),
-      so that one pass of the decode kernel serves the whole step instead of an SDPA call per
-      prefill sequence (``docs/engine_performance.md``, round 7).
+      causal attention, for a decode token its whole context. The runner sets it where
+      :func:`attends_every_token`, so that one pass of the decode kernel serves the whole step.
     """
 
     write_rows: torch.Tensor
@@ -164,6 +162,15 @@ def native_decode(cache: torch.Tensor) -> bool:
 def native_prefill(cache: torch.Tensor, heads: int) -> bool:
     """Whether prefill attention over ``cache`` with ``heads`` query heads runs the native CPU kernel."""
     return native_decode(cache) and paged_attention_kernel().prefills(cache, heads)
+
+
+def attends_every_token(cache: torch.Tensor, heads: int) -> bool:
+    """Whether a step's prefill tokens attend through the decode kernel (AttentionMetadata.every_token):
+    on bf16 caches with paired K tiles where the native prefill kernel does not run (CPUs without
+    AMX), about twice as fast as an SDPA call per prefill sequence. Float32 caches keep SDPA, about
+    20 % faster there than the kernel's float loop (``docs/engine_performance.md``, round 7)."""
+    return (native_decode(cache) and paged_attention_kernel().paired_k_tiles(cache)
+            and not native_prefill(cache, heads))
 
 
 def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from services.gpu_worker.admission import StepPlan
-from services.gpu_worker.attention import AttentionMetadata, DecodeGroup, PrefillGroup, native_decode, native_prefill
+from services.gpu_worker.attention import (AttentionMetadata, DecodeGroup, PrefillGroup, attends_every_token,
+                                           native_decode)
 from services.gpu_worker.kv_cache import BlockManager
 from services.gpu_worker.lora_plan import LoraSegment, LoraStep
 from services.gpu_worker.residency.protocol import AdapterResidency
@@ -123,8 +124,7 @@ class ModelRunner:
         groups = [list(range(len(decoding)))] if native_decode(self.kv[0][0]) and decoding \
             else decode_groups([s.num_tokens for s in decoding])
         meta.decode = [self._decode_group([decoding[i] for i in g], [decode_idx[i] for i in g]) for g in groups]
-        cache, heads = self.kv[0][0], self.model.config.shape.num_heads
-        if prefilling and native_decode(cache) and not native_prefill(cache, heads):
+        if prefilling and attends_every_token(self.kv[0][0], self.model.config.shape.num_heads):
             meta.every_token = self._every_token(entries, positions)
         return StepBatch([e[0] for e in entries], [e[1] for e in entries], self._tensor(ids),
                          self._tensor(positions), meta, self._tensor(last), segments)
