@@ -67,16 +67,11 @@ class AttentionMetadata:
       written with each token's K/V heads (token-major, as ``k.reshape(-1, D)`` orders them).
     * ``prefill``: the sequences prefilled from position 0, if any.
     * ``decode``: the decoding sequences in groups of similar context length (less padding).
-    * ``every_token``: when set, every token of the step (``idx`` = all of them, in order) as one query
-      over the first ``position + 1`` cached tokens of its own sequence: for a prefill token that is
-      causal attention, for a decode token its whole context. The runner sets it where
-      :func:`attends_every_token`, so that one pass of the decode kernel serves the whole step.
     """
 
     write_rows: torch.Tensor
     prefill: PrefillGroup | None = None
     decode: list[DecodeGroup] = field(default_factory=list)
-    every_token: DecodeGroup | None = None
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
@@ -89,8 +84,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: 
     :func:`prefill_attention`); decode tokens attend to their cached context (see :func:`decode_attention`).
     """
     write_kv(k, v, cache_k, cache_v, meta.write_rows)
-    if meta.every_token is not None:
-        return decode_attention(q, cache_k, cache_v, meta.every_token).flatten(1)
     if not meta.prefill and len(meta.decode) == 1 and meta.decode[0].idx.numel() == q.shape[0]:
         # a decode-only step in one group: its tokens are the whole batch, in order
         return decode_attention(q, cache_k, cache_v, meta.decode[0]).flatten(1)
@@ -107,9 +100,9 @@ def prefill_attention(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     """Causal attention of the prefill tokens into their rows of ``out: [T, H, D]`` (``q: [T, H, D]``,
     ``k``/``v: [T, KVH, D]``, their K/V already written to the cache).
 
-    On CPUs where the native kernel prefills (bf16 paired tiles and torch's batch-reduce GEMM:
-    ``prefills`` in ``csrc/paged_attention_cpu.cpp``), it reads K/V from the cache; elsewhere
-    :func:`sdpa_prefill_attention` runs.
+    On CPUs where the native kernel prefills (bf16 paired tiles: ``prefills`` in
+    ``csrc/paged_attention_cpu.cpp``; its GEMMs on the matrix units with AMX, else on the bf16
+    dot-product instruction), it reads K/V from the cache; elsewhere :func:`sdpa_prefill_attention` runs.
     """
     if native_prefill(cache_k, q.shape[1]):
         paged_attention_kernel().paged_prefill_attention_(out, q.contiguous(), cache_k, cache_v, group.tables,
@@ -162,15 +155,6 @@ def native_decode(cache: torch.Tensor) -> bool:
 def native_prefill(cache: torch.Tensor, heads: int) -> bool:
     """Whether prefill attention over ``cache`` with ``heads`` query heads runs the native CPU kernel."""
     return native_decode(cache) and paged_attention_kernel().prefills(cache, heads)
-
-
-def attends_every_token(cache: torch.Tensor, heads: int) -> bool:
-    """Whether a step's prefill tokens attend through the decode kernel (AttentionMetadata.every_token):
-    on bf16 caches with paired K tiles where the native prefill kernel does not run (CPUs without
-    AMX), about twice as fast as an SDPA call per prefill sequence. Float32 caches keep SDPA, about
-    20 % faster there than the kernel's float loop (``docs/engine_performance.md``, round 7)."""
-    return (native_decode(cache) and paged_attention_kernel().paired_k_tiles(cache)
-            and not native_prefill(cache, heads))
 
 
 def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from services.gpu_worker.admission import StepPlan
-from services.gpu_worker.attention import (AttentionMetadata, DecodeGroup, PrefillGroup, attends_every_token,
-                                           native_decode)
+from services.gpu_worker.attention import AttentionMetadata, DecodeGroup, PrefillGroup, native_decode
 from services.gpu_worker.kv_cache import BlockManager
 from services.gpu_worker.lora_plan import LoraSegment, LoraStep
 from services.gpu_worker.residency.protocol import AdapterResidency
@@ -124,8 +123,6 @@ class ModelRunner:
         groups = [list(range(len(decoding)))] if native_decode(self.kv[0][0]) and decoding \
             else decode_groups([s.num_tokens for s in decoding])
         meta.decode = [self._decode_group([decoding[i] for i in g], [decode_idx[i] for i in g]) for g in groups]
-        if prefilling and attends_every_token(self.kv[0][0], self.model.config.shape.num_heads):
-            meta.every_token = self._every_token(entries, positions)
         return StepBatch([e[0] for e in entries], [e[1] for e in entries], self._tensor(ids),
                          self._tensor(positions), meta, self._tensor(last), segments)
 
@@ -157,16 +154,6 @@ class ModelRunner:
         lengths = torch.tensor([s.num_tokens for s in seqs])
         return DecodeGroup(self._tensor(decode_idx), self._tables(seqs), lengths.to(self.device),
                            self.kv[0][0].shape[1], self.blocks.block_size)
-
-    def _every_token(self, entries: list[tuple[Sequence, bool]], positions: list[int]) -> DecodeGroup:
-        """Every token of the step (``entries``: each sequence in batch order and whether it prefills)
-        as a query over its own sequence's first ``position + 1`` cached tokens (see
-        AttentionMetadata.every_token): its sequence's block table and that length."""
-        tables = self._tables([seq for seq, _ in entries])
-        tokens = torch.tensor([seq.num_tokens if prefill else 1 for seq, prefill in entries])
-        owner = torch.repeat_interleave(torch.arange(len(entries)), tokens).to(self.device)
-        return DecodeGroup(torch.arange(len(positions), device=self.device), tables.index_select(0, owner),
-                           self._tensor(positions) + 1, self.kv[0][0].shape[1], self.blocks.block_size)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)

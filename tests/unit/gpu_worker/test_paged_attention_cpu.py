@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.gpu_worker.attention import (AttentionMetadata, DecodeGroup, PrefillGroup, gathered_decode_attention,
-                                           pair_k_tiles, paged_attention, sdpa_prefill_attention)
+from services.gpu_worker.attention import (DecodeGroup, PrefillGroup, gathered_decode_attention, pair_k_tiles,
+                                           sdpa_prefill_attention)
 from shared.native_ops import paged_attention_kernel
 
 BLOCK = 16
@@ -147,16 +147,15 @@ def test_write_kv_refuses_rows_outside_the_cache(kernel):
         kernel.write_kv_(cache, cache.clone(), k, k.clone(), torch.tensor([0, 2 * BLOCK]))
 
 
-def _prefill_case(lengths: list[int], heads: int, kv_heads: int, d: int = 64, seed: int = 0,
-                  dtype: torch.dtype = torch.bfloat16):
+def _prefill_case(lengths: list[int], heads: int, kv_heads: int, d: int = 64, seed: int = 0):
     """A step's prefill tokens for sequences of ``lengths``, their K/V written through ``write_kv_``
-    into a shuffled cache whose unused slots hold inf (K) and NaN (V)."""
+    into a shuffled bf16 cache whose unused slots hold inf (K) and NaN (V)."""
     gen = torch.Generator().manual_seed(seed)
     tokens = sum(lengths)
     num_blocks = sum(-(-n // BLOCK) for n in lengths) + 3
-    cache_k = torch.full((num_blocks, kv_heads, BLOCK, d), float("inf"), dtype=dtype)
-    cache_v = torch.full((num_blocks, kv_heads, BLOCK, d), float("nan"), dtype=dtype)
-    q, k, v = (torch.randn(tokens, h, d, generator=gen).to(dtype) for h in (heads, kv_heads, kv_heads))
+    cache_k = torch.full((num_blocks, kv_heads, BLOCK, d), float("inf"), dtype=torch.bfloat16)
+    cache_v = torch.full((num_blocks, kv_heads, BLOCK, d), float("nan"), dtype=torch.bfloat16)
+    q, k, v = (torch.randn(tokens, h, d, generator=gen).to(torch.bfloat16) for h in (heads, kv_heads, kv_heads))
     order = torch.randperm(num_blocks, generator=gen).tolist()
     tables = torch.zeros(len(lengths), max(-(-n // BLOCK) for n in lengths), dtype=torch.int64)
     rows, ranges, start = [], [], 0
@@ -181,7 +180,7 @@ def test_prefill_matches_causal_sdpa(kernel, heads, kv_heads, d):
     # lengths: one token, around a tile, past the 64-token query block, and long
     q, k, v, ck, cv, rows, group = _prefill_case([1, 15, 16, 17, 65, 130, 40], heads, kv_heads, d, seed=heads)
     if not kernel.prefills(ck, heads):
-        pytest.skip("this CPU has no native prefill path (bf16 tiles and torch's batch-reduce GEMM)")
+        pytest.skip("this CPU has no native prefill path (bf16 paired tiles)")
     kernel.write_kv_(ck, cv, k, v, rows)
     out = torch.zeros_like(q)
     kernel.paged_prefill_attention_(out, q, ck, cv, group.tables, group.starts, group.lengths)
@@ -220,16 +219,16 @@ def test_bad_prefill_metadata_is_refused(kernel, mutate, message):
         kernel.paged_prefill_attention_(torch.empty_like(q), q, ck, cv, group.tables, group.starts, group.lengths)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 1.6e-2)])
-def test_every_token_path_is_causal_prefill_attention(kernel, dtype, tol):
-    # the runner's every_token metadata: each prefill token a decode query over its own sequence's
-    # first position + 1 cached tokens (unused cache slots hold inf and NaN, so a slot read past a
-    # token's position, or another sequence's, shows in the output)
-    q, k, v, ck, cv, rows, group = _prefill_case([1, 15, 16, 17, 65, 40], 9, 3, seed=1, dtype=dtype)
-    owner = torch.repeat_interleave(torch.arange(len(group.ranges)), group.lengths)
-    positions = torch.cat([torch.arange(n) for n in group.lengths.tolist()])
-    every = DecodeGroup(torch.arange(q.shape[0]), group.tables[owner], positions + 1, 3, BLOCK)
-    out = paged_attention(q, k, v, ck, cv, AttentionMetadata(rows, every_token=every))  # no other group: it alone attends
-    ref = _sdpa_prefill(q, k, v, group).float().flatten(1)
-    assert torch.isfinite(out).all()
-    assert (out.float() - ref).abs().max().item() <= tol * max(1.0, ref.abs().max().item())
+@pytest.mark.parametrize("m,n,k", [(1, 16, 2), (5, 48, 64), (64, 256, 64), (7, 80, 130), (4, 128, 128)])
+def test_dot_gemm_matches_matmul(kernel, m, n, k):
+    # the prefill's GEMMs on CPUs without AMX: B in pairs along K, a strided as q's rows are, row and
+    # column counts off the 4-row and 64-column blocks
+    if not kernel.paired_k_tiles(torch.zeros(1, 1, BLOCK, 64, dtype=torch.bfloat16)):
+        pytest.skip("this CPU has no bf16 dot-product instruction")
+    gen = torch.Generator().manual_seed(m * n + k)
+    a = torch.randn(m, k + 6, generator=gen).to(torch.bfloat16)[:, 3:k + 3]
+    b = torch.randn(k, n, generator=gen).to(torch.bfloat16)
+    got = kernel.dot_gemm(a, b.view(k // 2, 2, n).transpose(1, 2).contiguous())
+    ref = a.double() @ b.double()
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    assert (got.double() - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item()) * k ** 0.5
