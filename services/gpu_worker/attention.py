@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from shared.native_ops import paged_attention_kernel
+
+
+class StepAttention(Protocol):
+    """How a step's tokens store their K/V and attend: the model calls :meth:`attend` once per layer."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
+               cache_v: torch.Tensor) -> torch.Tensor:
+        """Write ``k``/``v: [T, KVH, D]`` into the layer's cache, then attend with ``q: [T, H, D]``;
+        returns ``[T, H * D]``."""
 
 
 @dataclass
@@ -73,6 +83,11 @@ class AttentionMetadata:
     prefill: PrefillGroup | None = None
     decode: list[DecodeGroup] = field(default_factory=list)
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
+               cache_v: torch.Tensor) -> torch.Tensor:
+        """The :class:`StepAttention` of an eager step: :func:`paged_attention`."""
+        return paged_attention(q, k, v, cache_k, cache_v, self)
+
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
                     cache_v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -132,6 +147,13 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: t
         k, v = (t if t.stride(2) == 1 and t.stride(1) == t.shape[2] else t.contiguous() for t in (k, v))
         paged_attention_kernel().write_kv_(cache_k, cache_v, k, v, rows)
         return
+    write_kv_rows(k, v, cache_k, cache_v, rows)
+
+
+def write_kv_rows(k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                  rows: torch.Tensor) -> None:
+    """:func:`write_kv` in torch ops, K stored plainly: row ``rows[i]`` of the caches viewed as
+    ``[num_blocks * KVH * block_size, D]`` gets row i of ``k``/``v`` viewed as ``[T * KVH, D]``."""
     d = k.shape[-1]
     cache_k.view(-1, d).index_copy_(0, rows, k.reshape(-1, d))
     cache_v.view(-1, d).index_copy_(0, rows, v.reshape(-1, d))

@@ -17,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -37,6 +38,9 @@ from services.gpu_worker.sequence import Sequence, Status
 from shared.schemas.names import request_key
 from shared.schemas.worker_state import RequestLoad
 from shared.tokenizer import IncrementalDetokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    from services.gpu_worker.decode_graph import DecodeGraphs
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +85,12 @@ class LLMEngine:
         if residency is None:
             self._preload()
         self.blocks = BlockManager(self._num_blocks(), self.config.block_size)
-        kv = allocate_cache(mc.shape.num_layers, self.blocks.num_blocks, self.config.block_size,
+        # one block more than the manager hands out: the scratch block of captured decode steps' padded rows
+        kv = allocate_cache(mc.shape.num_layers, self.blocks.num_blocks + 1, self.config.block_size,
                             mc.shape.num_kv_heads, mc.shape.head_dim, self.dtype, device)
         self.backend = self.config.starting_backend()  # the kernel family of the steps from the next one on
-        self._op = get_backend(self.backend)
-        use_native = self.config.native_ops
-        self.runner = ModelRunner(self.model, self.blocks, kv, lambda y, x, b: self._op(y, x, b, use_native),
-                                  self.residency)
+        self.runner = ModelRunner(self.model, self.blocks, kv, self.residency, self.backend, self.config.native_ops,
+                                  self._decode_graphs(kv))
         self.admission = Admission(self.blocks, self.residency, self.config.max_batch_size,
                                    self.config.max_batched_tokens)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -106,6 +109,15 @@ class LLMEngine:
             self.residency.poll()
             self.residency.wait_for_progress(0.05)
         self.residency.poll()
+
+    def _decode_graphs(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> "DecodeGraphs | None":
+        """CUDA-graph replay of decode steps, on CUDA when ``cuda_graphs`` is on (see decode_graph.py)."""
+        if not (self.config.cuda_graphs and self.model.device.type == "cuda"):
+            return None
+        from services.gpu_worker.decode_graph import DecodeGraphs  # imports triton, which only CUDA needs
+
+        return DecodeGraphs(self.model, kv, self.blocks.num_blocks, self.config.max_batch_size,
+                            self.blocks.blocks_needed(self.max_model_len), self.config.max_lora_rank)
 
     def _num_blocks(self) -> int:
         if self.config.num_kv_blocks:
@@ -203,7 +215,7 @@ class LLMEngine:
 
     def _apply_command(self, kind: str, arg: Sequence | str) -> list[RequestOutput]:
         if kind == "backend":
-            self._op = get_backend(arg)
+            self.runner.set_backend(arg)
             return []
         if kind == "add":
             if arg.status == Status.FINISHED:

@@ -69,6 +69,18 @@ class ExternalDeltas(Protocol):
         whose deltas are late gets ``source.failed`` set and is left untouched."""
 
 
+class LoraHooks(Protocol):
+    """What the model calls around each (layer, input group)'s base GEMM: :class:`LoraStep` in an
+    eager step, the static tables' hooks in a captured decode step (graph_lora.py)."""
+
+    def begin(self, layer: int, group: str, x: torch.Tensor) -> None:
+        """Before the group's GEMM, with its input ``x: [T, in]``."""
+
+    def apply(self, layer: int, group: str, x: torch.Tensor, ys: tuple[torch.Tensor, ...]) -> None:
+        """After it: ``y += lora(x)`` in place for each projection's output ``y: [T, out]`` in ``ys``
+        (INPUT_GROUPS order)."""
+
+
 @dataclass
 class LoraSegment:
     """Tokens ``[start, end)`` of one request and the sources of their deltas."""

@@ -3,7 +3,7 @@
 It loads any local HF Llama-architecture directory (config.json + *.safetensors) and runs
 a flattened batch of tokens from many requests. Every LoRA-targetable projection is
 computed as ``y = x @ W.T + lora(x)``, where ``lora`` comes from the step's
-:class:`~services.gpu_worker.lora_plan.LoraStep`. q/k/v and gate/up share their input,
+:class:`~services.gpu_worker.lora_plan.LoraHooks`. q/k/v and gate/up share their input,
 so their base weights are fused into one GEMM each; LoRA deltas land in column slices.
 """
 
@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from services.gpu_worker.attention import AttentionMetadata, paged_attention
+from services.gpu_worker.attention import StepAttention
 from services.gpu_worker.dense import DenseWeight
 from services.gpu_worker.layer_ops import add_rms_norm_, rms_norm, silu_mul
-from services.gpu_worker.lora_plan import LoraStep
+from services.gpu_worker.lora_plan import LoraHooks
 from services.gpu_worker.rope import RotaryEmbedding
 from shared.llama_shape import LlamaShape
 
@@ -146,8 +146,8 @@ class LlamaModel:
         return sum(t.numel() * t.element_size() for t in tensors) + sum(d.nbytes for d in dense) \
             + (self.lm_head.nbytes if own_head else 0)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv: list[tuple[torch.Tensor, torch.Tensor]], lora: LoraStep | None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: StepAttention,
+                kv: list[tuple[torch.Tensor, torch.Tensor]], lora: LoraHooks | None) -> torch.Tensor:
         """Run all layers. ``input_ids``/``positions``: ``[T]``; returns final hidden ``[T, hidden]``.
 
         ``x`` is the residual stream; each block's output is added to it in place, fused with the
@@ -163,7 +163,7 @@ class LlamaModel:
         return h
 
     def _attention_block(self, i: int, layer: LayerWeights, h: torch.Tensor, positions: torch.Tensor,
-                         meta: AttentionMetadata, kv: tuple[torch.Tensor, torch.Tensor], lora: LoraStep | None
+                         meta: StepAttention, kv: tuple[torch.Tensor, torch.Tensor], lora: LoraHooks | None
                          ) -> torch.Tensor:
         """Self-attention of the normalised ``h: [T, hidden]`` -> ``[T, hidden]``."""
         s = self.config.shape
@@ -174,7 +174,7 @@ class LlamaModel:
         if lora:
             lora.apply(i, "qkv", h, (q, k, v))
         q, k = self.rope.apply(q.view(-1, s.num_heads, s.head_dim), k.view(-1, s.num_kv_heads, s.head_dim), positions)
-        attn = paged_attention(q, k, v.view(-1, s.num_kv_heads, s.head_dim), kv[0], kv[1], meta)
+        attn = meta.attend(q, k, v.view(-1, s.num_kv_heads, s.head_dim), kv[0], kv[1])
         if lora:
             lora.begin(i, "o", attn)
         out = layer.o(attn)
@@ -182,7 +182,7 @@ class LlamaModel:
             lora.apply(i, "o", attn, (out,))
         return out
 
-    def _mlp_block(self, i: int, layer: LayerWeights, h: torch.Tensor, lora: LoraStep | None) -> torch.Tensor:
+    def _mlp_block(self, i: int, layer: LayerWeights, h: torch.Tensor, lora: LoraHooks | None) -> torch.Tensor:
         """SwiGLU MLP of the normalised ``h: [T, hidden]`` -> ``[T, hidden]``."""
         if lora:
             lora.begin(i, "gate_up", h)

@@ -2,31 +2,25 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from services.gpu_worker.admission import StepPlan
 from services.gpu_worker.attention import AttentionMetadata, DecodeGroup, PrefillGroup, native_decode
 from services.gpu_worker.kv_cache import BlockManager
+from services.gpu_worker.lora_ops import get_backend
 from services.gpu_worker.lora_plan import LoraSegment, LoraStep
 from services.gpu_worker.residency.protocol import AdapterResidency
 from services.gpu_worker.model import LlamaModel
 from services.gpu_worker.sampling import sample
 from services.gpu_worker.sequence import Sequence
+from services.gpu_worker.step_batch import StepBatch
 
-
-@dataclass
-class StepBatch:
-    """The flattened token batch of one step (sequences ordered by adapter)."""
-
-    seqs: list[Sequence]
-    is_prefill: list[bool]
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    meta: AttentionMetadata
-    last_index: torch.Tensor  # [N] the token whose logits sample each sequence's next token
-    segments: list[LoraSegment]  # one per request; adjacent requests of one resident adapter share one
+if TYPE_CHECKING:  # decode_graph imports triton, which only CUDA engines need
+    from services.gpu_worker.decode_graph import DecodeGraphs
 
 
 @dataclass
@@ -85,10 +79,19 @@ class ModelRunner:
     """Executes steps of the model for the engine."""
 
     def __init__(self, model: LlamaModel, blocks: BlockManager, kv: list[tuple[torch.Tensor, torch.Tensor]],
-                 lora_op, residency: AdapterResidency) -> None:
-        self.model, self.blocks, self.kv = model, blocks, kv
-        self.lora_op, self.residency = lora_op, residency
+                 residency: AdapterResidency, backend: str, use_native: bool,
+                 graphs: DecodeGraphs | None = None) -> None:
+        """``backend``: the LoRA kernel family (bgmv/mbgmv), ``use_native``: its compiled kernels
+        where they build; ``graphs``: replays eligible decode steps as CUDA graphs."""
+        self.model, self.blocks, self.kv, self.residency = model, blocks, kv, residency
+        self.use_native, self.graphs = use_native, graphs
         self.device = model.device
+        self.set_backend(backend)
+
+    def set_backend(self, backend: str) -> None:
+        """Run the next steps' LoRA with kernel family ``backend``."""
+        self.backend = backend
+        self.lora_op = functools.partial(get_backend(backend), use_native=self.use_native)
 
     def build(self, plan: StepPlan) -> StepBatch:
         """Order sequences by adapter (so each adapter's tokens are one run) and flatten them."""
@@ -160,6 +163,8 @@ class ModelRunner:
 
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """Float32 logits ``[N, vocab]`` for each sequence's next token."""
+        if self.graphs is not None and self.graphs.fits(batch):
+            return self.graphs.run(batch, padded=self.backend == "bgmv")
         lora = None
         if batch.segments:
             lora = LoraStep(batch.segments, self.lora_op, self.model.dtype, self.device, self.residency.deltas())

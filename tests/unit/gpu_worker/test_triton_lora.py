@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from services.gpu_worker.lora_ops import lora_reference, token_adapters
+from tests.unit.gpu_worker.triton_compile import compile_for_hopper
 
 pytest.importorskip("triton", reason="triton is not installed, so the Triton LoRA kernels cannot be tested")
 
@@ -45,16 +46,6 @@ def test_kernels_under_interpreter():
     child = subprocess.run([*command, __file__], capture_output=True, text=True, cwd=ROOT, env=env, timeout=240)
     assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-2000:]
     assert " passed" in child.stdout and "skipped" not in child.stdout, child.stdout[-2000:]
-
-
-def compile_for_hopper(kernel, pointers: dict[str, str], constexprs: dict) -> bytes:
-    """The sm_90 cubin of ``kernel`` (pointer arguments typed as given, other scalars i32)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    signature = {name: pointers.get(name, "constexpr" if name in constexprs else "i32") for name in kernel.arg_names}
-    return triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32)).asm["cubin"]
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter compiles nothing")
