@@ -9,6 +9,7 @@ from services.gpu_worker.profiling.profile_cache import model_digest, profile_di
 from services.gpu_worker.service import GpuWorkerService
 from services.gpu_worker.worker_config import WorkerConfig
 from shared import subjects
+from shared.native_ops import cache_root
 from shared.config import ConfigError
 from shared.perf_model import PerfModel, current_device_name
 from shared.schemas import SubmitAck
@@ -23,10 +24,12 @@ def other_models_profile(path, tiny_model_dir) -> str:
     return str(path)
 
 
-@pytest.mark.slow  # a real quick profile of the tiny model in a child process: about 30 s on two cores
+@pytest.mark.slow  # a real quick profile of the tiny model in a child process: about 6 s on two cores
 @pytest.mark.timeout(240)
 async def test_a_worker_without_a_cached_profile_makes_one_while_serving(nats_server, stack, tiny_model_dir,
                                                                          tiny_adapters, tmp_path, monkeypatch):
+    # the child profiles into an empty cache, but loads the native kernels the session built (not a 100 s rebuild)
+    (tmp_path / "torch_extensions").symlink_to(cache_root() / "torch_extensions", target_is_directory=True)
     monkeypatch.setenv("CARASERVE_CACHE_DIR", str(tmp_path))
     config = WorkerConfig(worker_id="w1", nats_url=nats_server.url, model=str(tiny_model_dir), auto_profile=True,
                           adapters=tuple(f"{n}={p}" for n, p in tiny_adapters.items()), state_interval_s=0.05)
