@@ -15,20 +15,25 @@ contexts' lengths; LoRA is the Triton shrink/expand pair over the static tables.
 A step of ``n`` sequences replays the graph of the smallest captured size ``>= n`` (1, 2, 4, then
 multiples of 8 up to ``max_batch_size``). Its padded rows read token 0 at position 0 and write
 their K/V into the cache's scratch block (the one block the block manager never hands out), so
-they disturb no sequence; their logits are dropped. A graph is captured the first time its
-(size, LoRA mode) is needed: a warm-up run (Triton compiles there, outside the capture), then
-the capture; every graph draws on one shared memory pool.
+they disturb no sequence; their logits are dropped. The engine records every (size, LoRA mode)
+when it starts (:meth:`DecodeGraphs.capture_all`, on padding rows alone): a warm-up run (Triton
+compiles there, outside the capture), then the capture; every graph draws on one shared memory
+pool. A capture that fails leaves that step running eagerly from the same buffers.
 
 Eligible steps: decode only, every adapter fully served from the device (no CPU-computed
 deltas) and at most ``max_batch_size`` sequences. Others run eagerly.
 
 On a CPU there is nothing to capture: the same static-buffer step runs eagerly (the Triton
 kernels in Triton's interpreter under ``TRITON_INTERPRET=1``). The tests check it that way against
-the eager path; on CUDA, ``python -m bench.accelerator`` checks and times the replay.
+the eager path, in float32 (in bf16 the CPU's native kernels keep K in a paired layout that the
+static step, written for CUDA, does not read); on CUDA, ``python -m bench.accelerator`` checks and
+times the replay.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -39,6 +44,8 @@ from services.gpu_worker.graph_lora import StaticLoraTables
 from services.gpu_worker.model import LlamaModel
 from services.gpu_worker.step_batch import StepBatch
 from services.gpu_worker.triton_attention import paged_decode_attention
+
+log = logging.getLogger(__name__)
 
 
 def capture_sizes(max_batch_size: int) -> list[int]:
@@ -94,7 +101,7 @@ class DecodeGraphs:
         kv_heads, self.block_size = kv[0][0].shape[1], kv[0][0].shape[2]
         self.max_blocks = max_blocks
         self.inputs = StaticInputs.allocate(max_batch_size, kv_heads, max_blocks, model.device)
-        self.lora = StaticLoraTables(len(kv), max_batch_size, max_rank, model.device)
+        self.lora = StaticLoraTables(len(kv), max_batch_size, max_rank, model.dtype, model.device)
         slot0 = torch.arange(kv_heads, device=model.device) * self.block_size
         self.scratch_block = scratch_block
         self.scratch_rows = (scratch_block * kv_heads * self.block_size + slot0).repeat(max_batch_size)
@@ -114,20 +121,32 @@ class DecodeGraphs:
                 and all(g.tables.shape[1] <= self.max_blocks for g in batch.meta.decode)
                 and all(s.adapter is not None and s.external is None for s in batch.segments))
 
+    def capture_all(self) -> None:
+        """Record every (size, LoRA mode) now, largest first, on padding rows alone (they touch only the
+        scratch block), so that serving never waits for a capture."""
+        started = time.monotonic()
+        for size in reversed(self.sizes):
+            for padded in (None, True, False):
+                self._pad(0, size)
+                self.lora.fill([])
+                self._steps[(size, padded)] = self._record(size, padded)
+        log.info("recorded %d decode steps in %.1f s", len(self._steps), time.monotonic() - started)
+
     def run(self, batch: StepBatch, padded: bool) -> torch.Tensor:
         """Float32 logits ``[n, vocab]`` of a decode-only StepBatch of ``n`` sequences (see :meth:`fits`);
         ``padded``: the LoRA backend pads ranks (BGMV)."""
         n = len(batch.seqs)
         size = next(s for s in self.sizes if s >= n)
-        self._fill(batch, n, size)
+        self._fill(batch, n)
+        self._pad(n, size)
         key = (size, padded if batch.segments else None)
         if key not in self._steps:
             self._steps[key] = self._record(size, key[1])
         self.replays += 1
         return self._steps[key]()[:n]
 
-    def _fill(self, batch: StepBatch, n: int, size: int) -> None:
-        """Copy the step's inputs into the static buffers; rows ``n..size`` become padding."""
+    def _fill(self, batch: StepBatch, n: int) -> None:
+        """Copy the step's inputs into rows ``0..n`` of the static buffers, and its LoRA tables."""
         s, kvh = self.inputs, self.kv[0][0].shape[1]
         s.input_ids[:n].copy_(batch.input_ids)
         s.positions[:n].copy_(batch.positions)
@@ -135,12 +154,16 @@ class DecodeGraphs:
         for group in batch.meta.decode:
             s.tables[group.idx, :group.tables.shape[1]] = group.tables
             s.lengths[group.idx] = group.lengths
+        self.lora.fill(batch.segments)
+
+    def _pad(self, n: int, size: int) -> None:
+        """Rows ``n..size`` become padding: token 0 at position 0, K/V written to and read from the scratch block."""
+        s, kvh = self.inputs, self.kv[0][0].shape[1]
         s.input_ids[n:size] = 0
         s.positions[n:size] = 0
         s.write_rows[n * kvh:size * kvh] = self.scratch_rows[:(size - n) * kvh]
         s.tables[n:size, 0] = self.scratch_block
         s.lengths[n:size] = 1
-        self.lora.fill(batch.segments)
 
     def _record(self, size: int, padded: bool | None) -> Callable[[], torch.Tensor]:
         """The step of ``size`` tokens (LoRA mode ``padded``; None: no adapters), captured on CUDA."""
@@ -154,14 +177,28 @@ class DecodeGraphs:
                 return self.model.logits(hidden)
 
         if not self.capture:
+            step()  # the warm-up run a capture starts with (a CPU has nothing more to record)
             return step
+        try:
+            return self._capture(step)
+        except RuntimeError as exc:  # the step still runs, uncaptured, from the same buffers
+            log.warning("capturing the decode step of %d tokens failed, it runs eagerly: %s", size,
+                        str(exc).splitlines()[0])
+            return step
+
+    def _capture(self, step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        """``step`` recorded as a CUDA graph, after a warm-up run (Triton compiles, cuBLAS sets up there).
+
+        ``thread_local``: the residency's loader and host-warming threads may allocate and copy
+        while a capture runs; only this thread's CUDA calls are checked against the capture.
+        """
         warm = torch.cuda.Stream()
         warm.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(warm):
-            step()  # compiles the Triton kernels and sets up cuBLAS outside the capture
+            step()
         torch.cuda.current_stream().wait_stream(warm)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             logits = step()
 
         def replay() -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 from services.gpu_worker.admission import Admission, StepPlan
 from services.gpu_worker.engine_config import EngineConfig
 from services.gpu_worker.kv_cache import BlockManager, allocate_cache, blocks_for_budget
-from services.gpu_worker.lora_ops import get_backend
+from services.gpu_worker.lora_ops import get_backend, triton_lora_kernel
 from services.gpu_worker.model import LlamaModel
 from services.gpu_worker.request import (DuplicateRequestError, EngineRequest, RequestError, RequestOutput,
                                         UnknownAdapterRequestError)
@@ -111,13 +111,17 @@ class LLMEngine:
         self.residency.poll()
 
     def _decode_graphs(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> "DecodeGraphs | None":
-        """CUDA-graph replay of decode steps, on CUDA when ``cuda_graphs`` is on (see decode_graph.py)."""
-        if not (self.config.cuda_graphs and self.model.device.type == "cuda"):
+        """CUDA-graph replay of decode steps, every one recorded now (see decode_graph.py): on CUDA, when
+        ``cuda_graphs`` and ``native_ops`` are on and triton is installed (its kernels run in the graphs)."""
+        if not (self.config.cuda_graphs and self.config.native_ops and self.model.device.type == "cuda"
+                and triton_lora_kernel() is not None):
             return None
         from services.gpu_worker.decode_graph import DecodeGraphs  # imports triton, which only CUDA needs
 
-        return DecodeGraphs(self.model, kv, self.blocks.num_blocks, self.config.max_batch_size,
-                            self.blocks.blocks_needed(self.max_model_len), self.config.max_lora_rank)
+        graphs = DecodeGraphs(self.model, kv, self.blocks.num_blocks, self.config.max_batch_size,
+                              self.blocks.blocks_needed(self.max_model_len), self.config.max_lora_rank)
+        graphs.capture_all()
+        return graphs
 
     def _num_blocks(self) -> int:
         if self.config.num_kv_blocks:

@@ -29,8 +29,8 @@ class EngineConfig:
     max_model_len: int = option(0, "context limit in tokens; 0 uses the model's own")
     num_threads: int = option(0, "torch CPU threads; 0 keeps torch's default (one per core)")
     native_ops: bool = option(True, "use the compiled CPU LoRA kernel from csrc/ when it builds")
-    cuda_graphs: bool = option(True, "on CUDA, replay decode-only steps as captured CUDA graphs (batch sizes 1, 2, "
-                                     "4, then multiples of 8 up to max_batch_size, each captured on first use)")
+    cuda_graphs: bool = option(True, "on CUDA with native_ops, replay decode-only steps as CUDA graphs (batch sizes "
+                                     "1, 2, 4, then multiples of 8 up to max_batch_size, recorded at start)")
 
     def __post_init__(self) -> None:
         check_choice("backend", self.backend, BACKEND_CHOICES)

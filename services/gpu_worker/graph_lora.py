@@ -32,11 +32,13 @@ from shared.peft_adapter import LoraAdapter
 PROJ_INDEX = {proj: i for i, proj in enumerate(PROJECTIONS)}
 
 
-def adapter_rows(adapter: LoraAdapter, num_layers: int) -> torch.Tensor:
+def adapter_rows(adapter: LoraAdapter, num_layers: int, dtype: torch.dtype) -> torch.Tensor:
     """``[L, P, 3]`` int64: ``(A address, B address, rank)`` of each (layer, projection) the adapter
-    has device weights for, zeros elsewhere."""
+    has device weights for, zeros elsewhere; the weights must be contiguous and in ``dtype``."""
     rows = torch.zeros(num_layers, len(PROJECTIONS), 3, dtype=torch.int64)
     for (layer, proj), (a, b) in adapter.weights.items():
+        if not (a.is_contiguous() and b.is_contiguous() and a.dtype == b.dtype == dtype):
+            raise ValueError(f"adapter {adapter.name} ({layer}, {proj}): the kernels read contiguous {dtype} weights")
         rows[layer, PROJ_INDEX[proj]] = torch.tensor([a.data_ptr(), b.data_ptr(), a.shape[1]])
     return rows
 
@@ -44,8 +46,9 @@ def adapter_rows(adapter: LoraAdapter, num_layers: int) -> torch.Tensor:
 class StaticLoraTables:
     """The buffers above, for batches of up to ``max_tokens`` decode tokens."""
 
-    def __init__(self, num_layers: int, max_tokens: int, max_rank: int, device: torch.device) -> None:
-        self.num_layers = num_layers
+    def __init__(self, num_layers: int, max_tokens: int, max_rank: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.num_layers, self.dtype = num_layers, dtype
         self.segs = torch.zeros(max_tokens, 3, dtype=torch.int64, device=device)
         self.adapters = torch.zeros(num_layers, len(PROJECTIONS), max_tokens, 3, dtype=torch.int64, device=device)
         self.v = torch.zeros(max_tokens, max_rank, dtype=torch.float32, device=device)
@@ -74,7 +77,7 @@ class StaticLoraTables:
         if cached is None or cached[0]() is not adapter or cached[1] != len(adapter.weights):
             key = id(adapter)
             forget = weakref.ref(adapter, lambda _: self._rows.pop(key, None))  # an evicted adapter's rows go
-            cached = (forget, len(adapter.weights), adapter_rows(adapter, self.num_layers))
+            cached = (forget, len(adapter.weights), adapter_rows(adapter, self.num_layers, self.dtype))
             self._rows[key] = cached
         return cached[2]
 

@@ -148,6 +148,25 @@ def test_static_step_matches_eager_engine(model_and_adapters, backend):
     assert {size for size, _ in graphs.captured} >= {1, 2, 4, 8}, "batches shrank through padded sizes"
 
 
+@interpreted
+def test_recording_every_step_at_start_writes_only_the_scratch_block(model_and_adapters):
+    """What the engine does on CUDA before serving: every (size, LoRA mode) runs on padding rows alone."""
+    from services.gpu_worker.decode_graph import DecodeGraphs
+
+    model_dir, adapter_dirs = model_and_adapters
+    engine = LLMEngine(model_dir, EngineConfig(dtype="float32", device="cpu", max_batch_size=4), dict(adapter_dirs))
+    engine.model.embed[0] = 0.5  # padding's token (the tiny model's is zeros; no prompt uses it): K/V not 0
+    scratch = engine.blocks.num_blocks
+    graphs = DecodeGraphs(engine.model, engine.runner.kv, scratch, 4,
+                          engine.blocks.blocks_needed(engine.max_model_len), engine.config.max_lora_rank)
+    graphs.capture_all()
+    assert sorted(graphs.captured, key=str) == sorted(((size, mode) for size in (1, 2, 4)
+                                                       for mode in (None, True, False)), key=str)
+    for cache_k, cache_v in engine.runner.kv:
+        assert not cache_k[:scratch].any() and not cache_v[:scratch].any(), "padding wrote outside the scratch block"
+        assert cache_k[scratch].any() and cache_v[scratch].any(), "padding writes its K/V into the scratch block"
+
+
 def test_capture_sizes_cover_every_batch_up_to_the_largest():
     from services.gpu_worker.decode_graph import capture_sizes
 
@@ -165,7 +184,7 @@ def test_pointer_rows_follow_an_adapter_as_its_layers_land():
     from services.gpu_worker.lora_plan import LoraSegment
     from shared.peft_adapter import LoraAdapter
 
-    tables = StaticLoraTables(num_layers=2, max_tokens=4, max_rank=8, device=torch.device("cpu"))
+    tables = StaticLoraTables(num_layers=2, max_tokens=4, max_rank=8, dtype=torch.float32, device=torch.device("cpu"))
     q = (torch.randn(16, 4), torch.randn(4, 16))
     adapter = LoraAdapter("a", "", {(0, "q_proj"): q})
     tables.fill([LoraSegment(1, 3, adapter)])
@@ -181,3 +200,7 @@ def test_pointer_rows_follow_an_adapter_as_its_layers_land():
     del adapter
     gc.collect()
     assert tables.cached_adapters == 0
+
+    wrong = LoraAdapter("b", "", {(0, "q_proj"): (q[0].to(torch.bfloat16), q[1].to(torch.bfloat16))})
+    with pytest.raises(ValueError, match="contiguous torch.float32 weights"):
+        tables.fill([LoraSegment(0, 1, wrong)])
