@@ -17,10 +17,11 @@
 // ahead of use (a step's adapters read at about 20 GB/s instead of 12 with float FMAs,
 // docs/engine_performance.md round 6); otherwise in a fused float32 loop that rounds only the sum.
 // Long segments (prefill) compute x @ A, round it to the model dtype, multiply by B and round the
-// delta before adding it: in bf16 on torch's batch-reduce GEMM (AMX here) over 32-row blocks of
-// every long segment at once, with A and B put in bf16 pairs per call; elsewhere through BLAS
-// (at::mm), segment by segment. at::mm costs ~100 us per segment and projection in bf16, most of
-// it per-call overhead (docs/engine_performance.md, round 5).
+// delta before adding it: in bf16 on the pair GEMMs of dot_gemm.h (torch's batch-reduce GEMM with
+// AMX, else bf16 pair dot products, which take an even input and a multiple of 16 outputs) over
+// 32-row blocks of every long segment at once, with A and B put in bf16 pairs per call; elsewhere
+// through BLAS (at::mm), segment by segment. at::mm costs ~100 us per segment and projection in
+// bf16, most of it per-call overhead (docs/engine_performance.md, rounds 5 and 9).
 // long_delta and short_delta give one segment's rounded delta alone (services/cpu_prefill/lora_slice.py).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -33,6 +34,8 @@
 #include <immintrin.h>
 #endif
 #include <vector>
+
+#include "dot_gemm.h"
 
 namespace {
 
@@ -370,6 +373,7 @@ at::Tensor padded(const at::Tensor& w, int64_t dim, int64_t target) {
 constexpr int64_t kRowBlock = 32;       // rows of x per GEMM
 constexpr int64_t kColBlock = 64;       // output columns per expand GEMM
 constexpr int64_t kMaxPairedRank = 64;  // larger ranks go to BLAS
+constexpr int64_t kDotColumns = 16;     // dot_gemm takes N in multiples of this
 
 int64_t max_rank(const std::vector<Item>& items, const std::vector<at::Tensor>& A) {
   int64_t r = 0;
@@ -377,9 +381,20 @@ int64_t max_rank(const std::vector<Item>& items, const std::vector<at::Tensor>& 
   return r;
 }
 
-// Whether long segments of this dtype, at ranks up to ``rank``, run on the batch-reduce GEMM here.
-bool paired_path(at::ScalarType dtype, int64_t rank) {
-  return dtype == at::kBFloat16 && rank <= kMaxPairedRank && at::native::cpublas::could_pack(at::kBFloat16);
+// Whether torch's batch-reduce GEMM runs bf16 here (on AMX).
+bool matrix_units() { return at::native::cpublas::could_pack(at::kBFloat16); }
+
+// Whether long segments of this dtype, at ranks up to ``rank``, with ``in`` inputs and ``out`` outputs,
+// run on the pair GEMMs here (dot_gemm.h): the batch-reduce GEMM, or without AMX the bf16
+// dot-product GEMM, which takes an even ``in`` and ``out`` a multiple of 16.
+bool paired_path(at::ScalarType dtype, int64_t rank, int64_t in, int64_t out) {
+  if (dtype != at::kBFloat16 || rank > kMaxPairedRank) return false;
+  if (matrix_units()) return true;
+#if defined(__AVX512BF16__)
+  return in % 2 == 0 && out % kDotColumns == 0;
+#else
+  return false;
+#endif
 }
 
 // Whether short segments of this dtype, at ranks (or BGMV's pad rank) up to ``rank``, run on the
@@ -416,31 +431,33 @@ std::vector<at::BFloat16> pair_rows(const at::Tensor& w, int64_t kp, int64_t np)
 }
 
 // One long segment's adapter as the GEMMs read it: A [in, R] and B [R, out] in pairs, the rank
-// padded to R (BGMV's pad rank, else the adapter's own) and to an even count for B.
+// padded to R (BGMV's pad rank, else the adapter's own) and to an even count for B. Without
+// matrix units A's columns are zero-padded to a multiple of 16 (``a_cols``), as dot_gemm takes them.
 struct PairedAdapter {
-  int64_t rank = 0, even_rank = 0;
+  int64_t rank = 0, even_rank = 0, a_cols = 0;
   std::vector<at::BFloat16> a, b;
   PairedAdapter() = default;
-  PairedAdapter(const at::Tensor& A, const at::Tensor& B, int64_t R)
-      : rank(R), even_rank((R + 1) / 2 * 2), a(pair_rows(A, A.size(0), R)), b(pair_rows(B, even_rank, B.size(1))) {}
+  PairedAdapter(const at::Tensor& A, const at::Tensor& B, int64_t R, bool units)
+      : rank(R), even_rank((R + 1) / 2 * 2), a_cols(units ? R : (R + kDotColumns - 1) / kDotColumns * kDotColumns),
+        a(pair_rows(A, A.size(0), a_cols)), b(pair_rows(B, even_rank, B.size(1))) {}
 };
 
 // Rows [i0, i0 + rows) of a long segment (x rows ``lda`` apart): v = bf16(x @ A), then for each
 // block of output columns, sink(col, width, c) with c = v @ B[:, col:col + width] in float
 // ([rows, width], contiguous). rows <= kRowBlock.
 template <typename Sink>
-void long_rows(const at::BFloat16* x, int64_t lda, int64_t rows, int64_t in, int64_t out, const PairedAdapter& w,
-               Sink&& sink) {
+void long_rows(bool units, const at::BFloat16* x, int64_t lda, int64_t rows, int64_t in, int64_t out,
+               const PairedAdapter& w, Sink&& sink) {
   float c[kRowBlock * std::max(kColBlock, kMaxPairedRank)];
   at::BFloat16 v[kRowBlock * kMaxPairedRank];
-  at::native::cpublas::brgemm(rows, w.rank, in, lda, w.rank, w.rank, false, x, w.a.data(), c);
+  pair_gemm(units, rows, w.a_cols, in, lda, w.a_cols, w.a_cols, x, w.a.data(), c);
   for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < w.rank; ++j) v[i * w.even_rank + j] = at::BFloat16(c[i * w.rank + j]);
+    for (int64_t j = 0; j < w.rank; ++j) v[i * w.even_rank + j] = at::BFloat16(c[i * w.a_cols + j]);
     if (w.even_rank > w.rank) v[i * w.even_rank + w.rank] = at::BFloat16(0.f);
   }
   for (int64_t col = 0; col < out; col += kColBlock) {
     const int64_t width = std::min(kColBlock, out - col);
-    at::native::cpublas::brgemm(rows, width, w.even_rank, w.even_rank, out, width, false, v, w.b.data() + col * 2, c);
+    pair_gemm(units, rows, width, w.even_rank, w.even_rank, out, width, v, w.b.data() + col * 2, c);
     sink(col, width, c);
   }
 }
@@ -462,11 +479,12 @@ void add_rounded(at::BFloat16* dst, const float* c, int64_t n) {
 // y[seg] = bf16(y[seg] + bf16(delta)) for every long segment, 32-row blocks dealt to the threads.
 void long_segments_paired(at::Tensor& y, const at::Tensor& x, const std::vector<Item>& large,
                           const std::vector<at::Tensor>& A, const std::vector<at::Tensor>& B, int64_t pad_rank) {
+  const bool units = matrix_units();
   std::vector<PairedAdapter> paired(large.size());
   at::parallel_for(0, (int64_t)large.size(), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t s = lo; s < hi; ++s) {
       const at::Tensor& a = A[large[s].adapter];
-      paired[s] = PairedAdapter(a, B[large[s].adapter], pad_rank > 0 ? pad_rank : a.size(1));
+      paired[s] = PairedAdapter(a, B[large[s].adapter], pad_rank > 0 ? pad_rank : a.size(1), units);
     }
   });
   std::vector<std::pair<int64_t, int64_t>> blocks;  // (segment, first row)
@@ -479,11 +497,11 @@ void long_segments_paired(at::Tensor& y, const at::Tensor& x, const std::vector<
     for (int64_t k = lo; k < hi; ++k) {
       const auto [s, row] = blocks[k];
       const int64_t rows = std::min(kRowBlock, large[s].end - row);
-      long_rows(xp + row * lda, lda, rows, in, out, paired[s], [&](int64_t col, int64_t width, const float* c) {
+      long_rows(units, xp + row * lda, lda, rows, in, out, paired[s], [&](int64_t col, int64_t width, const float* c) {
         for (int64_t i = 0; i < rows; ++i) add_rounded(yp + (row + i) * ldy + col, c + i * width, width);
       });
     }
-    at::native::cpublas::brgemm_release();
+    if (units) at::native::cpublas::brgemm_release();
   });
 }
 
@@ -545,7 +563,7 @@ void lora_segments_(at::Tensor y, at::Tensor x, at::Tensor segs, std::vector<at:
     TORCH_CHECK(a.size(0) == x.size(1) && B[it.adapter].size(1) == y.size(1) && B[it.adapter].size(0) == a.size(1),
                 "adapter shape mismatch");
     TORCH_CHECK(pad_rank == 0 || pad_rank >= a.size(1), "pad_rank below an adapter's rank");
-    const bool paired = paired_path(x.scalar_type(), std::max(pad_rank, a.size(1)));
+    const bool paired = paired_path(x.scalar_type(), std::max(pad_rank, a.size(1)), x.size(1), y.size(1));
     if (it.end - it.start >= (paired ? kPairedThreshold : kBlasThreshold)) {
       large.push_back(it);
       continue;
@@ -553,7 +571,7 @@ void lora_segments_(at::Tensor y, at::Tensor x, at::Tensor segs, std::vector<at:
     small.push_back(it);
   }
   if (!large.empty()) {
-    if (paired_path(x.scalar_type(), std::max(pad_rank, max_rank(large, A))))
+    if (paired_path(x.scalar_type(), std::max(pad_rank, max_rank(large, A)), x.size(1), y.size(1)))
       long_segments_paired(y, x, large, A, B, pad_rank);
     else
       long_segments_blas(y, x, large, A, B, pad_rank);
@@ -602,24 +620,25 @@ void check_delta_operands(const at::Tensor& out, const at::Tensor& x, const at::
 void long_delta(at::Tensor out, at::Tensor x, at::Tensor A, at::Tensor B) {
   check_delta_operands(out, x, A, B);
   TORCH_CHECK(A.size(1) <= kMaxPairedRank, "long_delta takes ranks up to ", kMaxPairedRank);
-  TORCH_CHECK(paired_path(x.scalar_type(), A.size(1)), "long_delta needs the bf16 batch-reduce GEMM");
-  const PairedAdapter w(A, B, A.size(1));
+  TORCH_CHECK(paired_path(x.scalar_type(), A.size(1), x.size(1), out.size(1)), "long_delta needs the pair GEMMs");
+  const bool units = matrix_units();
+  const PairedAdapter w(A, B, A.size(1), units);
   const int64_t n = x.size(0), lda = x.stride(0), ldo = out.stride(0);
   const auto* xp = x.data_ptr<at::BFloat16>();
   float* op = out.data_ptr<float>();
   for (int64_t row = 0; row < n; row += kRowBlock) {
     const int64_t rows = std::min(kRowBlock, n - row);
-    long_rows(xp + row * lda, lda, rows, x.size(1), out.size(1), w, [&](int64_t col, int64_t width, const float* c) {
+    long_rows(units, xp + row * lda, lda, rows, x.size(1), out.size(1), w, [&](int64_t col, int64_t width, const float* c) {
       for (int64_t i = 0; i < rows; ++i)
         for (int64_t j = 0; j < width; ++j)
           op[(row + i) * ldo + col + j] = static_cast<float>(at::BFloat16(c[i * width + j]));
     });
   }
-  at::native::cpublas::brgemm_release();
+  if (units) at::native::cpublas::brgemm_release();
 }
 
-// Whether long_delta runs here for this rank (else lora_segments_ takes long segments to BLAS too).
-bool long_delta_available(int64_t rank) { return paired_path(at::kBFloat16, rank); }
+// Whether long_delta runs here for this rank and shape (else lora_segments_ takes long segments to BLAS too).
+bool long_delta_available(int64_t rank, int64_t in, int64_t out) { return paired_path(at::kBFloat16, rank, in, out); }
 
 // out = float(bf16(bf16(x @ A) @ B)) as lora_segments_ computes a short bf16 segment's rows, for
 // rows of a segment on their own (operands as long_delta's).
@@ -642,7 +661,7 @@ bool short_delta_available(int64_t rank) { return dot_path(at::kBFloat16, rank);
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_segments_", &lora_segments_, "y[seg] += x[seg] @ A[u] @ B[u] over segments (in place)");
   m.def("long_delta", &long_delta, "A long segment's rounded bf16 delta, for rows on their own, into float32");
-  m.def("long_delta_available", &long_delta_available, "Whether long_delta runs here for this rank");
+  m.def("long_delta_available", &long_delta_available, "Whether long_delta runs here for this rank, in and out");
   m.def("short_delta", &short_delta, "A short segment's rounded bf16 delta, for rows on their own, into float32");
   m.def("short_delta_available", &short_delta_available, "Whether short_delta runs here for this rank");
 }

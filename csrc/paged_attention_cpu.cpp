@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "bf16.h"
+#include "dot_gemm.h"
 #include "fast_exp.h"
 
 namespace {
@@ -449,7 +450,7 @@ bool paired_k_tiles(const torch::Tensor& cache_k) { return paired_k(cache_k); }
 
 #if defined(__AVX512BF16__)
 // Causal prefill attention of one sequence's tokens for one KV head, as small GEMMs: on torch's
-// batch-reduce GEMM (oneDNN's ukernel) where it runs bf16 (AMX), else on dot_gemm below. The context's
+// batch-reduce GEMM (oneDNN's ukernel) where it runs bf16 (AMX), else on dot_gemm (dot_gemm.h). The context's
 // paired K tiles side by side are K^T in the GEMM's pair layout ([D / 2, L, 2]); the V tiles,
 // paired along the tokens, are V in it ([L / 2, D, 2]). Per block of up to 64 query tokens and
 // query head: S = Q K^T (float32), a causal softmax per row, P rounded to bf16 (as torch's flash
@@ -479,52 +480,6 @@ void pair_v_tile(at::BFloat16* out, const at::BFloat16* v, int64_t d, int64_t n)
       _mm512_storeu_si512(out + (t / 2 * d + e) * 2, _mm512_permutex2var_epi16(a, low, b));
       _mm512_storeu_si512(out + (t / 2 * d + e + 16) * 2, _mm512_permutex2var_epi16(a, high, b));
     }
-}
-
-// C[M, N] = A[M, K] @ B, for bf16 A (rows ``lda`` apart), B in pairs along K ([K / 2, N, 2], pair rows
-// ``ldb`` columns apart) and float32 C (rows ``ldc`` apart): the batch-reduce GEMM's product, on the
-// bf16 dot-product instruction for CPUs without AMX. Blocks of kRows rows by up to 64 columns, their
-// sums in registers; each B load feeds kRows rows. N % 16 == 0 and K even.
-template <int kRows>
-void dot_block(int64_t cols, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, const at::BFloat16* a,
-               const at::BFloat16* b, float* c) {
-  __m512 acc[kRows][4];
-  for (int r = 0; r < kRows; ++r)
-    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < k / 2; ++p) {
-    __m512bh w[4];
-    for (int j = 0; j < 4; ++j)
-      if (j < cols) w[j] = (__m512bh)_mm512_loadu_si512(b + (p * ldb + 16 * j) * 2);
-    for (int r = 0; r < kRows; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, a + r * lda + 2 * p, sizeof(pair));
-      const __m512bh x = (__m512bh)_mm512_set1_epi32(pair);
-      for (int j = 0; j < 4; ++j)
-        if (j < cols) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], x, w[j]);
-    }
-  }
-  for (int r = 0; r < kRows; ++r)
-    for (int j = 0; j < 4; ++j)
-      if (j < cols) _mm512_storeu_ps(c + r * ldc + 16 * j, acc[r][j]);
-}
-
-void dot_gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, const at::BFloat16* a,
-              const at::BFloat16* b, float* c) {
-  for (int64_t j0 = 0; j0 < n; j0 += 64) {
-    const int64_t cols = std::min<int64_t>(64, n - j0) / 16;
-    int64_t i = 0;
-    for (; i + 4 <= m; i += 4) dot_block<4>(cols, k, lda, ldb, ldc, a + i * lda, b + j0 * 2, c + i * ldc + j0);
-    for (; i < m; ++i) dot_block<1>(cols, k, lda, ldb, ldc, a + i * lda, b + j0 * 2, c + i * ldc + j0);
-  }
-}
-
-// C = A @ B as above: torch's batch-reduce GEMM where it packs bf16 (AMX), else dot_gemm.
-void prefill_gemm(bool matrix_units, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
-                  const at::BFloat16* a, const at::BFloat16* b, float* c) {
-  if (matrix_units)
-    at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, false, a, b, c);
-  else
-    dot_gemm(m, n, k, lda, ldb, ldc, a, b, c);
 }
 
 // k_t = the context's ``tiles`` paired K tiles side by side; v = its V tiles paired along the tokens,
@@ -619,9 +574,9 @@ void prefill_attention(torch::Tensor& out, const torch::Tensor& q, const torch::
         const int64_t seen = (first + m + 15) / 16 * 16;  // keys the block's last token sees, in whole tiles
         for (int64_t g = 0; g < group; ++g) {
           const int64_t row0 = (sp[seq] + first) * stride + (h * group + g) * d;
-          prefill_gemm(matrix_units, m, seen, d, stride, keys, seen, qp + row0, w.k_t.data(), w.s.data());
+          pair_gemm(matrix_units, m, seen, d, stride, keys, seen, qp + row0, w.k_t.data(), w.s.data());
           causal_softmax(w, m, seen, first, scale);
-          prefill_gemm(matrix_units, m, d, seen, seen, d, d, w.p.data(), w.v.data(), w.o.data());
+          pair_gemm(matrix_units, m, d, seen, seen, d, d, w.p.data(), w.v.data(), w.o.data());
           for (int64_t i = 0; i < m; ++i) {
             const __m512 norm = _mm512_set1_ps(1.0f / w.sums[i]);
             for (int64_t e = 0; e < d; e += 16)

@@ -23,7 +23,8 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 BLAS_SEGMENT_TOKENS = 32
 """Segments at least this long take the CPU LoRA kernel's two-GEMM path (csrc/lora_cpu.cpp kBlasThreshold)."""
 PAIRED_SEGMENT_TOKENS = 16
-"""bf16 segments its batch-reduce GEMM takes (``long_delta_available``) do from this length (kPairedThreshold)."""
+"""bf16 segments its pair GEMMs take (``long_delta_available``: the batch-reduce GEMM, or the bf16
+dot-product GEMM without AMX) do from this length (kPairedThreshold)."""
 
 
 def cache_root() -> Path:

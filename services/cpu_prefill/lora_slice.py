@@ -2,13 +2,14 @@
 
 It computes as the CPU device path (``csrc/lora_cpu.cpp``) computes the same segment, so that a
 CPU-assisted prefill gives the tokens a device-resident one would. In bf16, where the kernel's
-batch-reduce GEMM runs (``long_delta``), a segment of at least ``PAIRED_SEGMENT_TOKENS`` tokens
-goes through it: two GEMMs, ``x @ A`` and the delta each rounded to bf16. Elsewhere a segment of
-at least ``BLAS_SEGMENT_TOKENS`` goes through torch's two GEMMs in the model dtype, rounded the
-same way. A shorter one in bf16 rounds the same two products on the kernel's bf16 pair dot
-products (``short_delta``) where the device path uses them, and otherwise runs in the native
-kernel itself, in float32, rounded once, when the worker adds it (plain torch in float32 where the
-kernel does not build).
+pair GEMMs run for the shape (``long_delta``: the batch-reduce GEMM on AMX, else bf16 pair dot
+products), a segment of at least ``PAIRED_SEGMENT_TOKENS`` tokens goes through them: two GEMMs,
+``x @ A`` and the delta each rounded to bf16. Elsewhere a segment of at least
+``BLAS_SEGMENT_TOKENS`` goes through torch's two GEMMs in the model dtype, rounded the same way.
+A shorter one in bf16 rounds the same two products on the kernel's bf16 pair dot products
+(``short_delta``) where the device path uses them, and otherwise runs in the native kernel itself,
+in float32, rounded once, when the worker adds it (plain torch in float32 where the kernel does
+not build).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def lora_slice(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Ten
     """``out = x @ A @ B`` for ``x: [n, in]``, ``A: [in, r]``, ``B: [r, out]`` (one dtype), written into
     the float32 view ``out: [n, out]``; ``segment_tokens``: the whole segment's length (``n`` is a slice of it)."""
     kernel = cpu_lora_kernel()
-    paired = kernel is not None and x.dtype == torch.bfloat16 and kernel.long_delta_available(a.shape[1])
+    paired = kernel is not None and x.dtype == torch.bfloat16 and kernel.long_delta_available(a.shape[1], a.shape[0], b.shape[1])
     if paired and segment_tokens >= PAIRED_SEGMENT_TOKENS:
         kernel.long_delta(out, x, a.contiguous(), b.contiguous())
         return

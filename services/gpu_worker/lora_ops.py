@@ -21,9 +21,10 @@ The two backends differ in cost, not in result:
 
 Numerics: adapter weights are stored in the model dtype (as vLLM does; PEFT keeps them in
 float32). In bf16 the native kernel rounds ``x @ A`` and the delta to bf16, as two bf16 linears
-(PEFT's lora_A and lora_B) do: long (prefill) segments on the batch-reduce GEMM where the CPU
-has it (else BLAS), short (decode) ones on bf16 pair dot products where it has AVX512-BF16 and
-the rank is at most 64. In float32, and for short bf16 segments elsewhere, it accumulates in
+(PEFT's lora_A and lora_B) do: long (prefill) segments on torch's batch-reduce GEMM where the
+CPU has AMX, else on a GEMM of bf16 pair dot products where it has AVX512-BF16 (then the input
+count must be even and the output count a multiple of 16), else BLAS; short (decode) ones on bf16
+pair dot products where it has AVX512-BF16 and the rank is at most 64. In float32, and for short bf16 segments elsewhere, it accumulates in
 float32 and rounds once when adding the delta.
 
 On CPU both run in the native kernel from csrc/lora_cpu.cpp when it builds; on CUDA they

@@ -86,8 +86,9 @@ LONG_RANKS, LONG_LENGTHS = [1, 7, 64, 80], [33, 17, 65, 32]  # rank 80: above th
 
 def _long_kernel():
     kernel = cpu_lora_kernel()
-    if kernel is None or not kernel.long_delta_available(8):
-        pytest.skip("no C++ compiler or no bf16 batch-reduce GEMM here: long segments go to BLAS")
+    if kernel is None or not kernel.long_delta_available(8, 96, 208):
+        pytest.skip("no C++ compiler, or neither the bf16 batch-reduce GEMM nor AVX512-BF16 here: long segments "
+                    "go to BLAS")
     return kernel
 
 
@@ -108,28 +109,32 @@ def _rounding_slack(x, a, b, want):
     return _bf16_steps(v) @ b.float().abs() + _bf16_steps(v @ b.float()) + 2 * _bf16_steps(want.float())
 
 
-def _check_rounds_like_two_gemms(ranks, lengths, in_features):
-    batch, total = make_batch(ranks, lengths, in_features, 200, torch.bfloat16)  # 200: a partial column block
+def _check_rounds_like_two_gemms(ranks, lengths, in_features, out=200):
+    """``out`` 200 and 208 end in a partial 64-column block; 200 is no multiple of 16 (so without AMX
+    long segments go to BLAS), 208 is (the bf16 dot-product GEMM takes them)."""
+    batch, total = make_batch(ranks, lengths, in_features, out, torch.bfloat16)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(total, in_features, generator=g).to(torch.bfloat16)
-    fused = torch.randn(total, 210, generator=g).to(torch.bfloat16)
+    fused = torch.randn(total, out + 10, generator=g).to(torch.bfloat16)
     base = fused.clone()
+    cols = slice(5, 5 + out)
     for op in (mbgmv, bgmv):
         fused.copy_(base)
-        op(fused[:, 5:205], x, batch)
+        op(fused[:, cols], x, batch)
         for start, end, u in batch.segs.tolist():
             a, b = batch.A[u], batch.B[u]
-            want = (base[start:end, 5:205].float() + _two_gemms(x[start:end], a, b).float()).bfloat16()
-            error = (fused[start:end, 5:205].float() - want.float()).abs()
+            want = (base[start:end, cols].float() + _two_gemms(x[start:end], a, b).float()).bfloat16()
+            error = (fused[start:end, cols].float() - want.float()).abs()
             slack = _rounding_slack(x[start:end], a, b, want)
             assert (error <= slack).all(), (op.__name__, u, float((error - slack).max()))
-        assert torch.equal(fused[:, :5], base[:, :5]) and torch.equal(fused[:, 205:], base[:, 205:])
+        assert torch.equal(fused[:, :5], base[:, :5]) and torch.equal(fused[:, 5 + out:], base[:, 5 + out:])
         assert torch.equal(fused[-3:], base[-3:])  # the trailing base-model tokens
 
 
-def test_long_bf16_segments_round_like_two_gemms():
+@pytest.mark.parametrize("out", [200, 208])
+def test_long_bf16_segments_round_like_two_gemms(out):
     _long_kernel()
-    _check_rounds_like_two_gemms(LONG_RANKS, LONG_LENGTHS, 96)
+    _check_rounds_like_two_gemms(LONG_RANKS, LONG_LENGTHS, 96, out)
 
 
 def test_short_bf16_segments_round_like_two_gemms():
@@ -140,23 +145,23 @@ def test_short_bf16_segments_round_like_two_gemms():
     _check_rounds_like_two_gemms([1, 7, 64, 80, 16], [1, 3, 5, 31, 4], 97)
 
 
-def _check_delta_is_what_a_segment_gets(delta_op, ranks, lengths, sliced):
-    batch, total = make_batch(ranks, lengths, 96, 200, torch.bfloat16, seed=4)
+def _check_delta_is_what_a_segment_gets(delta_op, ranks, lengths, sliced, out):
+    batch, total = make_batch(ranks, lengths, 96, out, torch.bfloat16, seed=4)
     g = torch.Generator().manual_seed(5)
-    x, base = torch.randn(total, 96, generator=g).to(torch.bfloat16), torch.randn(total, 200, generator=g).to(torch.bfloat16)
+    x, base = torch.randn(total, 96, generator=g).to(torch.bfloat16), torch.randn(total, out, generator=g).to(torch.bfloat16)
     y = base.clone()
     mbgmv(y, x, batch)
     for start, end, u in batch.segs.tolist():
-        delta = torch.empty(end - start, 200)
+        delta = torch.empty(end - start, out)
         delta_op(delta, x[start:end], batch.A[u], batch.B[u])
         assert torch.equal(y[start:end], (base[start:end].float() + delta).bfloat16())
-        part = torch.empty(end - start - sliced, 200)  # a CPU prefill worker's slice of the segment
+        part = torch.empty(end - start - sliced, out)  # a CPU prefill worker's slice of the segment
         delta_op(part, x[start + sliced:end], batch.A[u], batch.B[u])
         assert torch.equal(part, delta[sliced:])
 
 
 def test_long_delta_is_what_a_segment_gets_whole_or_sliced():
-    _check_delta_is_what_a_segment_gets(_long_kernel().long_delta, LONG_RANKS[:3], LONG_LENGTHS[:3], sliced=10)
+    _check_delta_is_what_a_segment_gets(_long_kernel().long_delta, LONG_RANKS[:3], LONG_LENGTHS[:3], sliced=10, out=208)
 
 
 def _short_kernel():
@@ -167,7 +172,7 @@ def _short_kernel():
 
 
 def test_short_delta_is_what_a_segment_gets_whole_or_sliced():
-    _check_delta_is_what_a_segment_gets(_short_kernel().short_delta, [1, 7, 64], [7, 3, 31], sliced=2)
+    _check_delta_is_what_a_segment_gets(_short_kernel().short_delta, [1, 7, 64], [7, 3, 31], sliced=2, out=200)
 
 
 @pytest.mark.parametrize("delta_op,rows", [(lambda: _long_kernel().long_delta, 40),
