@@ -29,10 +29,13 @@ def run_engine(engine: LLMEngine, requests, max_new: int = MAX_NEW, keep_logits:
                                                                                ignore_eos=True)))
     out: dict[str, list[int]] = {f"r{i}": [] for i in range(len(requests))}
     while engine.has_unfinished():
-        for o in engine.step():
+        outputs = engine.step()
+        for o in outputs:
             out[o.request_id] += o.new_token_ids
             if o.logits is not None:
                 last_logits[o.request_id] = o.logits
+        if engine.idle and not outputs:  # waiting for adapter loads: block as the step thread does, not spin
+            engine.wait_for_work(0.05)
     ids = [out[f"r{i}"] for i in range(len(requests))]
     return (ids, [last_logits[f"r{i}"] for i in range(len(requests))]) if keep_logits else ids
 
