@@ -98,13 +98,13 @@ class DecodeGraphs:
         self.model, self.kv = model, kv
         self.sizes = capture_sizes(max_batch_size)
         self.capture = model.device.type == "cuda"
-        kv_heads, self.block_size = kv[0][0].shape[1], kv[0][0].shape[2]
+        self.kv_heads, block_size = kv[0][0].shape[1], kv[0][0].shape[2]
         self.max_blocks = max_blocks
-        self.inputs = StaticInputs.allocate(max_batch_size, kv_heads, max_blocks, model.device)
+        self.inputs = StaticInputs.allocate(max_batch_size, self.kv_heads, max_blocks, model.device)
         self.lora = StaticLoraTables(len(kv), max_batch_size, max_rank, model.dtype, model.device)
-        slot0 = torch.arange(kv_heads, device=model.device) * self.block_size
+        slot0 = torch.arange(self.kv_heads, device=model.device) * block_size
         self.scratch_block = scratch_block
-        self.scratch_rows = (scratch_block * kv_heads * self.block_size + slot0).repeat(max_batch_size)
+        self.scratch_rows = (scratch_block * self.kv_heads * block_size + slot0).repeat(max_batch_size)
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self._steps: dict[tuple[int, bool | None], Callable[[], torch.Tensor]] = {}
         self.replays = 0
@@ -147,7 +147,7 @@ class DecodeGraphs:
 
     def _fill(self, batch: StepBatch, n: int) -> None:
         """Copy the step's inputs into rows ``0..n`` of the static buffers, and its LoRA tables."""
-        s, kvh = self.inputs, self.kv[0][0].shape[1]
+        s, kvh = self.inputs, self.kv_heads
         s.input_ids[:n].copy_(batch.input_ids)
         s.positions[:n].copy_(batch.positions)
         s.write_rows[:n * kvh].copy_(batch.meta.write_rows)
@@ -158,7 +158,7 @@ class DecodeGraphs:
 
     def _pad(self, n: int, size: int) -> None:
         """Rows ``n..size`` become padding: token 0 at position 0, K/V written to and read from the scratch block."""
-        s, kvh = self.inputs, self.kv[0][0].shape[1]
+        s, kvh = self.inputs, self.kv_heads
         s.input_ids[n:size] = 0
         s.positions[n:size] = 0
         s.write_rows[n * kvh:size * kvh] = self.scratch_rows[:(size - n) * kvh]
@@ -167,7 +167,7 @@ class DecodeGraphs:
 
     def _record(self, size: int, padded: bool | None) -> Callable[[], torch.Tensor]:
         """The step of ``size`` tokens (LoRA mode ``padded``; None: no adapters), captured on CUDA."""
-        s, kvh = self.inputs, self.kv[0][0].shape[1]
+        s, kvh = self.inputs, self.kv_heads
         attention = StaticDecodeAttention(s.write_rows[:size * kvh], s.tables[:size], s.lengths[:size])
         lora = self.lora.hooks(size, padded) if padded is not None else None
 

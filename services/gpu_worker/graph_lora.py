@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from services.gpu_worker import triton_lora
-from services.gpu_worker.lora_plan import LoraSegment
+from services.gpu_worker.lora_plan import LoraSegment, device_rows
 from shared.llama_shape import INPUT_GROUPS, PROJECTIONS
 from shared.peft_adapter import LoraAdapter
 
@@ -57,14 +57,9 @@ class StaticLoraTables:
     def fill(self, segments: list[LoraSegment]) -> None:
         """Write a step's segments (each of one device-resident adapter, no external source) and
         their adapters' pointer rows. The adapters' weights must stay alive until the step ran."""
-        index: dict[int, int] = {}
-        adapters: list[LoraAdapter] = []
+        rows, adapters = device_rows(segments)
         segs = torch.zeros(self.segs.shape, dtype=torch.int64)
-        for i, seg in enumerate(segments):
-            if id(seg.adapter) not in index:
-                index[id(seg.adapter)] = len(adapters)
-                adapters.append(seg.adapter)
-            segs[i, 0], segs[i, 1], segs[i, 2] = seg.start, seg.end, index[id(seg.adapter)]
+        segs[:len(rows)] = torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
         self.segs.copy_(segs)
         if adapters:
             pointers = torch.stack([self._adapter_rows(a) for a in adapters], dim=2)  # [L, P, U, 3]

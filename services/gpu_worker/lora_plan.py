@@ -91,6 +91,22 @@ class LoraSegment:
     external: ExternalSource | None = None
 
 
+def device_rows(segments: list[LoraSegment]) -> tuple[list[tuple[int, int, int]], list[LoraAdapter]]:
+    """``(start, end, u)`` of every segment with device weights, ``u`` indexing the distinct adapters
+    in first-seen order, and those adapters: the segment table the batched ops take."""
+    adapters: list[LoraAdapter] = []
+    index: dict[int, int] = {}
+    rows = []
+    for seg in segments:
+        if seg.adapter is None:
+            continue
+        u = index.setdefault(id(seg.adapter), len(adapters))
+        if u == len(adapters):
+            adapters.append(seg.adapter)
+        rows.append((seg.start, seg.end, u))
+    return rows, adapters
+
+
 _EMPTY: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
@@ -115,16 +131,7 @@ class LoraStep:
     def __post_init__(self) -> None:
         self.segments = [s for s in self.segments if s.adapter is not None or s.external is not None]
         self.empty = _empty(self.dtype, self.device)
-        self.adapters = []
-        index: dict[int, int] = {}
-        rows = []
-        for seg in self.segments:
-            if seg.adapter is None:
-                continue
-            u = index.setdefault(id(seg.adapter), len(self.adapters))
-            if u == len(self.adapters):
-                self.adapters.append(seg.adapter)
-            rows.append((seg.start, seg.end, u))
+        rows, self.adapters = device_rows(self.segments)
         self._has_device = bool(rows)
         self._all_device = torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
         self._cold: dict[tuple[int, str], list[ColdPart]] = {}
