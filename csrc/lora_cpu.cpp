@@ -11,15 +11,19 @@
 //             R > 0 zero-pads every adapter to rank R and computes the padded product
 //             (BGMV: cost follows tokens x max rank).
 //
+//   A[u] and B[u] may also come in the pair layouts that pack_a and pack_b make (see "the pair
+//   layouts" below; services/gpu_worker/lora_ops.py kernel_layout); both bf16 pair paths read those
+//   in place and put plain weights in them per call; the other paths unpack them.
+//
 // Short segments (decode tokens) are dealt to the threads by their weights' bytes; each reads its
-// adapter's weights once per 4 tokens. In bf16 (rank <= 64, AVX512-BF16) they run on bf16 pair
-// dot products that round x @ A and the delta as the long path does, the weights prefetched
-// ahead of use (a step's adapters read at about 20 GB/s instead of 12 with float FMAs,
-// docs/engine_performance.md round 6); otherwise in a fused float32 loop that rounds only the sum.
+// adapter's weights once per 4 tokens. In bf16 (rank <= 64, even in, AVX512-BF16) they run on bf16
+// pair dot products that round x @ A and the delta as the long path does, the weights streamed
+// front to back and prefetched ahead of use (docs/engine_performance.md rounds 6 and 10);
+// otherwise in a fused float32 loop that rounds only the sum.
 // Long segments (prefill) compute x @ A, round it to the model dtype, multiply by B and round the
 // delta before adding it: in bf16 on the pair GEMMs of dot_gemm.h (torch's batch-reduce GEMM with
 // AMX, else bf16 pair dot products, which take an even input and a multiple of 16 outputs) over
-// 32-row blocks of every long segment at once, with A and B put in bf16 pairs per call; elsewhere
+// 32-row blocks of every long segment at once, A and B read in their pair layouts; elsewhere
 // through BLAS (at::mm), segment by segment. at::mm costs ~100 us per segment and projection in
 // bf16, most of it per-call overhead (docs/engine_performance.md, rounds 5 and 9).
 // long_delta and short_delta give one segment's rounded delta alone (services/cpu_prefill/lora_slice.py).
@@ -188,38 +192,124 @@ void expand(const float* v, int64_t R, int64_t n, const scalar_t* B, int64_t r, 
   }
 }
 
+// ---- the pair layouts of A and B ---------------------------------------------------------------
+// Both bf16 pair paths read A [in, r] in pairs, [in / 2, r, 2]: row pair (i, i + 1) as r bf16 pairs;
+// and B [r, out] in blocked pairs: for each block of 64 output columns, its row pairs (k, k + 1)
+// one after another, each as 64 bf16 pairs, zero past row r and column out: [ceil(out / 64),
+// pairs, 64, 2]. pack_a and pack_b make them once per adapter load (lora_ops.kernel_layout), so a
+// decode step streams both front to back; plain weights are put in them per call.
+
+constexpr int64_t kBlockColumns = 64;
+
+int64_t column_blocks(int64_t out) { return (out + kBlockColumns - 1) / kBlockColumns; }
+
+bool is_blocked(const at::Tensor& B) { return B.dim() == 4; }
+bool is_paired(const at::Tensor& A) { return A.dim() == 3; }
+
+// A's plain [in, r] matrix: A itself, or a paired A unpacked.
+at::Tensor plain_a(const at::Tensor& A) {
+  if (!is_paired(A)) return A;
+  return A.permute({0, 2, 1}).reshape({A.size(0) * 2, A.size(1)}).contiguous();
+}
+
+// Whether A is a plain [in, r] matrix or in pairs [in / 2, r, 2] (in even).
+bool a_shape_ok(const at::Tensor& A, int64_t in) {
+  if (!is_paired(A)) return A.dim() == 2 && A.size(0) == in;
+  return in % 2 == 0 && A.size(0) == in / 2 && A.size(2) == 2;
+}
+
+// dst [in / 2, cols, 2] = A (plain [in, r] or paired; in even, cols >= r) in pairs, zero past column r.
+void pair_columns(const at::Tensor& A, int64_t cols, uint16_t* dst) {
+  const at::Tensor a = plain_a(A);
+  const int64_t in = a.size(0), r = a.size(1);
+  const auto* src = reinterpret_cast<const uint16_t*>(a.data_ptr<at::BFloat16>());
+  std::fill(dst, dst + in * cols, uint16_t{0});
+  for (int64_t i = 0; i < in; ++i)
+    for (int64_t c = 0; c < r; ++c) dst[(i / 2 * cols + c) * 2 + i % 2] = src[i * r + c];
+}
+
+// A as the pair paths read it, ``cols`` >= r pairs per row pair (zero past r): a paired A that has
+// them in place, else a paired copy.
+class PairedA {
+ public:
+  PairedA() = default;
+  PairedA(const at::Tensor& A, int64_t cols) : cols(cols) {
+    if (is_paired(A) && A.size(1) == cols) {
+      borrowed_ = reinterpret_cast<const uint16_t*>(A.data_ptr<at::BFloat16>());
+      return;
+    }
+    const int64_t in = is_paired(A) ? A.size(0) * 2 : A.size(0);
+    owned_.resize(in * cols);
+    pair_columns(A, cols, owned_.data());
+  }
+  const uint16_t* data() const { return owned_.empty() ? borrowed_ : owned_.data(); }
+  int64_t cols = 0;
+
+ private:
+  const uint16_t* borrowed_ = nullptr;
+  std::vector<uint16_t> owned_;
+};
+
+// B's plain [r, out] matrix: B itself, or a blocked B unpacked (for the paths that read B plain).
+at::Tensor plain_b(const at::Tensor& B, int64_t r, int64_t out) {
+  if (!is_blocked(B)) return B;
+  return B.permute({1, 3, 0, 2}).reshape({B.size(1) * 2, B.size(0) * kBlockColumns}).narrow(0, 0, r)
+      .narrow(1, 0, out).contiguous();
+}
+
+// dst = plain B [r, out] (bf16, contiguous) in blocked pairs with `pairs` >= ceil(r / 2) row pairs.
+void block_pairs(const at::Tensor& B, int64_t pairs, uint16_t* dst) {
+  const int64_t r = B.size(0), out = B.size(1);
+  const auto* src = reinterpret_cast<const uint16_t*>(B.data_ptr<at::BFloat16>());
+  std::fill(dst, dst + column_blocks(out) * pairs * 2 * kBlockColumns, uint16_t{0});
+  for (int64_t k = 0; k < r; ++k) {
+    const uint16_t* row = src + k * out;
+    for (int64_t col = 0; col < out; ++col)
+      dst[((col / kBlockColumns * pairs + k / 2) * kBlockColumns + col % kBlockColumns) * 2 + k % 2] = row[col];
+  }
+}
+
+// Whether B is a plain [r, out] matrix or r and out in blocked pairs (as pack_b makes them).
+bool b_shape_ok(const at::Tensor& B, int64_t r, int64_t out) {
+  if (!is_blocked(B)) return B.dim() == 2 && B.size(0) == r && B.size(1) == out;
+  return B.size(0) == column_blocks(out) && B.size(1) == (r + 1) / 2 && B.size(2) == kBlockColumns && B.size(3) == 2;
+}
+
+// B as the pair paths read it, with `pairs` row pairs per block: a blocked B that has them in
+// place, else a blocked copy.
+class BlockedB {
+ public:
+  BlockedB() = default;
+  BlockedB(const at::Tensor& B, int64_t r, int64_t out, int64_t pairs) : pairs(pairs) {
+    if (is_blocked(B) && B.size(1) == pairs) {
+      borrowed_ = reinterpret_cast<const uint16_t*>(B.data_ptr<at::BFloat16>());
+      return;
+    }
+    owned_.resize(column_blocks(out) * pairs * 2 * kBlockColumns);
+    block_pairs(plain_b(B, r, out), pairs, owned_.data());
+  }
+  const uint16_t* data() const { return owned_.empty() ? borrowed_ : owned_.data(); }
+  // The block that holds column `col`: [pairs, 64, 2].
+  const uint16_t* block(int64_t col) const { return data() + col / kBlockColumns * pairs * 2 * kBlockColumns; }
+  int64_t pairs = 0;
+
+ private:
+  const uint16_t* borrowed_ = nullptr;
+  std::vector<uint16_t> owned_;
+};
+
 // ---- short bf16 segments on bf16 pair dot products (vdpbf16ps) ----------------------------
 // A decode token's delta is bf16(bf16(x @ A) @ B), rounded as the long path and PEFT's two bf16
-// linears round it. Each sum runs over pairs of inputs: the pair (row i, row i + 1) of A or B is
-// built in registers from two adjacent rows, so the weights are read once, where they lie.
+// linears round it. Each sum runs over pairs of inputs, read straight from A and B in their pair
+// layouts: every load is 16 whole pairs, the next ones in memory.
 
 constexpr int64_t kMaxDotRank = 64;  // ranks (or pad ranks) above this take the float loop
 
 #if defined(__AVX512BF16__)
-constexpr int64_t kPrefetchAhead = 4096;  // bytes of A requested ahead of the rows in use
+constexpr int64_t kPrefetchAhead = 4096;  // bytes of A or B requested ahead of the rows in use
 
 inline __mmask32 first_lanes(int64_t n) {
   return n >= 32 ? ~__mmask32{0} : n <= 0 ? __mmask32{0} : static_cast<__mmask32>((1u << n) - 1u);
-}
-
-// Lanes [c0, c0 + 32) of rows `even` and `even + ld` (the odd row absent when !has_odd; lanes at
-// and beyond `valid` zero) as two vectors of 16 bf16 pairs, interleaved within 128-bit lanes:
-// `lo` holds lanes {0-3, 8-11, 16-19, 24-27}, `hi` {4-7, 12-15, 20-23, 28-31} (see in_order).
-inline void load_pairs(const uint16_t* even, int64_t ld, bool has_odd, int64_t c0, int64_t valid, __m512i& lo,
-                       __m512i& hi) {
-  const __mmask32 m = first_lanes(valid - c0);
-  const __m512i e = _mm512_maskz_loadu_epi16(m, even + c0);
-  const __m512i o = has_odd ? _mm512_maskz_loadu_epi16(m, even + ld + c0) : _mm512_setzero_si512();
-  lo = _mm512_unpacklo_epi16(e, o);
-  hi = _mm512_unpackhi_epi16(e, o);
-}
-
-// Sums over load_pairs' `lo` and `hi` vectors back in lane order: lanes 0-15, then 16-31.
-inline void in_order(__m512 lo, __m512 hi, __m512& first, __m512& second) {
-  static const __m512i kFirst = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-  static const __m512i kSecond = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-  first = _mm512_permutex2var_ps(lo, kFirst, hi);
-  second = _mm512_permutex2var_ps(lo, kSecond, hi);
 }
 
 // The bf16 pair (p[0], p[1]) broadcast to every lane (one 32-bit load).
@@ -233,84 +323,84 @@ inline __m512 dot_pairs(__m512 acc, __m512i w, __m512i x) {
   return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(w), reinterpret_cast<__m512bh>(x));
 }
 
-// vb[t, 0:Re] = bf16(x[t] @ A[:, 0:R]) for NB tokens (zero in the padded columns [r, Re)),
-// A [in, r] streamed once. R <= 64: two blocks of 32 ranks per token.
-template <int NB>
-void shrink_dot(const uint16_t* x, int64_t ldx, const uint16_t* A, int64_t in, int64_t r, int64_t R, int64_t Re,
-                uint16_t* vb) {
-  __m512 acc[NB][4];
+// vb[t, 0:Re] = bf16(x[t] @ A[:, 0:R]) for NB tokens (zero in the padded columns [r, Re)), C = ceil(R / 16)
+// vectors of 16 ranks. A in pairs ([in / 2, r, 2], in even) streamed once, prefetched kPrefetchAhead
+// bytes ahead; BGMV's padded columns [r, R) are multiplied as zeros (masked loads read nothing there).
+template <int NB, int C>
+void shrink_vecs(const uint16_t* x, int64_t ldx, const uint16_t* A, int64_t in, int64_t r, int64_t Re, uint16_t* vb) {
+  __m512 acc[NB][C];
   for (int b = 0; b < NB; ++b)
-    for (int c = 0; c < 4; ++c) acc[b][c] = _mm512_setzero_ps();
-  const int64_t blocks = (R + 2 * kLanes - 1) / (2 * kLanes);
-  auto pass = [&](int64_t i, bool has_odd, const __m512i* xp) {
-    for (int64_t blk = 0; blk < blocks; ++blk) {
-      __m512i lo, hi;
-      load_pairs(A + i * r, r, has_odd, blk * 2 * kLanes, r, lo, hi);
-      for (int b = 0; b < NB; ++b) {
-        acc[b][2 * blk] = dot_pairs(acc[b][2 * blk], lo, xp[b]);
-        acc[b][2 * blk + 1] = dot_pairs(acc[b][2 * blk + 1], hi, xp[b]);
-      }
-    }
-  };
+    for (int c = 0; c < C; ++c) acc[b][c] = _mm512_setzero_ps();
+  __mmask16 mask[C];
+  for (int c = 0; c < C; ++c) mask[c] = static_cast<__mmask16>(first_lanes(r - c * kLanes));
   const char* bytes = reinterpret_cast<const char*>(A);
-  int64_t fetched = 0;  // bytes of A prefetched so far
-  int64_t i = 0;
-  for (; i + 1 < in; i += 2) {
-    for (const int64_t want = std::min(in * r * 2, (i + 2) * r * 2 + kPrefetchAhead); fetched < want; fetched += 64)
+  const int64_t total = in * r * 2;
+  int64_t fetched = 0;
+  for (int64_t i = 0; i < in; i += 2) {
+    const uint16_t* row = A + i * r;  // row pair i / 2: r pairs
+    for (const int64_t want = std::min(total, (i + 2) * r * 2 + kPrefetchAhead); fetched < want; fetched += 64)
       _mm_prefetch(bytes + fetched, _MM_HINT_T0);
     __m512i xp[NB];
     for (int b = 0; b < NB; ++b) xp[b] = pair_at(x + b * ldx + i);
-    pass(i, true, xp);
-  }
-  if (i < in) {  // odd input count: the last row pairs with zero
-    __m512i xp[NB];
-    for (int b = 0; b < NB; ++b) xp[b] = _mm512_set1_epi32(x[b * ldx + i]);
-    pass(i, false, xp);
+    for (int c = 0; c < C; ++c) {
+      const __m512i w = _mm512_maskz_loadu_epi32(mask[c], row + 2 * kLanes * c);
+      for (int b = 0; b < NB; ++b) acc[b][c] = dot_pairs(acc[b][c], w, xp[b]);
+    }
   }
   for (int b = 0; b < NB; ++b) {
-    alignas(64) uint16_t row[4 * kLanes];
-    for (int64_t blk = 0; blk < 2; ++blk) {
-      __m512 first, second;
-      in_order(acc[b][2 * blk], acc[b][2 * blk + 1], first, second);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(row + 2 * blk * kLanes), (__m256i)_mm512_cvtneps_pbh(first));
-      _mm256_store_si256(reinterpret_cast<__m256i*>(row + (2 * blk + 1) * kLanes), (__m256i)_mm512_cvtneps_pbh(second));
-    }
-    std::copy(row, row + Re, vb + b * Re);  // lanes [R, Re) are zero: A's lanes beyond r read as zero
+    alignas(64) uint16_t sums[4 * kLanes] = {};
+    for (int c = 0; c < C; ++c)
+      _mm256_store_si256(reinterpret_cast<__m256i*>(sums + c * kLanes), (__m256i)_mm512_cvtneps_pbh(acc[b][c]));
+    std::copy(sums, sums + Re, vb + b * Re);  // lanes [r, Re) are zero
+  }
+}
+
+// shrink_vecs for R <= 64.
+template <int NB>
+void shrink_dot(const uint16_t* x, int64_t ldx, const uint16_t* A, int64_t in, int64_t r, int64_t R, int64_t Re,
+                uint16_t* vb) {
+  switch ((R + kLanes - 1) / kLanes) {
+    case 1: return shrink_vecs<NB, 1>(x, ldx, A, in, r, Re, vb);
+    case 2: return shrink_vecs<NB, 2>(x, ldx, A, in, r, Re, vb);
+    case 3: return shrink_vecs<NB, 3>(x, ldx, A, in, r, Re, vb);
+    default: return shrink_vecs<NB, 4>(x, ldx, A, in, r, Re, vb);
   }
 }
 
 // For NB tokens, sink(t, col, lanes, delta) with delta = bf16(vb[t] @ B[0:Re, col:col + lanes]) as
-// floats, 16 columns at a time (lanes < 16 only at the end of a row); B [r, out] streamed in
-// 64-column blocks, its padded rows [r, Re) read as zero.
+// floats, 16 columns at a time (lanes < 16 only at the end of a row). B in blocked pairs (see
+// BlockedB), read front to back and prefetched kPrefetchAhead bytes ahead; rows past the stored
+// ones (BGMV's padding) are multiplied as zeros, not read.
 template <int NB, typename Sink>
-void expand_dot(const uint16_t* vb, int64_t Re, const uint16_t* B, int64_t r, int64_t out, Sink&& sink) {
-  for (int64_t o0 = 0; o0 < out; o0 += 4 * kLanes) {
+void expand_dot(const uint16_t* vb, int64_t Re, const BlockedB& B, int64_t out, Sink&& sink) {
+  const char* bytes = reinterpret_cast<const char*>(B.data());
+  const int64_t total = column_blocks(out) * B.pairs * 4 * kBlockColumns;  // bytes
+  int64_t fetched = 0;
+  for (int64_t o0 = 0; o0 < out; o0 += kBlockColumns) {
+    const uint16_t* block = B.block(o0);
     __m512 acc[NB][4];
     for (int b = 0; b < NB; ++b)
       for (int c = 0; c < 4; ++c) acc[b][c] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < Re; k += 2) {
+    for (int64_t p = 0; p < Re / 2; ++p) {
       __m512i w[4];
-      const uint16_t* row = B + k * out + o0;
-      const int64_t valid = k < r ? out - o0 : 0;
-      for (int64_t pair = 0; pair < 2 && k + pair < r && o0 + 4 * kLanes < out; ++pair)  // the next block's rows
-        for (int64_t half = 0; half < 2; ++half)
-          _mm_prefetch(reinterpret_cast<const char*>(row + pair * out + (4 + 2 * half) * kLanes), _MM_HINT_T0);
-      load_pairs(row, out, k + 1 < r, 0, valid, w[0], w[1]);
-      load_pairs(row, out, k + 1 < r, 2 * kLanes, valid, w[2], w[3]);
+      if (p < B.pairs) {
+        const uint16_t* row = block + p * 2 * kBlockColumns;
+        const int64_t want = std::min(total, (row - B.data()) * 2 + 4 * kBlockColumns + kPrefetchAhead);
+        for (; fetched < want; fetched += 64) _mm_prefetch(bytes + fetched, _MM_HINT_T0);
+        for (int c = 0; c < 4; ++c) w[c] = _mm512_loadu_si512(row + 2 * kLanes * c);
+      } else {
+        for (int c = 0; c < 4; ++c) w[c] = _mm512_setzero_si512();
+      }
       for (int b = 0; b < NB; ++b) {
-        const __m512i vp = pair_at(vb + b * Re + k);
+        const __m512i vp = pair_at(vb + b * Re + 2 * p);
         for (int c = 0; c < 4; ++c) acc[b][c] = dot_pairs(acc[b][c], w[c], vp);
       }
     }
-    for (int b = 0; b < NB; ++b) {
-      __m512 sums[4];
-      in_order(acc[b][0], acc[b][1], sums[0], sums[1]);
-      in_order(acc[b][2], acc[b][3], sums[2], sums[3]);
+    for (int b = 0; b < NB; ++b)
       for (int c = 0; c < 4 && o0 + c * kLanes < out; ++c) {
         const int64_t col = o0 + c * kLanes;
-        sink(b, col, std::min<int64_t>(kLanes, out - col), _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(sums[c])));
+        sink(b, col, std::min<int64_t>(kLanes, out - col), _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(acc[b][c])));
       }
-    }
   }
 }
 
@@ -318,14 +408,14 @@ void expand_dot(const uint16_t* vb, int64_t Re, const uint16_t* B, int64_t r, in
 // token's rounded delta bf16(bf16(x[t] @ A) @ B) (see expand_dot); R: the rank the sums run to
 // (BGMV's pad rank, else A's), <= 64. Each token's sums do not depend on the tokens beside it.
 template <typename Sink>
-void short_rows_dot(const uint16_t* x, int64_t ldx, int64_t n, int64_t in, const uint16_t* A, const uint16_t* B,
+void short_rows_dot(const uint16_t* x, int64_t ldx, int64_t n, int64_t in, const PairedA& A, const BlockedB& B,
                     int64_t r, int64_t R, int64_t out, Sink&& sink) {
   const int64_t Re = (R + 1) / 2 * 2;
   uint16_t vb[4 * kMaxDotRank];
   for_token_blocks(n, [&](int64_t t0, auto nb) {
     constexpr int NB = decltype(nb)::value;
-    shrink_dot<NB>(x + t0 * ldx, ldx, A, in, r, R, Re, vb);
-    expand_dot<NB>(vb, Re, B, r, out, [&](int b, int64_t col, int64_t lanes, __m512 delta) {
+    shrink_dot<NB>(x + t0 * ldx, ldx, A.data(), in, r, R, Re, vb);
+    expand_dot<NB>(vb, Re, B, out, [&](int b, int64_t col, int64_t lanes, __m512 delta) {
       sink(t0 + b, col, lanes, delta);
     });
   });
@@ -340,8 +430,9 @@ void run_segment_dot(const Item& it, const at::Tensor& y, const at::Tensor& x, c
                      const at::Tensor& B, int64_t R) {
   const int64_t ldy = y.stride(0);
   at::BFloat16* yp = y.data_ptr<at::BFloat16>() + it.start * ldy;
-  short_rows_dot(bits_of(x) + it.start * x.stride(0), x.stride(0), it.end - it.start, x.size(1), bits_of(A),
-                 bits_of(B), A.size(1), R, y.size(1), [&](int64_t t, int64_t col, int64_t lanes, __m512 delta) {
+  const int64_t r = A.size(1), out = y.size(1);
+  short_rows_dot(bits_of(x) + it.start * x.stride(0), x.stride(0), it.end - it.start, x.size(1), PairedA(A, r),
+                 BlockedB(B, r, out, (r + 1) / 2), r, R, out, [&](int64_t t, int64_t col, int64_t lanes, __m512 delta) {
                    at::BFloat16* dst = yp + t * ldy + col;
                    const __m512 sum = _mm512_add_ps(load16_masked(dst, 0, lanes), delta);
                    _mm256_mask_storeu_epi16(dst, static_cast<__mmask16>(first_lanes(lanes)),
@@ -371,7 +462,6 @@ at::Tensor padded(const at::Tensor& w, int64_t dim, int64_t target) {
 // ---- long segments on the batch-reduce GEMM (bf16) -----------------------------------------
 
 constexpr int64_t kRowBlock = 32;       // rows of x per GEMM
-constexpr int64_t kColBlock = 64;       // output columns per expand GEMM
 constexpr int64_t kMaxPairedRank = 64;  // larger ranks go to BLAS
 constexpr int64_t kDotColumns = 16;     // dot_gemm takes N in multiples of this
 
@@ -386,60 +476,39 @@ bool matrix_units() { return at::native::cpublas::could_pack(at::kBFloat16); }
 
 // Whether long segments of this dtype, at ranks up to ``rank``, with ``in`` inputs and ``out`` outputs,
 // run on the pair GEMMs here (dot_gemm.h): the batch-reduce GEMM, or without AMX the bf16
-// dot-product GEMM, which takes an even ``in`` and ``out`` a multiple of 16.
+// dot-product GEMM, which also takes only ``out`` a multiple of 16. Both take A in pairs: ``in`` even.
 bool paired_path(at::ScalarType dtype, int64_t rank, int64_t in, int64_t out) {
-  if (dtype != at::kBFloat16 || rank > kMaxPairedRank) return false;
+  if (dtype != at::kBFloat16 || rank > kMaxPairedRank || in % 2 != 0) return false;
   if (matrix_units()) return true;
 #if defined(__AVX512BF16__)
-  return in % 2 == 0 && out % kDotColumns == 0;
+  return out % kDotColumns == 0;
 #else
   return false;
 #endif
 }
 
-// Whether short segments of this dtype, at ranks (or BGMV's pad rank) up to ``rank``, run on the
-// bf16 pair dot products here.
-bool dot_path(at::ScalarType dtype, int64_t rank) {
+// Whether short segments of this dtype, at ranks (or BGMV's pad rank) up to ``rank``, with ``in``
+// inputs, run on the bf16 pair dot products here (A in pairs: ``in`` even).
+bool dot_path(at::ScalarType dtype, int64_t rank, int64_t in) {
 #if defined(__AVX512BF16__)
-  return dtype == at::kBFloat16 && rank <= kMaxDotRank;
+  return dtype == at::kBFloat16 && rank <= kMaxDotRank && in % 2 == 0;
 #else
   return false;
 #endif
 }
 
-// w: [k, n] bf16 -> [kp / 2, np, 2]: rows in pairs (the GEMM's B layout), zero-padded to kp
-// (even) rows and np columns.
-std::vector<at::BFloat16> pair_rows(const at::Tensor& w, int64_t kp, int64_t np) {
-  const int64_t k = w.size(0), n = w.size(1);
-  const auto* src = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  std::vector<at::BFloat16> out(kp * np, at::BFloat16(0.f));
-  auto* dst = reinterpret_cast<uint16_t*>(out.data());
-  for (int64_t i = 0; i < k; i += 2) {
-    const uint16_t* even = src + i * n;
-    uint16_t* pair = dst + i * np;  // row pair i / 2: np columns of 2
-    if (i + 1 < k) {
-      const uint16_t* odd = even + n;
-      for (int64_t j = 0; j < n; ++j) {
-        pair[2 * j] = even[j];
-        pair[2 * j + 1] = odd[j];
-      }
-    } else {
-      for (int64_t j = 0; j < n; ++j) pair[2 * j] = even[j];
-    }
-  }
-  return out;
-}
-
-// One long segment's adapter as the GEMMs read it: A [in, R] and B [R, out] in pairs, the rank
-// padded to R (BGMV's pad rank, else the adapter's own) and to an even count for B. Without
-// matrix units A's columns are zero-padded to a multiple of 16 (``a_cols``), as dot_gemm takes them.
+// One long segment's adapter as the GEMMs read it: A [in, R] in pairs and B [R, out] in blocked
+// pairs, the rank padded to R (BGMV's pad rank, else the adapter's own) and to an even count for B.
+// Without matrix units A's columns are zero-padded to a multiple of 16 (``a_cols``), as dot_gemm
+// takes them.
 struct PairedAdapter {
   int64_t rank = 0, even_rank = 0, a_cols = 0;
-  std::vector<at::BFloat16> a, b;
+  PairedA a;
+  BlockedB b;
   PairedAdapter() = default;
-  PairedAdapter(const at::Tensor& A, const at::Tensor& B, int64_t R, bool units)
+  PairedAdapter(const at::Tensor& A, const at::Tensor& B, int64_t R, int64_t out, bool units)
       : rank(R), even_rank((R + 1) / 2 * 2), a_cols(units ? R : (R + kDotColumns - 1) / kDotColumns * kDotColumns),
-        a(pair_rows(A, A.size(0), a_cols)), b(pair_rows(B, even_rank, B.size(1))) {}
+        a(A, a_cols), b(B, A.size(1), out, even_rank / 2) {}
 };
 
 // Rows [i0, i0 + rows) of a long segment (x rows ``lda`` apart): v = bf16(x @ A), then for each
@@ -448,16 +517,17 @@ struct PairedAdapter {
 template <typename Sink>
 void long_rows(bool units, const at::BFloat16* x, int64_t lda, int64_t rows, int64_t in, int64_t out,
                const PairedAdapter& w, Sink&& sink) {
-  float c[kRowBlock * std::max(kColBlock, kMaxPairedRank)];
+  float c[kRowBlock * std::max(kBlockColumns, kMaxPairedRank)];
   at::BFloat16 v[kRowBlock * kMaxPairedRank];
-  pair_gemm(units, rows, w.a_cols, in, lda, w.a_cols, w.a_cols, x, w.a.data(), c);
+  pair_gemm(units, rows, w.a_cols, in, lda, w.a_cols, w.a_cols, x, reinterpret_cast<const at::BFloat16*>(w.a.data()), c);
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t j = 0; j < w.rank; ++j) v[i * w.even_rank + j] = at::BFloat16(c[i * w.a_cols + j]);
     if (w.even_rank > w.rank) v[i * w.even_rank + w.rank] = at::BFloat16(0.f);
   }
-  for (int64_t col = 0; col < out; col += kColBlock) {
-    const int64_t width = std::min(kColBlock, out - col);
-    pair_gemm(units, rows, width, w.even_rank, w.even_rank, out, width, v, w.b.data() + col * 2, c);
+  for (int64_t col = 0; col < out; col += kBlockColumns) {
+    const int64_t width = std::min(kBlockColumns, out - col);
+    const auto* block = reinterpret_cast<const at::BFloat16*>(w.b.block(col));
+    pair_gemm(units, rows, width, w.even_rank, w.even_rank, kBlockColumns, width, v, block, c);
     sink(col, width, c);
   }
 }
@@ -484,7 +554,7 @@ void long_segments_paired(at::Tensor& y, const at::Tensor& x, const std::vector<
   at::parallel_for(0, (int64_t)large.size(), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t s = lo; s < hi; ++s) {
       const at::Tensor& a = A[large[s].adapter];
-      paired[s] = PairedAdapter(a, B[large[s].adapter], pad_rank > 0 ? pad_rank : a.size(1), units);
+      paired[s] = PairedAdapter(a, B[large[s].adapter], pad_rank > 0 ? pad_rank : a.size(1), y.size(1), units);
     }
   });
   std::vector<std::pair<int64_t, int64_t>> blocks;  // (segment, first row)
@@ -508,7 +578,7 @@ void long_segments_paired(at::Tensor& y, const at::Tensor& x, const std::vector<
 void long_segments_blas(at::Tensor& y, const at::Tensor& x, const std::vector<Item>& large,
                         const std::vector<at::Tensor>& A, const std::vector<at::Tensor>& B, int64_t pad_rank) {
   for (const auto& it : large) {
-    at::Tensor a = A[it.adapter], b = B[it.adapter];
+    at::Tensor a = plain_a(A[it.adapter]), b = plain_b(B[it.adapter], a.size(1), y.size(1));
     if (pad_rank > 0) {
       a = padded(a, 1, pad_rank);
       b = padded(b, 0, pad_rank);
@@ -519,13 +589,13 @@ void long_segments_blas(at::Tensor& y, const at::Tensor& x, const std::vector<It
 
 // Short segments dealt into `threads` shares of about equal work, largest first, each to the
 // share with the least so far. A segment's work: its weights (the rank it computes at) times its
-// passes over them (4 tokens each); a thread's share is its adapters' bytes, not its count.
+// passes over them (4 tokens each); a thread's share is its adapters' bytes, not its count. Every
+// segment has the same input and output counts, so the rank stands for the weights.
 std::vector<std::vector<Item>> deal_by_size(const std::vector<Item>& items, const std::vector<at::Tensor>& A,
-                                            const std::vector<at::Tensor>& B, int64_t pad_rank, int64_t threads) {
+                                            int64_t pad_rank, int64_t threads) {
   auto work = [&](const Item& it) {
-    const at::Tensor& a = A[it.adapter];
-    const int64_t R = pad_rank > 0 ? pad_rank : a.size(1);
-    return R * (a.size(0) + B[it.adapter].size(1)) * ((it.end - it.start + 3) / 4);
+    const int64_t R = pad_rank > 0 ? pad_rank : A[it.adapter].size(1);
+    return R * ((it.end - it.start + 3) / 4);
   };
   std::vector<Item> order(items);
   std::stable_sort(order.begin(), order.end(), [&](const Item& p, const Item& q) { return work(p) > work(q); });
@@ -560,8 +630,7 @@ void lora_segments_(at::Tensor y, at::Tensor x, at::Tensor segs, std::vector<at:
     TORCH_CHECK(a.is_contiguous() && B[it.adapter].is_contiguous(), "adapter weights must be contiguous");
     TORCH_CHECK(a.scalar_type() == x.scalar_type() && B[it.adapter].scalar_type() == x.scalar_type(),
                 "adapter dtype must match activations");
-    TORCH_CHECK(a.size(0) == x.size(1) && B[it.adapter].size(1) == y.size(1) && B[it.adapter].size(0) == a.size(1),
-                "adapter shape mismatch");
+    TORCH_CHECK(a_shape_ok(a, x.size(1)) && b_shape_ok(B[it.adapter], a.size(1), y.size(1)), "adapter shape mismatch");
     TORCH_CHECK(pad_rank == 0 || pad_rank >= a.size(1), "pad_rank below an adapter's rank");
     const bool paired = paired_path(x.scalar_type(), std::max(pad_rank, a.size(1)), x.size(1), y.size(1));
     if (it.end - it.start >= (paired ? kPairedThreshold : kBlasThreshold)) {
@@ -577,7 +646,7 @@ void lora_segments_(at::Tensor y, at::Tensor x, at::Tensor segs, std::vector<at:
       long_segments_blas(y, x, large, A, B, pad_rank);
   }
   if (small.empty()) return;
-  const auto shares = deal_by_size(small, A, B, pad_rank, at::get_num_threads());
+  const auto shares = deal_by_size(small, A, pad_rank, at::get_num_threads());
   auto run_all = [&](auto tag) {
     using scalar_t = decltype(tag);
     at::parallel_for(0, (int64_t)shares.size(), 1, [&](int64_t lo, int64_t hi) {
@@ -586,12 +655,12 @@ void lora_segments_(at::Tensor y, at::Tensor x, at::Tensor segs, std::vector<at:
           const at::Tensor& a = A[it.adapter];
 #if defined(__AVX512BF16__)
           const int64_t R = pad_rank > 0 ? pad_rank : a.size(1);
-          if (dot_path(x.scalar_type(), R)) {
+          if (dot_path(x.scalar_type(), R, x.size(1))) {
             run_segment_dot(it, y, x, a, B[it.adapter], R);
             continue;
           }
 #endif
-          run_segment<scalar_t>(it, y, x, a, B[it.adapter], pad_rank);
+          run_segment<scalar_t>(it, y, x, plain_a(a), plain_b(B[it.adapter], a.size(1), y.size(1)), pad_rank);
         }
     });
   };
@@ -622,7 +691,7 @@ void long_delta(at::Tensor out, at::Tensor x, at::Tensor A, at::Tensor B) {
   TORCH_CHECK(A.size(1) <= kMaxPairedRank, "long_delta takes ranks up to ", kMaxPairedRank);
   TORCH_CHECK(paired_path(x.scalar_type(), A.size(1), x.size(1), out.size(1)), "long_delta needs the pair GEMMs");
   const bool units = matrix_units();
-  const PairedAdapter w(A, B, A.size(1), units);
+  const PairedAdapter w(A, B, A.size(1), out.size(1), units);
   const int64_t n = x.size(0), lda = x.stride(0), ldo = out.stride(0);
   const auto* xp = x.data_ptr<at::BFloat16>();
   float* op = out.data_ptr<float>();
@@ -644,24 +713,54 @@ bool long_delta_available(int64_t rank, int64_t in, int64_t out) { return paired
 // rows of a segment on their own (operands as long_delta's).
 void short_delta(at::Tensor out, at::Tensor x, at::Tensor A, at::Tensor B) {
   check_delta_operands(out, x, A, B);
-  TORCH_CHECK(dot_path(x.scalar_type(), A.size(1)), "short_delta needs ranks up to ", kMaxDotRank, " and AVX512-BF16");
+  TORCH_CHECK(dot_path(x.scalar_type(), A.size(1), x.size(1)), "short_delta needs ranks up to ", kMaxDotRank,
+              ", an even input count and AVX512-BF16");
 #if defined(__AVX512BF16__)
   float* op = out.data_ptr<float>();
   const int64_t ldo = out.stride(0);
-  short_rows_dot(bits_of(x), x.stride(0), x.size(0), x.size(1), bits_of(A), bits_of(B), A.size(1), A.size(1),
-                 out.size(1), [&](int64_t t, int64_t col, int64_t lanes, __m512 delta) {
+  const int64_t r = A.size(1);
+  short_rows_dot(bits_of(x), x.stride(0), x.size(0), x.size(1), PairedA(A, r), BlockedB(B, r, out.size(1), (r + 1) / 2),
+                 r, r, out.size(1), [&](int64_t t, int64_t col, int64_t lanes, __m512 delta) {
                    _mm512_mask_storeu_ps(op + t * ldo + col, static_cast<__mmask16>(first_lanes(lanes)), delta);
                  });
 #endif
 }
 
-// Whether short_delta runs here for this rank (else lora_segments_ runs short bf16 segments in float32).
-bool short_delta_available(int64_t rank) { return dot_path(at::kBFloat16, rank); }
+// Whether short_delta runs here for this rank and input count (else lora_segments_ runs short bf16 segments in float32).
+bool short_delta_available(int64_t rank, int64_t in) { return dot_path(at::kBFloat16, rank, in); }
+
+// A [in, r] (bf16, contiguous, in even) in pairs: [in / 2, r, 2], the layout lora_segments_ reads in place.
+at::Tensor pack_a(at::Tensor A) {
+  TORCH_CHECK(A.dim() == 2 && A.is_contiguous() && A.scalar_type() == at::kBFloat16 && A.size(0) % 2 == 0,
+              "A [in, r] bf16 contiguous with an even in expected");
+  at::Tensor packed = at::empty({A.size(0) / 2, A.size(1), 2}, A.options());
+  pair_columns(A, A.size(1), reinterpret_cast<uint16_t*>(packed.data_ptr<at::BFloat16>()));
+  return packed;
+}
+
+// B [r, out] (bf16, contiguous) in blocked pairs: [ceil(out / 64), ceil(r / 2), 64, 2], the layout
+// lora_segments_ reads in place.
+at::Tensor pack_b(at::Tensor B) {
+  TORCH_CHECK(B.dim() == 2 && B.is_contiguous() && B.scalar_type() == at::kBFloat16, "B [r, out] bf16 contiguous expected");
+  const int64_t pairs = (B.size(0) + 1) / 2;
+  at::Tensor packed = at::empty({column_blocks(B.size(1)), pairs, kBlockColumns, 2}, B.options());
+  block_pairs(B, pairs, reinterpret_cast<uint16_t*>(packed.data_ptr<at::BFloat16>()));
+  return packed;
+}
+
+// Whether lora_segments_ reads a bf16 adapter of this rank and shape in pairs on both of its pair
+// paths (short: the dot products; long: the pair GEMMs), so that storing it packed (pack_a, pack_b) pays.
+bool packs(int64_t rank, int64_t in, int64_t out) {
+  return rank > 0 && dot_path(at::kBFloat16, rank, in) && paired_path(at::kBFloat16, rank, in, out);
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lora_segments_", &lora_segments_, "y[seg] += x[seg] @ A[u] @ B[u] over segments (in place)");
   m.def("long_delta", &long_delta, "A long segment's rounded bf16 delta, for rows on their own, into float32");
   m.def("long_delta_available", &long_delta_available, "Whether long_delta runs here for this rank, in and out");
   m.def("short_delta", &short_delta, "A short segment's rounded bf16 delta, for rows on their own, into float32");
-  m.def("short_delta_available", &short_delta_available, "Whether short_delta runs here for this rank");
+  m.def("short_delta_available", &short_delta_available, "Whether short_delta runs here for this rank and input count");
+  m.def("pack_a", &pack_a, "A [in, r] in the pairs lora_segments_ reads in place");
+  m.def("pack_b", &pack_b, "B [r, out] in the blocked pairs lora_segments_ reads in place");
+  m.def("packs", &packs, "Whether lora_segments_ reads an adapter of this rank, in and out in pairs");
 }

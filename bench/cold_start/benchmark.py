@@ -62,6 +62,7 @@ from bench.paths import MAF_DIR, RESULTS
 from services.gpu_worker.engine import LLMEngine
 from services.gpu_worker.engine_config import EngineConfig
 from launcher.local_pool import LocalPool
+from services.gpu_worker.lora_ops import residency_layout
 from services.gpu_worker.residency.factory import Model, make_residency
 from services.gpu_worker.residency.host_store import HostStore
 from services.gpu_worker.residency.tiered import TieredResidency
@@ -247,8 +248,9 @@ def make_engine(model_dir: Path, device: str, mode: str, root: Path, store: Host
     cfg = ResidencyConfig(adapter_dir=str(root), cold_start=mode, device_adapter_bytes=device_bytes,
                           emulate_link_gbps=gbps, emulate_link_latency_ms=latency_ms, cpu_prefill_workers=pool_workers)
     config = EngineConfig(dtype="bfloat16", device=device, max_lora_rank=rank, num_threads=threads)
-    built = make_residency(cfg, Model(shape, rank, torch.bfloat16, device, config.max_batched_tokens, str(model_dir)),
-                           BENCH_WORKER, host_store=store)
+    model = Model(shape, rank, torch.bfloat16, device, config.max_batched_tokens, str(model_dir),
+                  residency_layout(device, config.native_ops))
+    built = make_residency(cfg, model, BENCH_WORKER, host_store=store)
     engine = LLMEngine(model_dir, config, residency=built)
     return engine, built.residency
 

@@ -33,7 +33,7 @@ def lora_slice(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Ten
     if kernel is None:
         torch.mm(torch.mm(x.float(), a.float()), b.float(), out=out)
         return
-    if x.dtype == torch.bfloat16 and kernel.short_delta_available(a.shape[1]):
+    if x.dtype == torch.bfloat16 and kernel.short_delta_available(a.shape[1], a.shape[0]):
         kernel.short_delta(out, x, a.contiguous(), b.contiguous())
         return
     out.zero_()

@@ -24,7 +24,7 @@ import torch
 from services.gpu_worker.admission import Admission, StepPlan
 from services.gpu_worker.engine_config import EngineConfig
 from services.gpu_worker.kv_cache import BlockManager, allocate_cache, blocks_for_budget
-from services.gpu_worker.lora_ops import get_backend, triton_lora_kernel
+from services.gpu_worker.lora_ops import get_backend, residency_layout, triton_lora_kernel
 from services.gpu_worker.model import LlamaModel
 from services.gpu_worker.request import (DuplicateRequestError, EngineRequest, RequestError, RequestOutput,
                                         UnknownAdapterRequestError)
@@ -79,7 +79,7 @@ class LLMEngine:
         built = residency if isinstance(residency, Built) else make_residency(
             residency or ResidencyConfig(cold_start="cached"),
             Model(mc.shape, self.config.max_lora_rank, self.dtype, device, self.config.max_batched_tokens,
-                  str(model_dir)), worker_id, adapters)
+                  str(model_dir), residency_layout(device, self.config.native_ops)), worker_id, adapters)
         self.residency: AdapterResidency = built.residency
         self.pool: PoolHealth | None = built.pool  # cpu_assist: the CPU prefill pool's health
         if residency is None:

@@ -11,6 +11,13 @@ tokens of one adapter form contiguous segments::
 * ``A[u]``: ``[in, r_u]``, ``B[u]``: ``[r_u, out]`` with the LoRA scaling folded in.
   ``r_u == 0`` (an empty tensor) means the adapter has no weights on this projection.
 * Tokens in no segment (base-model requests) are left untouched.
+* On CPU, the residency may keep an adapter in the native kernel's pair layouts instead
+  (:func:`kernel_layout`): ``A[u]`` as ``[in / 2, r_u, 2]``, row pair ``(i, i + 1)`` as
+  ``r_u`` bf16 pairs, and ``B[u]`` as ``[ceil(out / 64), ceil(r_u / 2), 64, 2]``, for each
+  block of 64 output columns its row pairs ``(k, k + 1)`` as 64 bf16 pairs, zero past row
+  ``r_u`` and column ``out``. ``A[u].shape[1]`` is the rank in both layouts. A decode step
+  then reads both front to back, with no shuffles (docs/engine_performance.md, round 10).
+  Only the native CPU kernel reads them.
 
 The two backends differ in cost, not in result:
 
@@ -36,6 +43,7 @@ references. :func:`lora_reference` is the plain per-token definition every path 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -126,6 +134,30 @@ def triton_lora_kernel() -> ModuleType | None:
     return triton_lora
 
 
+def kernel_layout(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A [in, r], B [r, out])`` as the native CPU kernel reads them in place: in pairs
+    (see the module docstring) where it reads them so on both of its bf16 paths, else unchanged
+    (as are weights already in pairs)."""
+    kernel = cpu_lora_kernel()
+    if (kernel is None or a.device.type != "cpu" or a.dtype != torch.bfloat16 or a.dim() != 2 or b.dim() != 2
+            or not kernel.packs(a.shape[1], a.shape[0], b.shape[1])):
+        return a, b
+    return kernel.pack_a(a), kernel.pack_b(b)
+
+
+def residency_layout(device: str, native_ops: bool) -> Callable[[torch.Tensor, torch.Tensor], tuple] | None:
+    """How adapter residency keeps (A, B) for an engine on ``device``: :func:`kernel_layout` where
+    the native CPU kernel runs, else None (as loaded; CUDA's kernels read plain weights)."""
+    return kernel_layout if native_ops and torch.device(device).type == "cpu" else None
+
+
+def _plain(batch: LoraBatch) -> LoraBatch:
+    """``batch`` for the torch paths, which read plain weights only."""
+    if any(a.dim() != 2 for a in batch.A) or any(b.dim() != 2 for b in batch.B):
+        raise ValueError("weights in pairs (kernel_layout) are read by the native CPU kernel only")
+    return batch
+
+
 def _native(x: torch.Tensor, use_native: bool) -> ModuleType | None:
     """The ``lora_segments_`` kernel for x's device (C++ on CPU, Triton on CUDA); None: torch path."""
     if not use_native:
@@ -144,7 +176,7 @@ def bgmv(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch, use_native: bool = 
     if kernel is not None:
         kernel.lora_segments_(y, x, batch.segs, batch.A, batch.B, rank)
     else:
-        _bgmv_torch(y, x, batch, rank)
+        _bgmv_torch(y, x, _plain(batch), rank)
 
 
 def mbgmv(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch, use_native: bool = True) -> None:
@@ -153,7 +185,7 @@ def mbgmv(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch, use_native: bool =
     if kernel is not None:
         kernel.lora_segments_(y, x, batch.segs, batch.A, batch.B, 0)
     else:
-        _mbgmv_torch(y, x, batch)
+        _mbgmv_torch(y, x, _plain(batch))
 
 
 def get_backend(name: str):

@@ -117,6 +117,25 @@ def _empty(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return _EMPTY[key]
 
 
+class WeightLists:
+    """The ``A`` and ``B`` lists the batched op takes for each (layer, projection), kept from step to
+    step while the steps' adapters, and the layers each has landed, stay the same: a run of decode
+    steps builds them once instead of once per step (210 lists of every adapter's weights a step
+    for a 30-layer model). Holds the adapters it keys on, so their ids stay theirs."""
+
+    def __init__(self) -> None:
+        self._adapters: list[LoraAdapter] = []
+        self._key: tuple[tuple[int, int], ...] = ()
+        self._lists: dict[tuple[int, str], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+
+    def for_adapters(self, adapters: list[LoraAdapter]) -> dict[tuple[int, str], tuple[list, list]]:
+        """The (possibly still empty) lists by (layer, projection) for this adapter order."""
+        key = tuple((id(ad), len(ad.weights)) for ad in adapters)
+        if key != self._key:
+            self._adapters, self._key, self._lists = list(adapters), key, {}
+        return self._lists
+
+
 @dataclass
 class LoraStep:
     """Applies a step's LoRA plan inside the model forward."""
@@ -126,12 +145,14 @@ class LoraStep:
     dtype: torch.dtype
     device: torch.device
     deltas: ExternalDeltas | None = None
+    weight_lists: WeightLists = field(default_factory=WeightLists)
     adapters: list[LoraAdapter] = field(init=False)
 
     def __post_init__(self) -> None:
         self.segments = [s for s in self.segments if s.adapter is not None or s.external is not None]
         self.empty = _empty(self.dtype, self.device)
         rows, self.adapters = device_rows(self.segments)
+        self._lists = self.weight_lists.for_adapters(self.adapters)
         self._has_device = bool(rows)
         self._all_device = torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
         self._cold: dict[tuple[int, str], list[ColdPart]] = {}
@@ -178,9 +199,12 @@ class LoraStep:
             self.deltas.finish(layer, group, by_proj, parts)
 
     def _device_batch(self, layer: int, proj: str) -> LoraBatch:
-        A, B = [], []
-        for ad in self.adapters:
-            pair = ad.weights.get((layer, proj))
-            A.append(pair[0] if pair is not None else self.empty)
-            B.append(pair[1] if pair is not None else self.empty)
-        return LoraBatch(self._all_device, A, B)
+        lists = self._lists.get((layer, proj))
+        if lists is None:
+            A, B = [], []
+            for ad in self.adapters:
+                pair = ad.weights.get((layer, proj))
+                A.append(pair[0] if pair is not None else self.empty)
+                B.append(pair[1] if pair is not None else self.empty)
+            lists = self._lists[(layer, proj)] = (A, B)
+        return LoraBatch(self._all_device, *lists)

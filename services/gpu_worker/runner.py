@@ -12,7 +12,7 @@ from services.gpu_worker.admission import StepPlan
 from services.gpu_worker.attention import AttentionMetadata, DecodeGroup, PrefillGroup, native_decode
 from services.gpu_worker.kv_cache import BlockManager
 from services.gpu_worker.lora_ops import get_backend
-from services.gpu_worker.lora_plan import LoraSegment, LoraStep
+from services.gpu_worker.lora_plan import LoraSegment, LoraStep, WeightLists
 from services.gpu_worker.residency.protocol import AdapterResidency
 from services.gpu_worker.model import LlamaModel
 from services.gpu_worker.sampling import sample
@@ -86,6 +86,7 @@ class ModelRunner:
         self.model, self.blocks, self.kv, self.residency = model, blocks, kv, residency
         self.use_native, self.graphs = use_native, graphs
         self.device = model.device
+        self.weight_lists = WeightLists()  # the steps' per-(layer, projection) adapter lists, while unchanged
         self.set_backend(backend)
 
     def set_backend(self, backend: str) -> None:
@@ -167,7 +168,8 @@ class ModelRunner:
             return self.graphs.run(batch, padded=self.backend == "bgmv")
         lora = None
         if batch.segments:
-            lora = LoraStep(batch.segments, self.lora_op, self.model.dtype, self.device, self.residency.deltas())
+            lora = LoraStep(batch.segments, self.lora_op, self.model.dtype, self.device, self.residency.deltas(),
+                            self.weight_lists)
         with torch.inference_mode():
             hidden = self.model.forward(batch.input_ids, batch.positions, batch.meta, self.kv, lora)
             return self.model.logits(hidden[batch.last_index])

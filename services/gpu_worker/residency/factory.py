@@ -21,7 +21,7 @@ from services.gpu_worker.residency.cold_start import Cached, ColdStart, OnDemand
 from services.gpu_worker.residency.config import DEFAULT_TOKENS_PER_CORE, ResidencyConfig
 from services.gpu_worker.residency.cpu_assist import CpuAssist
 from services.gpu_worker.residency.host_store import HostStore
-from services.gpu_worker.residency.link import Link
+from services.gpu_worker.residency.link import Layout, Link
 from services.gpu_worker.residency.pool_health import PoolHealth
 from services.gpu_worker.residency.tiered import TieredResidency
 from shared.core_split import host_cores, pool_cores, worker_cores
@@ -43,6 +43,7 @@ class Model:
     device: str
     max_tokens: int  # tokens a step may carry (a ring slot's capacity)
     base_model: str | None = None
+    layout: Layout | None = None  # how the device tier keeps (A, B) for the LoRA kernel (None: as loaded)
 
 
 @dataclass
@@ -79,10 +80,10 @@ def make_residency(config: ResidencyConfig, model: Model, worker_id: str = "loca
         strategy, pool = _cpu_assist(config, model, worker_id, prefix, store)
     else:
         store = host_store or HostStore(config.host_adapter_bytes, model.shape, model.max_rank, model.dtype, pin,
-                                        model.base_model)
+                                        model.base_model, layout=model.layout)
         strategy = Cached() if config.cold_start == "cached" else OnDemand()
     residency = TieredResidency(config, model.shape, model.max_rank, model.dtype, model.device, store, strategy,
-                                adapters, link, owns_host_store=host_store is None)
+                                adapters, link, owns_host_store=host_store is None, layout=model.layout)
     return Built(residency, pool)
 
 

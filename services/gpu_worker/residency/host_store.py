@@ -7,10 +7,14 @@ adapters are dropped back to disk-only. An adapter larger than the whole budget 
 still returned, just not kept. Thread-safe: the loader thread reads through it while
 the step loop drops unloaded adapters.
 
+With ``layout`` (the native CPU kernel's pair layouts, lora_ops.kernel_layout) a private host
+copy is kept in that layout, so the CPU device tier shares it as it is (the EMULATED link).
+
 With ``shared_prefix`` (cpu_assist mode) each host copy lives in one shared-memory
 segment (:class:`~shared.shm_exchange.AdapterSegment`, numbered by a per-store adapter id)
 that the CPU prefill pool maps: a cold request's CPU work reads the same bytes, with no
 copy per request and no second read from disk. A dropped adapter's segment is unlinked.
+Shared copies stay plain (the pool reads them so); the link lays out the device copy.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections import OrderedDict
 
 import torch
 
+from services.gpu_worker.residency.link import Layout
 from shared.adapter_registry import AdapterRecord
 from shared.llama_shape import LlamaShape
 from shared.peft_adapter import LoraAdapter, load_adapter
@@ -29,13 +34,16 @@ from shared.shm_exchange import AdapterSegment
 log = logging.getLogger(__name__)
 
 
-def to_host(adapter: LoraAdapter, dtype: torch.dtype, pin: bool) -> LoraAdapter:
-    """A host copy of ``adapter`` in ``dtype``, page-locked when ``pin``."""
+def to_host(adapter: LoraAdapter, dtype: torch.dtype, pin: bool, layout: Layout | None = None) -> LoraAdapter:
+    """A host copy of ``adapter`` in ``dtype``, page-locked when ``pin``, in ``layout`` when given."""
     def place(t: torch.Tensor) -> torch.Tensor:
         t = t.to("cpu", dtype).contiguous()
         return t.pin_memory() if pin else t
 
-    return _with_weights(adapter, {k: (place(a), place(b)) for k, (a, b) in adapter.weights.items()})
+    def lay_out(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return layout(a, b) if layout is not None else (a, b)
+
+    return _with_weights(adapter, {k: lay_out(place(a), place(b)) for k, (a, b) in adapter.weights.items()})
 
 
 def _with_weights(adapter: LoraAdapter, weights: dict) -> LoraAdapter:
@@ -47,10 +55,10 @@ class HostStore:
     """Host-memory tier of adapter residency, LRU within ``budget_bytes``."""
 
     def __init__(self, budget_bytes: int, shape: LlamaShape, max_rank: int, dtype: torch.dtype, pin: bool,
-                 base_model: str | None = None, shared_prefix: str | None = None) -> None:
+                 base_model: str | None = None, shared_prefix: str | None = None, layout: Layout | None = None) -> None:
         self.budget_bytes, self.shape, self.max_rank = budget_bytes, shape, max_rank
         self.dtype, self.pin, self.base_model = dtype, pin, base_model
-        self.shared_prefix = shared_prefix
+        self.shared_prefix, self.layout = shared_prefix, layout
         self._adapters: OrderedDict[str, LoraAdapter] = OrderedDict()
         self._segments: dict[str, AdapterSegment] = {}
         self._next_id = 1
@@ -80,7 +88,7 @@ class HostStore:
             self.misses += 1
         loaded = load_adapter(record.name, record.path, self.shape, self.max_rank, self.base_model)
         if self.shared_prefix is None:
-            adapter = to_host(loaded, self.dtype, self.pin)
+            adapter = to_host(loaded, self.dtype, self.pin, self.layout)
             self._keep(adapter)
             return adapter
         return self._keep_shared(loaded)

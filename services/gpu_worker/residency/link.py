@@ -14,7 +14,9 @@ transfer, :meth:`send` issues one group's copies and returns a handle, and
   bytes costs ``latency + n / G``, the latency charged once per adapter load. The sleep is
   the emulated wire, on the loader thread only. No bytes move: a real link's copy is DMA,
   which spends no CPU time, and a second copy in the same memory would only double the
-  adapters' share of the worker's RSS.
+  adapters' share of the worker's RSS. The one exception is ``layout``: with the native
+  CPU kernel, each B is copied once, on the loader thread, into the blocked pairs that
+  kernel streams (lora_ops.kernel_layout); A stays shared.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 log = logging.getLogger(__name__)
 
 Weights = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+Layout = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (A, B) -> device (A, B)
 
 
 def weights_nbytes(weights: Weights) -> int:
@@ -55,9 +58,10 @@ class Link(Protocol):
 class EmulatedLink:
     """An EMULATED host-to-device link: ``latency + bytes / G`` per adapter load."""
 
-    def __init__(self, gbps: float, latency_ms: float,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, gbps: float, latency_ms: float, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep, layout: Layout | None = None) -> None:
         self.gbps, self.latency_ms, self.latency_s = gbps, latency_ms, latency_ms / 1e3
+        self.layout = layout
         self._clock, self._sleep = clock, sleep
         self._deadline = 0.0
         self.emulated = gbps > 0 or latency_ms > 0
@@ -73,10 +77,13 @@ class EmulatedLink:
         self._deadline = self._clock() + self.latency_s
 
     def send(self, weights: Weights) -> tuple[Weights, object]:
-        """The group's own tensors (the "device" is host memory), landing after its emulated wire time."""
+        """The group's own tensors (the "device" is host memory; B in ``layout`` when given), landing
+        after its emulated wire time."""
         if self.gbps > 0:
             self._deadline += weights_nbytes(weights) / (self.gbps * 1e9)
-        return dict(weights), self._deadline
+        if self.layout is None:
+            return dict(weights), self._deadline
+        return {k: self.layout(a, b) for k, (a, b) in weights.items()}, self._deadline
 
     def wait(self, handle: object) -> None:
         remaining = float(handle) - self._clock()  # type: ignore[arg-type]
@@ -120,10 +127,11 @@ class CudaLink:
             b.record_stream(stream)
 
 
-def make_link(device: str, gbps: float, latency_ms: float) -> Link:
-    """CudaLink on CUDA (emulation flags ignored with a warning), else an EmulatedLink."""
+def make_link(device: str, gbps: float, latency_ms: float, layout: Layout | None = None) -> Link:
+    """CudaLink on CUDA (emulation flags ignored with a warning), else an EmulatedLink that puts
+    weights in ``layout`` (the CPU kernel's, or None: as they are)."""
     if torch.device(device).type == "cuda":
         if gbps > 0 or latency_ms > 0:
             log.warning("--emulate-link-* applies to CPU-only hosts; using the real CUDA link")
         return CudaLink(device)
-    return EmulatedLink(gbps, latency_ms)
+    return EmulatedLink(gbps, latency_ms, layout=layout)

@@ -34,7 +34,7 @@ import torch
 
 from services.gpu_worker.lora_plan import ExternalDeltas, ExternalSource
 from services.gpu_worker.residency.cold_start import Admit, ColdStart
-from services.gpu_worker.residency.link import Link, make_link
+from services.gpu_worker.residency.link import Layout, Link, make_link
 from services.gpu_worker.residency.loader import AdapterLoader, Landed, LoadJob, LoadListener
 from services.gpu_worker.residency.protocol import UnknownAdapterError
 from services.gpu_worker.residency.device_cache import DeviceCache
@@ -86,7 +86,7 @@ class TieredResidency:
 
     def __init__(self, config: ResidencyConfig, shape: LlamaShape, max_rank: int, dtype: torch.dtype, device: str,
                  host_store: HostStore, cold_start: ColdStart, adapters: dict[str, str | Path] | None = None,
-                 link: Link | None = None, owns_host_store: bool = True) -> None:
+                 link: Link | None = None, owns_host_store: bool = True, layout: Layout | None = None) -> None:
         self.config, self.device, self.dtype = config, device, dtype
         self.shape, self.max_rank = shape, max_rank
         self.cold_start = cold_start
@@ -94,7 +94,7 @@ class TieredResidency:
         for name, path in (adapters or {}).items():
             self.registry.add_trusted(name, path)
         self.host_store, self.owns_host_store = host_store, owns_host_store
-        self.link = link or make_link(device, config.emulate_link_gbps, config.emulate_link_latency_ms)
+        self.link = link or make_link(device, config.emulate_link_gbps, config.emulate_link_latency_ms, layout)
         self.cache = DeviceCache(device_budget(config, device, cold_start.preloads))
         self.loader = AdapterLoader(self.host_store, self.link, shape.num_layers, config.load_groups)
         self.counters = ResidencyCounters()
