@@ -325,34 +325,42 @@ inline __m512 dot_pairs(__m512 acc, __m512i w, __m512i x) {
 
 // vb[t, 0:Re] = bf16(x[t] @ A[:, 0:R]) for NB tokens (zero in the padded columns [r, Re)), C = ceil(R / 16)
 // vectors of 16 ranks. A in pairs ([in / 2, r, 2], in even) streamed once, prefetched kPrefetchAhead
-// bytes ahead; BGMV's padded columns [r, R) are multiplied as zeros (masked loads read nothing there).
+// bytes ahead; BGMV's padded columns [r, R) are multiplied as zeros. Every row pair but the last is
+// read with whole loads, its lanes past r zeroed in registers: with a masked load in the loop GCC
+// stores every sum to the stack at every step (docs/engine_performance.md, round 10). Not inlined
+// (nor is expand_dot): inlined into the segment loop, the same stores come back.
 template <int NB, int C>
-void shrink_vecs(const uint16_t* x, int64_t ldx, const uint16_t* A, int64_t in, int64_t r, int64_t Re, uint16_t* vb) {
+__attribute__((noinline)) void shrink_vecs(const uint16_t* x, int64_t ldx, const uint16_t* A, int64_t in, int64_t r,
+                                           int64_t Re, uint16_t* vb) {
   __m512 acc[NB][C];
   for (int b = 0; b < NB; ++b)
     for (int c = 0; c < C; ++c) acc[b][c] = _mm512_setzero_ps();
-  __mmask16 mask[C];
-  for (int c = 0; c < C; ++c) mask[c] = static_cast<__mmask16>(first_lanes(r - c * kLanes));
-  const char* bytes = reinterpret_cast<const char*>(A);
-  const int64_t total = in * r * 2;
-  int64_t fetched = 0;
-  for (int64_t i = 0; i < in; i += 2) {
+  __mmask16 lanes[C];  // each vector's lanes below r
+  for (int c = 0; c < C; ++c) lanes[c] = static_cast<__mmask16>(first_lanes(r - c * kLanes));
+  auto pass = [&](int64_t i, bool last) {
     const uint16_t* row = A + i * r;  // row pair i / 2: r pairs
-    for (const int64_t want = std::min(total, (i + 2) * r * 2 + kPrefetchAhead); fetched < want; fetched += 64)
-      _mm_prefetch(bytes + fetched, _MM_HINT_T0);
     __m512i xp[NB];
     for (int b = 0; b < NB; ++b) xp[b] = pair_at(x + b * ldx + i);
     for (int c = 0; c < C; ++c) {
-      const __m512i w = _mm512_maskz_loadu_epi32(mask[c], row + 2 * kLanes * c);
+      const uint16_t* at = row + 2 * kLanes * c;
+      const __m512i w = last ? _mm512_maskz_loadu_epi32(lanes[c], at)
+                             : _mm512_maskz_mov_epi32(lanes[c], _mm512_loadu_si512(at));
       for (int b = 0; b < NB; ++b) acc[b][c] = dot_pairs(acc[b][c], w, xp[b]);
     }
+  };
+  const char* bytes = reinterpret_cast<const char*>(A);
+  const int64_t total = in * r * 2;
+  int64_t fetched = 0;
+  for (int64_t i = 0; i + 2 < in; i += 2) {
+    for (const int64_t want = std::min(total, (i + 2) * r * 2 + kPrefetchAhead); fetched < want; fetched += 64)
+      _mm_prefetch(bytes + fetched, _MM_HINT_T0);
+    pass(i, false);
   }
-  for (int b = 0; b < NB; ++b) {
-    alignas(64) uint16_t sums[4 * kLanes] = {};
+  pass(in - 2, true);  // its whole loads could read past A's end
+  for (int b = 0; b < NB; ++b)
     for (int c = 0; c < C; ++c)
-      _mm256_store_si256(reinterpret_cast<__m256i*>(sums + c * kLanes), (__m256i)_mm512_cvtneps_pbh(acc[b][c]));
-    std::copy(sums, sums + Re, vb + b * Re);  // lanes [r, Re) are zero
-  }
+      _mm256_mask_storeu_epi16(vb + b * Re + c * kLanes, static_cast<__mmask16>(first_lanes(Re - c * kLanes)),
+                               (__m256i)_mm512_cvtneps_pbh(acc[b][c]));  // lanes [r, Re) are zero
 }
 
 // shrink_vecs for R <= 64.
@@ -369,38 +377,39 @@ void shrink_dot(const uint16_t* x, int64_t ldx, const uint16_t* A, int64_t in, i
 
 // For NB tokens, sink(t, col, lanes, delta) with delta = bf16(vb[t] @ B[0:Re, col:col + lanes]) as
 // floats, 16 columns at a time (lanes < 16 only at the end of a row). B in blocked pairs (see
-// BlockedB), read front to back and prefetched kPrefetchAhead bytes ahead; rows past the stored
-// ones (BGMV's padding) are multiplied as zeros, not read.
+// BlockedB), read front to back and prefetched kPrefetchAhead bytes ahead (prefetches past its end
+// do not fault); rows past the stored ones (BGMV's padding) are multiplied as zeros, not read.
 template <int NB, typename Sink>
-void expand_dot(const uint16_t* vb, int64_t Re, const BlockedB& B, int64_t out, Sink&& sink) {
-  const char* bytes = reinterpret_cast<const char*>(B.data());
-  const int64_t total = column_blocks(out) * B.pairs * 4 * kBlockColumns;  // bytes
-  int64_t fetched = 0;
+__attribute__((noinline)) void expand_dot(const uint16_t* vb, int64_t Re, const BlockedB& B, int64_t out, Sink&& sink) {
+  const int64_t stored = std::min(Re / 2, B.pairs);
   for (int64_t o0 = 0; o0 < out; o0 += kBlockColumns) {
     const uint16_t* block = B.block(o0);
     __m512 acc[NB][4];
     for (int b = 0; b < NB; ++b)
       for (int c = 0; c < 4; ++c) acc[b][c] = _mm512_setzero_ps();
-    for (int64_t p = 0; p < Re / 2; ++p) {
+    int64_t p = 0;
+    for (; p < stored; ++p) {
+      const uint16_t* row = block + p * 2 * kBlockColumns;
+      const char* ahead = reinterpret_cast<const char*>(row) + kPrefetchAhead;
+      for (int q = 0; q < 4; ++q) _mm_prefetch(ahead + 64 * q, _MM_HINT_T0);
       __m512i w[4];
-      if (p < B.pairs) {
-        const uint16_t* row = block + p * 2 * kBlockColumns;
-        const int64_t want = std::min(total, (row - B.data()) * 2 + 4 * kBlockColumns + kPrefetchAhead);
-        for (; fetched < want; fetched += 64) _mm_prefetch(bytes + fetched, _MM_HINT_T0);
-        for (int c = 0; c < 4; ++c) w[c] = _mm512_loadu_si512(row + 2 * kLanes * c);
-      } else {
-        for (int c = 0; c < 4; ++c) w[c] = _mm512_setzero_si512();
-      }
+      for (int c = 0; c < 4; ++c) w[c] = _mm512_loadu_si512(row + 2 * kLanes * c);
       for (int b = 0; b < NB; ++b) {
         const __m512i vp = pair_at(vb + b * Re + 2 * p);
         for (int c = 0; c < 4; ++c) acc[b][c] = dot_pairs(acc[b][c], w[c], vp);
       }
     }
-    for (int b = 0; b < NB; ++b)
-      for (int c = 0; c < 4 && o0 + c * kLanes < out; ++c) {
-        const int64_t col = o0 + c * kLanes;
-        sink(b, col, std::min<int64_t>(kLanes, out - col), _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(acc[b][c])));
+    for (; p < Re / 2; ++p)  // BGMV's padded rows: multiplied as zeros, not read
+      for (int b = 0; b < NB; ++b) {
+        const __m512i vp = pair_at(vb + b * Re + 2 * p);
+        for (int c = 0; c < 4; ++c) acc[b][c] = dot_pairs(acc[b][c], _mm512_setzero_si512(), vp);
       }
+    for (int b = 0; b < NB; ++b) {
+      __m512 delta[4];  // acc is indexed by constants only, so that it stays in registers
+      for (int c = 0; c < 4; ++c) delta[c] = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(acc[b][c]));
+      for (int c = 0; c < 4 && o0 + c * kLanes < out; ++c)
+        sink(b, o0 + c * kLanes, std::min<int64_t>(kLanes, out - o0 - c * kLanes), delta[c]);
+    }
   }
 }
 
