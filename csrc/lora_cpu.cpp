@@ -325,10 +325,12 @@ inline __m512 dot_pairs(__m512 acc, __m512i w, __m512i x) {
 
 // vb[t, 0:Re] = bf16(x[t] @ A[:, 0:R]) for NB tokens (zero in the padded columns [r, Re)), C = ceil(R / 16)
 // vectors of 16 ranks. A in pairs ([in / 2, r, 2], in even) streamed once, prefetched kPrefetchAhead
-// bytes ahead; BGMV's padded columns [r, R) are multiplied as zeros. Every row pair but the last is
-// read with whole loads, its lanes past r zeroed in registers: with a masked load in the loop GCC
-// stores every sum to the stack at every step (docs/engine_performance.md, round 10). Not inlined
-// (nor is expand_dot): inlined into the segment loop, the same stores come back.
+// bytes ahead; BGMV's padded columns [r, R) are multiplied as zeros. A row pair's C vectors are read
+// with whole loads, their lanes past r zeroed in registers, except in the last row pairs, where
+// whole loads would pass A's end (masked loads there). With the masked-load intrinsic in the main
+// loop GCC stores every sum to the stack at every step (docs/engine_performance.md, round 10); the
+// whole-load form still compiles to a masked load, but after the sums are placed in registers. Not
+// inlined (nor is expand_dot): inlined into the segment loop, the same stores come back.
 template <int NB, int C>
 __attribute__((noinline)) void shrink_vecs(const uint16_t* x, int64_t ldx, const uint16_t* A, int64_t in, int64_t r,
                                            int64_t Re, uint16_t* vb) {
@@ -337,26 +339,29 @@ __attribute__((noinline)) void shrink_vecs(const uint16_t* x, int64_t ldx, const
     for (int c = 0; c < C; ++c) acc[b][c] = _mm512_setzero_ps();
   __mmask16 lanes[C];  // each vector's lanes below r
   for (int c = 0; c < C; ++c) lanes[c] = static_cast<__mmask16>(first_lanes(r - c * kLanes));
-  auto pass = [&](int64_t i, bool last) {
+  auto pass = [&](int64_t i, bool near_end) {
     const uint16_t* row = A + i * r;  // row pair i / 2: r pairs
     __m512i xp[NB];
     for (int b = 0; b < NB; ++b) xp[b] = pair_at(x + b * ldx + i);
     for (int c = 0; c < C; ++c) {
       const uint16_t* at = row + 2 * kLanes * c;
-      const __m512i w = last ? _mm512_maskz_loadu_epi32(lanes[c], at)
-                             : _mm512_maskz_mov_epi32(lanes[c], _mm512_loadu_si512(at));
+      const __m512i w = near_end ? _mm512_maskz_loadu_epi32(lanes[c], at)
+                                 : _mm512_maskz_mov_epi32(lanes[c], _mm512_loadu_si512(at));
       for (int b = 0; b < NB; ++b) acc[b][c] = dot_pairs(acc[b][c], w, xp[b]);
     }
   };
+  // whole loads cover 16 C pairs from a row pair's start: inside A up to row pair in / 2 - 16 C / r
+  const int64_t whole = std::max<int64_t>(0, in - 2 * ((kLanes * C + r - 1) / r));  // inputs read whole
   const char* bytes = reinterpret_cast<const char*>(A);
   const int64_t total = in * r * 2;
   int64_t fetched = 0;
-  for (int64_t i = 0; i + 2 < in; i += 2) {
+  int64_t i = 0;
+  for (; i < whole; i += 2) {
     for (const int64_t want = std::min(total, (i + 2) * r * 2 + kPrefetchAhead); fetched < want; fetched += 64)
       _mm_prefetch(bytes + fetched, _MM_HINT_T0);
     pass(i, false);
   }
-  pass(in - 2, true);  // its whole loads could read past A's end
+  for (; i < in; i += 2) pass(i, true);
   for (int b = 0; b < NB; ++b)
     for (int c = 0; c < C; ++c)
       _mm256_mask_storeu_epi16(vb + b * Re + c * kLanes, static_cast<__mmask16>(first_lanes(Re - c * kLanes)),
@@ -500,7 +505,7 @@ bool paired_path(at::ScalarType dtype, int64_t rank, int64_t in, int64_t out) {
 // inputs, run on the bf16 pair dot products here (A in pairs: ``in`` even).
 bool dot_path(at::ScalarType dtype, int64_t rank, int64_t in) {
 #if defined(__AVX512BF16__)
-  return dtype == at::kBFloat16 && rank <= kMaxDotRank && in % 2 == 0;
+  return dtype == at::kBFloat16 && 0 < rank && rank <= kMaxDotRank && in % 2 == 0;
 #else
   return false;
 #endif
@@ -722,7 +727,7 @@ bool long_delta_available(int64_t rank, int64_t in, int64_t out) { return paired
 // rows of a segment on their own (operands as long_delta's).
 void short_delta(at::Tensor out, at::Tensor x, at::Tensor A, at::Tensor B) {
   check_delta_operands(out, x, A, B);
-  TORCH_CHECK(dot_path(x.scalar_type(), A.size(1), x.size(1)), "short_delta needs ranks up to ", kMaxDotRank,
+  TORCH_CHECK(dot_path(x.scalar_type(), A.size(1), x.size(1)), "short_delta needs ranks from 1 up to ", kMaxDotRank,
               ", an even input count and AVX512-BF16");
 #if defined(__AVX512BF16__)
   float* op = out.data_ptr<float>();
@@ -760,7 +765,7 @@ at::Tensor pack_b(at::Tensor B) {
 // Whether lora_segments_ reads a bf16 adapter of this rank and shape in pairs on both of its pair
 // paths (short: the dot products; long: the pair GEMMs), so that storing it packed (pack_a, pack_b) pays.
 bool packs(int64_t rank, int64_t in, int64_t out) {
-  return rank > 0 && dot_path(at::kBFloat16, rank, in) && paired_path(at::kBFloat16, rank, in, out);
+  return dot_path(at::kBFloat16, rank, in) && paired_path(at::kBFloat16, rank, in, out);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -245,6 +245,9 @@ def mode_report(timings: dict[str, Timing], residency: dict, truncated: bool, wo
 def make_engine(model_dir: Path, device: str, mode: str, root: Path, store: HostStore, shape: LlamaShape,
                 rank: int, device_bytes: int = 0, gbps: float = 0.0, latency_ms: float = 0.0, threads: int = 0,
                 pool_workers: int = 1) -> tuple[LLMEngine, TieredResidency]:
+    """An engine in ``mode`` on the shared ``store``. That store's copies are plain, as ``cpu_assist``
+    needs, so in every mode the link lays out a device copy of each adapter it moves (as ``cpu_assist``
+    serving does; a served ``cached`` or ``on_demand`` worker keeps laid-out host copies instead)."""
     cfg = ResidencyConfig(adapter_dir=str(root), cold_start=mode, device_adapter_bytes=device_bytes,
                           emulate_link_gbps=gbps, emulate_link_latency_ms=latency_ms, cpu_prefill_workers=pool_workers)
     config = EngineConfig(dtype="bfloat16", device=device, max_lora_rank=rank, num_threads=threads)

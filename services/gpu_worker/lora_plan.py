@@ -128,6 +128,10 @@ class WeightLists:
         self._key: tuple[tuple[int, int], ...] = ()
         self._lists: dict[tuple[int, str], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
+    def clear(self) -> None:
+        """Forget the lists and the adapters (a step without eager LoRA: nothing to keep alive for)."""
+        self._adapters, self._key, self._lists = [], (), {}
+
     def for_adapters(self, adapters: list[LoraAdapter]) -> dict[tuple[int, str], tuple[list, list]]:
         """The (possibly still empty) lists by (layer, projection) for this adapter order."""
         key = tuple((id(ad), len(ad.weights)) for ad in adapters)

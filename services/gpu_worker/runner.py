@@ -165,11 +165,14 @@ class ModelRunner:
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """Float32 logits ``[N, vocab]`` for each sequence's next token."""
         if self.graphs is not None and self.graphs.fits(batch):
+            self.weight_lists.clear()  # hold no adapter's weights past the eager steps that use them
             return self.graphs.run(batch, padded=self.backend == "bgmv")
         lora = None
         if batch.segments:
             lora = LoraStep(batch.segments, self.lora_op, self.model.dtype, self.device, self.residency.deltas(),
                             self.weight_lists)
+        else:
+            self.weight_lists.clear()
         with torch.inference_mode():
             hidden = self.model.forward(batch.input_ids, batch.positions, batch.meta, self.kv, lora)
             return self.model.logits(hidden[batch.last_index])

@@ -14,9 +14,10 @@ transfer, :meth:`send` issues one group's copies and returns a handle, and
   bytes costs ``latency + n / G``, the latency charged once per adapter load. The sleep is
   the emulated wire, on the loader thread only. No bytes move: a real link's copy is DMA,
   which spends no CPU time, and a second copy in the same memory would only double the
-  adapters' share of the worker's RSS. The one exception is ``layout``: with the native
-  CPU kernel, each B is copied once, on the loader thread, into the blocked pairs that
-  kernel streams (lora_ops.kernel_layout); A stays shared.
+  adapters' share of the worker's RSS. The one exception is ``layout`` (with the native CPU
+  kernel, lora_ops.kernel_layout): weights not yet in that kernel's pair layouts (the plain
+  shared-memory host copies of ``cpu_assist`` mode) are laid out into a device copy on the
+  loader thread; host copies the host store already laid out pass as they are.
 """
 
 from __future__ import annotations

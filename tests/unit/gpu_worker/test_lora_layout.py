@@ -133,3 +133,35 @@ def test_cpu_residency_keeps_adapters_in_pairs_once(tiny_model_dir, tiny_adapter
         assert len(tokens) == 3
     finally:
         engine.residency.close()
+
+
+def _at_page_end(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` whose last byte ends a page that a PROT_NONE page follows: any read past it faults."""
+    import ctypes
+    import mmap
+
+    page, nbytes = mmap.PAGESIZE, t.numel() * t.element_size()
+    pages = (nbytes + page - 1) // page
+    buf = mmap.mmap(-1, (pages + 1) * page)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(start + pages * page), page, 0) == 0
+    view = torch.frombuffer(buf, dtype=t.dtype, count=t.numel(), offset=pages * page - nbytes).view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("rank", [1, 7, 8, 16, 64])
+def test_laid_out_weights_are_never_read_past_their_end(rank):
+    """Weights at the very end of readable memory: the decode and prefill paths, MBGMV and BGMV (pad 64),
+    read nothing past them (a read there would stop the process)."""
+    kernel = _packing_kernel()
+    segs, A, B, x = _batch([rank], [5], 96, 208)
+    a, b = (_at_page_end(w) for w in kernel_layout(A[0], B[0]))
+    for lengths in ([5], [40]):
+        segs = torch.tensor([[0, lengths[0], 0]])
+        xs = torch.randn(lengths[0], 96).bfloat16()
+        for pad in (0, 64):
+            y, want = torch.zeros(lengths[0], 208).bfloat16(), torch.zeros(lengths[0], 208).bfloat16()
+            kernel.lora_segments_(y, xs, segs, [a], [b], pad)
+            kernel.lora_segments_(want, xs, segs, [A[0]], [B[0]], pad)
+            assert torch.equal(y, want)

@@ -187,5 +187,5 @@ def test_segment_deltas_refuse_bad_operands(delta_op, rows):
         delta(torch.empty(rows, 24), x, b.t().contiguous(), b)
     with pytest.raises(RuntimeError, match="bf16"):
         delta(torch.empty(rows, 24), x.float(), a.float(), b.float())
-    with pytest.raises(RuntimeError, match="ranks up to 64"):
+    with pytest.raises(RuntimeError, match="up to 64"):
         delta(torch.empty(rows, 24), x, torch.randn(16, 80).bfloat16(), torch.randn(80, 24).bfloat16())

@@ -38,3 +38,17 @@ def test_lists_are_rebuilt_when_a_layer_lands_or_the_adapters_change():
     assert swapped.A[0][0, 0].item() == 1.0 and swapped.A[1][0, 0].item() == 7.0
     c = _adapter("c", range(2))
     assert len(_step(lists, b, c)._device_batch(0, "q_proj").A) == 2
+
+
+def test_clear_lets_go_of_the_adapters():
+    """A step without eager LoRA clears the lists, so an evicted adapter's weights are not kept alive."""
+    import gc
+    import weakref
+
+    lists, a = WeightLists(), _adapter("a", range(2))
+    _step(lists, a)._device_batch(0, "q_proj")
+    gone = weakref.ref(a.weights[(0, "q_proj")][0])
+    lists.clear()
+    del a
+    gc.collect()
+    assert gone() is None
