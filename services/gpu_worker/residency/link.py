@@ -78,7 +78,7 @@ class EmulatedLink:
         self._deadline = self._clock() + self.latency_s
 
     def send(self, weights: Weights) -> tuple[Weights, object]:
-        """The group's own tensors (the "device" is host memory; B in ``layout`` when given), landing
+        """The group's own tensors (the "device" is host memory; in ``layout`` when given), landing
         after its emulated wire time."""
         if self.gbps > 0:
             self._deadline += weights_nbytes(weights) / (self.gbps * 1e9)
