@@ -206,6 +206,25 @@ int64_t column_blocks(int64_t out) { return (out + kBlockColumns - 1) / kBlockCo
 bool is_blocked(const at::Tensor& B) { return B.dim() == 4; }
 bool is_paired(const at::Tensor& A) { return A.dim() == 3; }
 
+inline const uint16_t* bits_of(const at::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+
+// Weights in one of the pair layouts, as a pair path reads them: a laid-out tensor read in place,
+// or a copy laid out for this call (written through ``fill``).
+class LaidOut {
+ public:
+  LaidOut() = default;
+  explicit LaidOut(const at::Tensor& laid_out) : borrowed_(bits_of(laid_out)) {}
+  explicit LaidOut(int64_t elements) : owned_(elements) {}
+  uint16_t* fill() { return owned_.data(); }
+  const uint16_t* data() const { return owned_.empty() ? borrowed_ : owned_.data(); }
+
+ private:
+  const uint16_t* borrowed_ = nullptr;
+  std::vector<uint16_t> owned_;
+};
+
 // A's plain [in, r] matrix: A itself, or a paired A unpacked.
 at::Tensor plain_a(const at::Tensor& A) {
   if (!is_paired(A)) return A;
@@ -222,7 +241,7 @@ bool a_shape_ok(const at::Tensor& A, int64_t in) {
 void pair_columns(const at::Tensor& A, int64_t cols, uint16_t* dst) {
   const at::Tensor a = plain_a(A);
   const int64_t in = a.size(0), r = a.size(1);
-  const auto* src = reinterpret_cast<const uint16_t*>(a.data_ptr<at::BFloat16>());
+  const uint16_t* src = bits_of(a);
   std::fill(dst, dst + in * cols, uint16_t{0});
   for (int64_t i = 0; i < in; ++i)
     for (int64_t c = 0; c < r; ++c) dst[(i / 2 * cols + c) * 2 + i % 2] = src[i * r + c];
@@ -235,19 +254,17 @@ class PairedA {
   PairedA() = default;
   PairedA(const at::Tensor& A, int64_t cols) : cols(cols) {
     if (is_paired(A) && A.size(1) == cols) {
-      borrowed_ = reinterpret_cast<const uint16_t*>(A.data_ptr<at::BFloat16>());
+      w_ = LaidOut(A);
       return;
     }
-    const int64_t in = is_paired(A) ? A.size(0) * 2 : A.size(0);
-    owned_.resize(in * cols);
-    pair_columns(A, cols, owned_.data());
+    w_ = LaidOut((is_paired(A) ? A.size(0) * 2 : A.size(0)) * cols);
+    pair_columns(A, cols, w_.fill());
   }
-  const uint16_t* data() const { return owned_.empty() ? borrowed_ : owned_.data(); }
+  const uint16_t* data() const { return w_.data(); }
   int64_t cols = 0;
 
  private:
-  const uint16_t* borrowed_ = nullptr;
-  std::vector<uint16_t> owned_;
+  LaidOut w_;
 };
 
 // B's plain [r, out] matrix: B itself, or a blocked B unpacked (for the paths that read B plain).
@@ -260,7 +277,7 @@ at::Tensor plain_b(const at::Tensor& B, int64_t r, int64_t out) {
 // dst = plain B [r, out] (bf16, contiguous) in blocked pairs with `pairs` >= ceil(r / 2) row pairs.
 void block_pairs(const at::Tensor& B, int64_t pairs, uint16_t* dst) {
   const int64_t r = B.size(0), out = B.size(1);
-  const auto* src = reinterpret_cast<const uint16_t*>(B.data_ptr<at::BFloat16>());
+  const uint16_t* src = bits_of(B);
   std::fill(dst, dst + column_blocks(out) * pairs * 2 * kBlockColumns, uint16_t{0});
   for (int64_t k = 0; k < r; ++k) {
     const uint16_t* row = src + k * out;
@@ -282,20 +299,19 @@ class BlockedB {
   BlockedB() = default;
   BlockedB(const at::Tensor& B, int64_t r, int64_t out, int64_t pairs) : pairs(pairs) {
     if (is_blocked(B) && B.size(1) == pairs) {
-      borrowed_ = reinterpret_cast<const uint16_t*>(B.data_ptr<at::BFloat16>());
+      w_ = LaidOut(B);
       return;
     }
-    owned_.resize(column_blocks(out) * pairs * 2 * kBlockColumns);
-    block_pairs(plain_b(B, r, out), pairs, owned_.data());
+    w_ = LaidOut(column_blocks(out) * pairs * 2 * kBlockColumns);
+    block_pairs(plain_b(B, r, out), pairs, w_.fill());
   }
-  const uint16_t* data() const { return owned_.empty() ? borrowed_ : owned_.data(); }
+  const uint16_t* data() const { return w_.data(); }
   // The block that holds column `col`: [pairs, 64, 2].
   const uint16_t* block(int64_t col) const { return data() + col / kBlockColumns * pairs * 2 * kBlockColumns; }
   int64_t pairs = 0;
 
  private:
-  const uint16_t* borrowed_ = nullptr;
-  std::vector<uint16_t> owned_;
+  LaidOut w_;
 };
 
 // ---- short bf16 segments on bf16 pair dot products (vdpbf16ps) ----------------------------
@@ -433,10 +449,6 @@ void short_rows_dot(const uint16_t* x, int64_t ldx, int64_t n, int64_t in, const
       sink(t0 + b, col, lanes, delta);
     });
   });
-}
-
-inline const uint16_t* bits_of(const at::Tensor& t) {
-  return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
 }
 
 // One short bf16 segment on the pair dot products: y[t] = bf16(y[t] + delta) (R <= 64, see short_rows_dot).

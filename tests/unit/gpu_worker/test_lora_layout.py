@@ -7,7 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from services.gpu_worker.engine import LLMEngine
+from services.gpu_worker.engine_config import EngineConfig
 from services.gpu_worker.lora_ops import LoraBatch, bgmv, kernel_layout, mbgmv
+from services.gpu_worker.request import EngineRequest, SamplingParams
 from shared.native_ops import cpu_lora_kernel
 
 
@@ -113,10 +116,6 @@ def test_cpu_residency_keeps_adapters_in_pairs_once(tiny_model_dir, tiny_adapter
     """With the native kernel, the host copy is laid out once and the device tier shares it (no second
     copy); without it, both stay plain. Either way the engine serves the adapter."""
     _packing_kernel()
-    from services.gpu_worker.engine import LLMEngine
-    from services.gpu_worker.engine_config import EngineConfig
-    from services.gpu_worker.request import EngineRequest, SamplingParams
-
     engine = LLMEngine(tiny_model_dir, EngineConfig(dtype="bfloat16", device="cpu", native_ops=native_ops),
                        dict(tiny_adapters))
     try:
