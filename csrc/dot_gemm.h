@@ -1,6 +1,6 @@
 // GEMMs whose right-hand operand is in bf16 pairs along K ([K / 2, N, 2]: the layout of torch's
 // batch-reduce GEMM and of the bf16 dot-product instruction), for the kernels in this folder:
-// the paged attention's prefill and the LoRA kernel's long segments.
+// the paged attention's prefill, the LoRA kernel's long segments and the decode-sized dense GEMMs.
 #pragma once
 
 #include <ATen/native/CPUBlas.h>
@@ -15,11 +15,14 @@
 
 namespace {
 
+// Rows per dot_gemm block: 24 sums, 4 right-hand vectors and a broadcast fit the 32 vector registers.
+constexpr int64_t kDotRows = 6;
+
 #if defined(__AVX512BF16__)
 // C[M, N] = A[M, K] @ B, for bf16 A (rows ``lda`` apart), B in pairs along K ([K / 2, N, 2], pair rows
 // ``ldb`` columns apart) and float32 C (rows ``ldc`` apart): the batch-reduce GEMM's product, on the
-// bf16 dot-product instruction for CPUs without AMX. Blocks of kRows rows by up to 64 columns, their
-// sums in registers; each B load feeds kRows rows. N % 16 == 0 and K even.
+// bf16 dot-product instruction for CPUs without AMX. Blocks of up to kDotRows rows by up to 64
+// columns, their sums in registers; each B load feeds every row of its block. N % 16 == 0 and K even.
 template <int kRows>
 void dot_block(int64_t cols, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, const at::BFloat16* a,
                const at::BFloat16* b, float* c) {
@@ -48,8 +51,18 @@ void dot_gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t
   for (int64_t j0 = 0; j0 < n; j0 += 64) {
     const int64_t cols = std::min<int64_t>(64, n - j0) / 16;
     int64_t i = 0;
-    for (; i + 4 <= m; i += 4) dot_block<4>(cols, k, lda, ldb, ldc, a + i * lda, b + j0 * 2, c + i * ldc + j0);
-    for (; i < m; ++i) dot_block<1>(cols, k, lda, ldb, ldc, a + i * lda, b + j0 * 2, c + i * ldc + j0);
+    for (; i + kDotRows <= m; i += kDotRows)
+      dot_block<kDotRows>(cols, k, lda, ldb, ldc, a + i * lda, b + j0 * 2, c + i * ldc + j0);
+    const at::BFloat16* rest = a + i * lda;
+    float* out = c + i * ldc + j0;
+    switch (m - i) {  // the last rows in one block, so that each right-hand load still feeds them all
+      case 5: dot_block<5>(cols, k, lda, ldb, ldc, rest, b + j0 * 2, out); break;
+      case 4: dot_block<4>(cols, k, lda, ldb, ldc, rest, b + j0 * 2, out); break;
+      case 3: dot_block<3>(cols, k, lda, ldb, ldc, rest, b + j0 * 2, out); break;
+      case 2: dot_block<2>(cols, k, lda, ldb, ldc, rest, b + j0 * 2, out); break;
+      case 1: dot_block<1>(cols, k, lda, ldb, ldc, rest, b + j0 * 2, out); break;
+      default: break;
+    }
   }
 }
 

@@ -50,7 +50,7 @@ def check(device: str, dtype: torch.dtype = torch.bfloat16) -> dict:
     out = {}
     for name, op, pad in (("bgmv", bgmv, max(CHECK_RANKS)), ("mbgmv", mbgmv, 0)):
         y = torch.zeros(CHECK_TOKENS, CHECK_OUT, dtype=dtype, device=device)
-        op(y, x, LoraBatch(segs, A, B))
+        op(y, x, LoraBatch.of(segs, A, B))
         ref = lora_reference(x.float().cpu(), owner, [a.float().cpu() for a in A], [b.float().cpu() for b in B], pad)
         err = (y.float().cpu() - ref).abs().max().item()
         tol = 2e-2 * max(1.0, ref.abs().max().item())
@@ -86,7 +86,7 @@ def time_case(case: KernelCase, device: str, calls: int, dtype: torch.dtype = to
     segs = torch.tensor([(u * per, (u + 1) * per, u) for u in range(case.adapters)], dtype=torch.int64)
     x = torch.randn(case.tokens, case.fan_in, generator=gen).to(device, dtype)
     y = torch.zeros(case.tokens, case.fan_out, dtype=dtype, device=device)
-    batch, time_it = LoraBatch(segs, A, B), _timer(device)
+    batch, time_it = LoraBatch.of(segs, A, B), _timer(device)
     row = {"fan_in": case.fan_in, "fan_out": case.fan_out, "tokens": case.tokens, "adapters": case.adapters}
     for name, op in (("bgmv", bgmv), ("mbgmv", mbgmv)):
         kernel = time_it(lambda: op(y, x, batch), calls)

@@ -3,10 +3,12 @@
 On a CPU with bf16 matrix instructions (AMX or AVX512-BF16), oneDNN runs a bf16 GEMM
 about 1.6× faster at decode batch sizes when the weight is reordered once into its blocked
 layout, instead of on every call as ``F.linear`` does (``docs/engine_performance.md``).
-Batches of up to SMALL_BATCH_TOKENS tokens go to csrc/dense_cpu.cpp instead, which reads the
-same packed buffer through torch's batch-reduce GEMM, 15-25 % faster there; the buffer is used
-only after it is checked to hold exactly :func:`vnni_blocks` of the weight.
-Elsewhere (CUDA, float32, CPUs without bf16 units) the weight stays a plain tensor.
+Smaller batches go to csrc/dense_cpu.cpp instead, which reads the same packed buffer: through
+torch's batch-reduce GEMM with AMX (up to AMX_SMALL_BATCH_TOKENS, 15-25 % faster there), else on
+the bf16 dot-product instruction (up to DOT_SMALL_BATCH_TOKENS, 1.1-1.6× faster). The buffer is
+used only after it is checked to hold exactly :func:`vnni_blocks` of the weight, at one of the
+block widths oneDNN uses (BLOCK_WIDTHS). Elsewhere (CUDA, float32, CPUs without bf16 units) the
+weight stays a plain tensor.
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ from shared.native_ops import dense_kernel
 # hint from 16 up, which all measure the same (docs/engine_performance.md, round 4).
 PACKED_FOR_TOKENS = 64
 
-# Batches up to this many tokens run on the packed blocks in csrc/dense_cpu.cpp; from 40 tokens
-# up oneDNN's own matmul is faster (docs/engine_performance.md, round 5).
-SMALL_BATCH_TOKENS = 32
-BLOCK = 32  # output columns per packed block
+# Batches up to this many tokens run on the packed blocks in csrc/dense_cpu.cpp. With AMX, from 40
+# tokens up oneDNN's own matmul is faster (docs/engine_performance.md, round 5). On the dot
+# products (AVX512-BF16 without AMX) the kernel is faster up to 1,024 tokens and slower at 4,096
+# (round 11).
+AMX_SMALL_BATCH_TOKENS = 32
+DOT_SMALL_BATCH_TOKENS = 512
+BLOCK_WIDTHS = (16, 32, 64)  # output columns per packed block that the kernel reads (oneDNN: 32 on AMX, 64 without)
 
 
 def prepacks(weight: torch.Tensor) -> bool:
@@ -33,23 +38,38 @@ def prepacks(weight: torch.Tensor) -> bool:
             and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def vnni_blocks(weight: torch.Tensor) -> torch.Tensor:
-    """``[N, K] -> [N / 32, K * 32]``: blocks of 32 output columns, each the K inputs as pairs,
-    ``block[j][(k // 2) * 64 + 2 * c + k % 2] = weight[32 * j + c, k]``: oneDNN's AB16b32a2b
-    layout, and the B operand of the batch-reduce GEMM. Needs N % 32 == 0 and even K."""
+def vnni_blocks(weight: torch.Tensor, width: int = 32) -> torch.Tensor:
+    """``[N, K] -> [N / W, K * W]`` for block width ``W``: blocks of W output columns, each the K
+    inputs as pairs, ``block[j][(k // 2) * 2W + 2 * c + k % 2] = weight[W * j + c, k]``: oneDNN's
+    AB16b32a2b (W = 32) or AB16b64a2b (W = 64) layout, and the right-hand operand of the batch-reduce
+    GEMM and of the dot-product GEMM. Needs N % W == 0 and even K."""
     n, k = weight.shape
-    return weight.view(n // BLOCK, BLOCK, k // 2, 2).permute(0, 2, 1, 3).reshape(n // BLOCK, k * BLOCK)
+    return weight.view(n // width, width, k // 2, 2).permute(0, 2, 1, 3).reshape(n // width, k * width)
 
 
 def packed_blocks(packed: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-    """oneDNN's packed ``weight`` as :func:`vnni_blocks`, sharing its buffer, or None where that
-    buffer is laid out otherwise (another CPU, another oneDNN) or the kernel is not built."""
+    """oneDNN's packed ``weight`` as :func:`vnni_blocks` at the width oneDNN chose, sharing its
+    buffer, or None where that buffer is laid out otherwise (another CPU, another oneDNN) or the
+    kernel does not run here."""
     n, k = weight.shape
     kernel = dense_kernel()
-    if kernel is None or not kernel.available() or n % BLOCK or k % 2:
+    if kernel is None or not kernel.available() or k % 2:
         return None
-    blocks = kernel.packed_blocks(packed, n, k)
-    return blocks if blocks is not None and torch.equal(blocks, vnni_blocks(weight)) else None
+    for width in BLOCK_WIDTHS:
+        if n % width:
+            continue
+        blocks = kernel.packed_blocks(packed, n, k, width)
+        if blocks is not None and torch.equal(blocks, vnni_blocks(weight, width)):
+            return blocks
+    return None
+
+
+def small_batch_tokens() -> int:
+    """Batches up to this many tokens go to the packed blocks' kernel (0: none, it does not run here)."""
+    kernel = dense_kernel()
+    if kernel is None or not kernel.available():
+        return 0
+    return AMX_SMALL_BATCH_TOKENS if kernel.matrix_units() else DOT_SMALL_BATCH_TOKENS
 
 
 class DenseWeight:
@@ -65,9 +85,10 @@ class DenseWeight:
         self.packed = prepacks(weight)
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_FOR_TOKENS) if self.packed else weight
         self.blocks = packed_blocks(self.weight, weight) if self.packed else None
+        self.small_batch_tokens = small_batch_tokens() if self.blocks is not None else 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.blocks is not None and x.shape[0] <= SMALL_BATCH_TOKENS and x.stride(-1) == 1:
+        if x.shape[0] <= self.small_batch_tokens and x.stride(-1) == 1:
             return dense_kernel().small_batch_linear(x, self.blocks)
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")

@@ -26,7 +26,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from services.gpu_worker.lora_ops import LoraBatch
+from services.gpu_worker.lora_ops import LoraBatch, max_rank
 from shared.peft_adapter import LoraAdapter
 from shared.llama_shape import INPUT_GROUPS
 
@@ -118,21 +118,21 @@ def _empty(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 class WeightLists:
-    """The ``A`` and ``B`` lists the batched op takes for each (layer, projection), kept from step to
-    step while the steps' adapters, and the layers each has landed, stay the same: a run of decode
+    """The ``A`` and ``B`` lists the batched op takes for each (layer, projection), and their max
+    rank, kept from step to step while the steps' adapters, and the layers each has landed, stay the same: a run of decode
     steps builds them once instead of once per step (210 lists of every adapter's weights a step
     for a 30-layer model). Holds the adapters it keys on, so their ids stay theirs."""
 
     def __init__(self) -> None:
         self._adapters: list[LoraAdapter] = []
         self._key: tuple[tuple[int, int], ...] = ()
-        self._lists: dict[tuple[int, str], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._lists: dict[tuple[int, str], tuple[list[torch.Tensor], list[torch.Tensor], int]] = {}
 
     def clear(self) -> None:
         """Forget the lists and the adapters (a step without eager LoRA: nothing to keep alive for)."""
         self._adapters, self._key, self._lists = [], (), {}
 
-    def for_adapters(self, adapters: list[LoraAdapter]) -> dict[tuple[int, str], tuple[list, list]]:
+    def for_adapters(self, adapters: list[LoraAdapter]) -> dict[tuple[int, str], tuple[list, list, int]]:
         """The (possibly still empty) lists by (layer, projection) for this adapter order."""
         key = tuple((id(ad), len(ad.weights)) for ad in adapters)
         if key != self._key:
@@ -210,5 +210,5 @@ class LoraStep:
                 pair = ad.weights.get((layer, proj))
                 A.append(pair[0] if pair is not None else self.empty)
                 B.append(pair[1] if pair is not None else self.empty)
-            lists = self._lists[(layer, proj)] = (A, B)
+            lists = self._lists[(layer, proj)] = (A, B, max_rank(A))
         return LoraBatch(self._all_device, *lists)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -11,7 +10,7 @@ import torch
 from services.gpu_worker.admission import StepPlan
 from services.gpu_worker.attention import AttentionMetadata, DecodeGroup, PrefillGroup, native_decode
 from services.gpu_worker.kv_cache import BlockManager
-from services.gpu_worker.lora_ops import get_backend
+from services.gpu_worker.lora_ops import device_op
 from services.gpu_worker.lora_plan import LoraSegment, LoraStep, WeightLists
 from services.gpu_worker.residency.protocol import AdapterResidency
 from services.gpu_worker.model import LlamaModel
@@ -92,7 +91,7 @@ class ModelRunner:
     def set_backend(self, backend: str) -> None:
         """Run the next steps' LoRA with kernel family ``backend``."""
         self.backend = backend
-        self.lora_op = functools.partial(get_backend(backend), use_native=self.use_native)
+        self.lora_op = device_op(backend, self.device, self.use_native)
 
     def build(self, plan: StepPlan) -> StepBatch:
         """Order sequences by adapter (so each adapter's tokens are one run) and flatten them."""

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from services.gpu_worker.dense import SMALL_BATCH_TOKENS, DenseWeight, prepacks, vnni_blocks
+from services.gpu_worker.dense import (AMX_SMALL_BATCH_TOKENS, BLOCK_WIDTHS, DOT_SMALL_BATCH_TOKENS, DenseWeight,
+                                       prepacks, vnni_blocks)
 from shared.native_ops import dense_kernel
 
 
@@ -49,25 +50,28 @@ def test_bf16_reads_strided_rows():
 def kernel():
     module = dense_kernel()
     if module is None or not module.available():
-        pytest.skip("no C++ compiler or no bf16 batch-reduce GEMM here: every batch goes to oneDNN")
+        pytest.skip("no C++ compiler, or neither AMX nor AVX512-BF16 here: every batch goes to oneDNN")
     return module
 
 
-def test_vnni_blocks_puts_each_weight_where_its_docstring_says():
-    w = torch.arange(64 * 6, dtype=torch.float32).view(64, 6)
-    blocks = vnni_blocks(w)
-    assert blocks.shape == (2, 6 * 32)
-    for n in range(64):
+@pytest.mark.parametrize("width", BLOCK_WIDTHS)
+def test_vnni_blocks_puts_each_weight_where_its_docstring_says(width):
+    w = torch.arange(128 * 6, dtype=torch.float32).view(128, 6)
+    blocks = vnni_blocks(w, width)
+    assert blocks.shape == (128 // width, 6 * width)
+    for n in range(128):
         for k in range(6):
-            assert blocks[n // 32, (k // 2) * 64 + 2 * (n % 32) + k % 2] == w[n, k]
+            assert blocks[n // width, (k // 2) * 2 * width + 2 * (n % width) + k % 2] == w[n, k]
 
 
-@pytest.mark.parametrize("tokens", [1, 15, 16, 17, 48])
-@pytest.mark.parametrize("shape", [(64, 40), (96, 576), (3072, 576)])
-def test_small_batch_linear_matches_linear(kernel, tokens, shape):
+@pytest.mark.parametrize("width", BLOCK_WIDTHS)
+@pytest.mark.parametrize("tokens", [1, 5, 6, 7, 15, 16, 17, 48, 300])
+@pytest.mark.parametrize("shape", [(64, 40), (192, 576), (3072, 576)])
+def test_small_batch_linear_matches_linear(kernel, width, tokens, shape):
+    # token counts on and off the dot products' 6-row blocks and the AMX tiles' 32 rows
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(tokens)).to(torch.bfloat16)
-    out = kernel.small_batch_linear(x, vnni_blocks(w))
+    out = kernel.small_batch_linear(x, vnni_blocks(w, width))
     assert out.shape == (tokens, shape[0]) and out.dtype == torch.bfloat16
     # float accumulation, one rounding at the end: within one bf16 step of the float32 product
     ref = F.linear(x.float(), w.float())
@@ -82,10 +86,20 @@ def test_small_batch_linear_reads_strided_rows_and_empty_batches(kernel):
     assert kernel.small_batch_linear(x[:0], vnni_blocks(w)).shape == (0, 64)
 
 
-def test_small_batch_linear_refuses_blocks_of_another_width(kernel):
+def test_small_batch_linear_refuses_blocks_it_cannot_read(kernel):
     w = torch.randn(64, 96).to(torch.bfloat16)
-    with pytest.raises(RuntimeError, match="inputs per column"):
+    with pytest.raises(RuntimeError, match="inputs per column"):  # blocks of another input count
         kernel.small_batch_linear(torch.randn(2, 80).to(torch.bfloat16), vnni_blocks(w))
+    with pytest.raises(RuntimeError, match="inputs per column"):  # a block width it has no kernel for
+        kernel.small_batch_linear(torch.randn(2, 96).to(torch.bfloat16), vnni_blocks(w, 8))
+
+
+def test_packed_blocks_refuses_a_width_it_has_no_kernel_for(kernel):
+    w = _weight(torch.bfloat16)
+    if not prepacks(w):
+        pytest.skip("oneDNN has no bf16 kernels here")
+    with pytest.raises(RuntimeError, match="block width"):
+        kernel.packed_blocks(DenseWeight(w).weight, 192, 96, 8)
 
 
 def test_packed_weight_serves_small_batches_from_its_own_buffer(kernel):
@@ -95,15 +109,19 @@ def test_packed_weight_serves_small_batches_from_its_own_buffer(kernel):
         pytest.skip("oneDNN has no bf16 kernels here")
     if dense.blocks is None:
         pytest.skip("this oneDNN lays bf16 weights out otherwise: small batches go to oneDNN")
-    assert torch.equal(dense.blocks, vnni_blocks(w))
-    assert dense.blocks.data_ptr() == kernel.packed_blocks(dense.weight, *w.shape).data_ptr()  # shared, not a copy
-    x = torch.randn(SMALL_BATCH_TOKENS, 96, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
-    assert torch.equal(dense(x), kernel.small_batch_linear(x, vnni_blocks(w)))
+    width = dense.blocks.shape[1] // 96
+    assert width in BLOCK_WIDTHS and torch.equal(dense.blocks, vnni_blocks(w, width))
+    assert dense.blocks.data_ptr() == kernel.packed_blocks(dense.weight, 192, 96, width).data_ptr()  # shared
+    assert dense.small_batch_tokens == (AMX_SMALL_BATCH_TOKENS if kernel.matrix_units() else DOT_SMALL_BATCH_TOKENS)
+    x = torch.randn(dense.small_batch_tokens + 1, 96, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    assert torch.equal(dense(x[:-1]), kernel.small_batch_linear(x[:-1], dense.blocks))
+    # one token more goes to oneDNN's own matmul
+    assert torch.equal(dense(x), torch.ops.mkldnn._linear_pointwise(x, dense.weight, None, "none", [], ""))
 
 
 def test_padded_layouts_are_never_read_as_blocks():
     w = torch.randn(64, 30, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)  # oneDNN pads K to 32
     dense = DenseWeight(w)
-    assert dense.blocks is None
+    assert dense.blocks is None and dense.small_batch_tokens == 0
     x = torch.randn(4, 30, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
     torch.testing.assert_close(dense(x), F.linear(x, w), rtol=1.6e-2, atol=1e-2)

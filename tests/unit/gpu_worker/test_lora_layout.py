@@ -71,11 +71,11 @@ def test_packed_weights_give_the_plain_weights_result_exactly(ranks, lengths, ou
     segs, A, B, x = _batch(ranks, lengths, 96, out)
     laid = [kernel_layout(a, b) for a, b in zip(A, B)]
     assert [a.dim() for a, _ in laid] == [2 if r > 64 else 3 for r in ranks]
-    packed = LoraBatch(segs, [a for a, _ in laid], [b for _, b in laid])
+    packed = LoraBatch.of(segs, [a for a, _ in laid], [b for _, b in laid])
     base = torch.randn(x.shape[0], out).bfloat16()
     for op in (bgmv, mbgmv):
         plain_y, packed_y = base.clone(), base.clone()
-        op(plain_y, x, LoraBatch(segs, A, B))
+        op(plain_y, x, LoraBatch.of(segs, A, B))
         op(packed_y, x, packed)
         assert torch.equal(packed_y, plain_y), op.__name__
         assert not torch.equal(packed_y, base)
@@ -97,7 +97,7 @@ def test_torch_paths_refuse_packed_weights():
     segs, A, B, x = _batch([8], [3], 96, 208)
     a, b = kernel_layout(A[0], B[0])
     with pytest.raises(ValueError, match="native CPU kernel only"):
-        mbgmv(torch.zeros(x.shape[0], 208).bfloat16(), x, LoraBatch(segs, [a], [b]), use_native=False)
+        mbgmv(torch.zeros(x.shape[0], 208).bfloat16(), x, LoraBatch.of(segs, [a], [b]), use_native=False)
 
 
 def test_kernel_refuses_a_packed_shape_that_does_not_fit():

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.gpu_worker.lora_ops import LoraBatch, bgmv, get_backend, lora_reference, mbgmv, token_adapters
+from services.gpu_worker.lora_ops import (LoraBatch, bgmv, device_op, get_backend, kernel_layout, lora_reference,
+                                          max_rank, mbgmv, token_adapters)
 from shared.native_ops import cpu_lora_kernel
 
 
@@ -22,7 +23,7 @@ def make_batch(ranks: list[int], lengths: list[int | None], fan_in: int, fan_out
         rows.append((pos, pos + n, u))
         pos += n
     total = pos + 3  # trailing base-model tokens
-    return LoraBatch(torch.tensor(rows, dtype=torch.int64).reshape(-1, 3), A, B), total
+    return LoraBatch.of(torch.tensor(rows, dtype=torch.int64).reshape(-1, 3), A, B), total
 
 
 CASES = [
@@ -76,6 +77,27 @@ def test_reference_padding_changes_nothing():
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="unknown LoRA backend"):
         get_backend("sgmv")
+    with pytest.raises(ValueError, match="unknown LoRA backend"):
+        device_op("sgmv", torch.device("cpu"), True)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_device_op_is_its_backend(native):
+    """The engine's op, its kernel looked up once, gives the per-call lookup's result bit for bit."""
+    batch, total = make_batch([8, 16, 64, 0], [1, 3, 2, 40], 64, 48, torch.bfloat16)
+    x = torch.randn(total, 64, generator=torch.Generator().manual_seed(3)).bfloat16()
+    for name in ("bgmv", "mbgmv"):
+        bound, looked_up = torch.zeros(total, 48).bfloat16(), torch.zeros(total, 48).bfloat16()
+        device_op(name, torch.device("cpu"), native)(bound, x, batch)
+        get_backend(name)(looked_up, x, batch, use_native=native)
+        assert torch.equal(bound, looked_up) and bound.abs().sum() > 0, name
+
+
+def test_batch_of_computes_the_max_rank_of_either_layout():
+    batch, _ = make_batch([8, 0, 33], [1, 1, 1], 64, 48, torch.bfloat16)
+    assert batch.max_rank == max_rank(batch.A) == 33
+    laid = [kernel_layout(a, b)[0] if a.numel() else a for a, b in zip(batch.A, batch.B)]
+    assert max_rank(laid) == 33 and max_rank([]) == 0
 
 
 # --- long bf16 segments (prefill) on the kernel's batch-reduce GEMM (csrc/lora_cpu.cpp) ---

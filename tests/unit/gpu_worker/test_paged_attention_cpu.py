@@ -219,10 +219,11 @@ def test_bad_prefill_metadata_is_refused(kernel, mutate, message):
         kernel.paged_prefill_attention_(torch.empty_like(q), q, ck, cv, group.tables, group.starts, group.lengths)
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 16, 2), (5, 48, 64), (64, 256, 64), (7, 80, 130), (4, 128, 128)])
+@pytest.mark.parametrize("m,n,k", [(1, 16, 2), (2, 32, 24), (3, 64, 10), (5, 48, 64), (6, 64, 32), (11, 144, 66),
+                                   (64, 256, 64), (7, 80, 130), (4, 128, 128)])
 def test_dot_gemm_matches_matmul(kernel, m, n, k):
     # the prefill's GEMMs on CPUs without AMX: B in pairs along K, a strided as q's rows are, row and
-    # column counts off the 4-row and 64-column blocks
+    # column counts off the 6-row and 64-column blocks (every tail block of 1-5 rows)
     if not kernel.paired_k_tiles(torch.zeros(1, 1, BLOCK, 64, dtype=torch.bfloat16)):
         pytest.skip("this CPU has no bf16 dot-product instruction")
     gen = torch.Generator().manual_seed(m * n + k)

@@ -24,16 +24,17 @@ def test_lists_are_reused_while_the_adapters_stay_the_same():
     first = _step(lists, a, b)._device_batch(1, "q_proj")
     again = _step(lists, a, b)._device_batch(1, "q_proj")
     assert again.A is first.A and again.B is first.B
-    assert [w[0, 0].item() for w in first.A] == [1.0, 1.0]
+    assert [w[0, 0].item() for w in first.A] == [1.0, 1.0] and first.max_rank == again.max_rank == 4
 
 
 def test_lists_are_rebuilt_when_a_layer_lands_or_the_adapters_change():
-    lists, a, b = WeightLists(), _adapter("a", range(1)), _adapter("b", range(2))
+    lists, a, b = WeightLists(), _adapter("a", range(1)), _adapter("b", range(2), rank=6)
     before = _step(lists, a, b)._device_batch(1, "q_proj")
     assert before.A[0].numel() == 0  # a's layer 1 has not landed
-    a.weights[(1, "q_proj")] = (torch.full((8, 4), 7.0), torch.ones(4, 8))
+    a.weights[(1, "q_proj")] = (torch.full((8, 9), 7.0), torch.ones(9, 8))
+    assert before.max_rank == 6  # b's
     landed = _step(lists, a, b)._device_batch(1, "q_proj")
-    assert landed.A[0][0, 0].item() == 7.0
+    assert landed.A[0][0, 0].item() == 7.0 and landed.max_rank == 9
     swapped = _step(lists, b, a)._device_batch(1, "q_proj")  # another order: other indices
     assert swapped.A[0][0, 0].item() == 1.0 and swapped.A[1][0, 0].item() == 7.0
     c = _adapter("c", range(2))
