@@ -17,7 +17,7 @@
 // small_batch_linear splits x's rows into even groups of at most one GEMM call's rows (32 for an AMX
 // tile, kDotRows for the dot products) and deals the (block, group) items out to the threads, a
 // block's groups next to each other: each item is one GEMM of its rows against one block into a
-// float tile, rounded to bf16 into its columns of the output. The groups keep both threads busy
+// float tile, rounded to bf16 into its columns of the output. The groups keep all threads busy
 // where the blocks alone would not divide evenly (a 576-wide projection has 9 blocks of 64).
 
 #include <torch/extension.h>
@@ -28,7 +28,6 @@
 #include <immintrin.h>
 #endif
 
-#include <algorithm>
 #include <cstdint>
 #include <optional>
 

@@ -55,6 +55,7 @@ void dot_gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t
       dot_block<kDotRows>(cols, k, lda, ldb, ldc, a + i * lda, b + j0 * 2, c + i * ldc + j0);
     const at::BFloat16* rest = a + i * lda;
     float* out = c + i * ldc + j0;
+    static_assert(kDotRows == 6, "the tail below takes 1 to 5 rows");
     switch (m - i) {  // the last rows in one block, so that each right-hand load still feeds them all
       case 5: dot_block<5>(cols, k, lda, ldb, ldc, rest, b + j0 * 2, out); break;
       case 4: dot_block<4>(cols, k, lda, ldb, ldc, rest, b + j0 * 2, out); break;

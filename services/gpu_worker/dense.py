@@ -5,7 +5,8 @@ about 1.6× faster at decode batch sizes when the weight is reordered once into 
 layout, instead of on every call as ``F.linear`` does (``docs/engine_performance.md``).
 Smaller batches go to csrc/dense_cpu.cpp instead, which reads the same packed buffer: through
 torch's batch-reduce GEMM with AMX (up to AMX_SMALL_BATCH_TOKENS, 15-25 % faster there), else on
-the bf16 dot-product instruction (up to DOT_SMALL_BATCH_TOKENS, 1.1-1.6× faster). The buffer is
+the bf16 dot-product instruction (up to DOT_SMALL_BATCH_TOKENS; 1.6× faster at 1 token, 1.25× at
+64, 1.04× at 512). The buffer is
 used only after it is checked to hold exactly :func:`vnni_blocks` of the weight, at one of the
 block widths oneDNN uses (BLOCK_WIDTHS). Elsewhere (CUDA, float32, CPUs without bf16 units) the
 weight stays a plain tensor.
@@ -29,7 +30,7 @@ PACKED_FOR_TOKENS = 64
 # (round 11).
 AMX_SMALL_BATCH_TOKENS = 32
 DOT_SMALL_BATCH_TOKENS = 512
-BLOCK_WIDTHS = (16, 32, 64)  # output columns per packed block that the kernel reads (oneDNN: 32 on AMX, 64 without)
+BLOCK_WIDTHS = (64, 32, 16)  # output columns per packed block that the kernel reads (oneDNN: 32 on AMX, 64 without)
 
 
 def prepacks(weight: torch.Tensor) -> bool:
@@ -38,7 +39,7 @@ def prepacks(weight: torch.Tensor) -> bool:
             and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def vnni_blocks(weight: torch.Tensor, width: int = 32) -> torch.Tensor:
+def vnni_blocks(weight: torch.Tensor, width: int) -> torch.Tensor:
     """``[N, K] -> [N / W, K * W]`` for block width ``W``: blocks of W output columns, each the K
     inputs as pairs, ``block[j][(k // 2) * 2W + 2 * c + k % 2] = weight[W * j + c, k]``: oneDNN's
     AB16b32a2b (W = 32) or AB16b64a2b (W = 64) layout, and the right-hand operand of the batch-reduce
@@ -88,7 +89,7 @@ class DenseWeight:
         self.small_batch_tokens = small_batch_tokens() if self.blocks is not None else 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= self.small_batch_tokens and x.stride(-1) == 1:
+        if self.blocks is not None and x.shape[0] <= self.small_batch_tokens and x.stride(-1) == 1:
             return dense_kernel().small_batch_linear(x, self.blocks)
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")

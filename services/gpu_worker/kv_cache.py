@@ -88,6 +88,7 @@ def allocate_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_hea
     if torch.device(device).type == "cpu":
         nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
         pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        pages.madvise(mmap.MADV_NOHUGEPAGE)  # also where the system gives every mapping huge pages
         cache = torch.frombuffer(pages, dtype=dtype).view(shape)  # the tensor keeps the mapping alive
     else:
         cache = torch.zeros(shape, dtype=dtype, device=device)

@@ -176,6 +176,7 @@ def _native(device: torch.device, use_native: bool) -> ModuleType | None:
 
 
 def _bgmv_on(kernel: ModuleType | None, y: torch.Tensor, x: torch.Tensor, batch: LoraBatch) -> None:
+    """:func:`bgmv` on ``kernel`` (None: the torch path)."""
     rank = batch.max_rank
     if rank == 0:
         return
@@ -186,10 +187,14 @@ def _bgmv_on(kernel: ModuleType | None, y: torch.Tensor, x: torch.Tensor, batch:
 
 
 def _mbgmv_on(kernel: ModuleType | None, y: torch.Tensor, x: torch.Tensor, batch: LoraBatch) -> None:
+    """:func:`mbgmv` on ``kernel`` (None: the torch path)."""
     if kernel is not None:
         kernel.lora_segments_(y, x, batch.segs, batch.A, batch.B, 0)
     else:
         _mbgmv_torch(y, x, _plain(batch))
+
+
+_ON_KERNEL = {"bgmv": _bgmv_on, "mbgmv": _mbgmv_on}
 
 
 def bgmv(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch, use_native: bool = True) -> None:
@@ -202,15 +207,20 @@ def mbgmv(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch, use_native: bool =
     _mbgmv_on(_native(x.device, use_native), y, x, batch)
 
 
-def get_backend(name: str):
-    """The op for backend ``name`` (``bgmv`` or ``mbgmv``)."""
+def _check_backend(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"unknown LoRA backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def get_backend(name: str):
+    """The op for backend ``name`` (``bgmv`` or ``mbgmv``)."""
+    _check_backend(name)
     return bgmv if name == "bgmv" else mbgmv
 
 
-def device_op(name: str, device: torch.device, use_native: bool) -> Callable[[torch.Tensor, torch.Tensor, LoraBatch], None]:
+def device_op(name: str, device: torch.device,
+              use_native: bool) -> Callable[[torch.Tensor, torch.Tensor, LoraBatch], None]:
     """:func:`get_backend`'s op for inputs on ``device``, its kernel looked up once: an engine calls
     it 210 times a step (7 projections of 30 layers), where the lookup cost 8 us a call."""
-    get_backend(name)
-    return functools.partial(_bgmv_on if name == "bgmv" else _mbgmv_on, _native(device, use_native))
+    _check_backend(name)
+    return functools.partial(_ON_KERNEL[name], _native(device, use_native))

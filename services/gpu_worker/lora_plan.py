@@ -117,22 +117,27 @@ def _empty(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return _EMPTY[key]
 
 
+WeightList = tuple[list[torch.Tensor], list[torch.Tensor], int]
+"""One (layer, projection)'s ``A`` list, ``B`` list and max rank, in the step's adapter order."""
+
+
 class WeightLists:
     """The ``A`` and ``B`` lists the batched op takes for each (layer, projection), and their max
-    rank, kept from step to step while the steps' adapters, and the layers each has landed, stay the same: a run of decode
-    steps builds them once instead of once per step (210 lists of every adapter's weights a step
-    for a 30-layer model). Holds the adapters it keys on, so their ids stay theirs."""
+    rank, kept from step to step while the steps' adapters, and the layers each has landed, stay
+    the same: a run of decode steps builds them once instead of once per step (210 lists of every
+    adapter's weights a step for a 30-layer model). Holds the adapters it keys on, so their ids
+    stay theirs."""
 
     def __init__(self) -> None:
         self._adapters: list[LoraAdapter] = []
         self._key: tuple[tuple[int, int], ...] = ()
-        self._lists: dict[tuple[int, str], tuple[list[torch.Tensor], list[torch.Tensor], int]] = {}
+        self._lists: dict[tuple[int, str], WeightList] = {}
 
     def clear(self) -> None:
         """Forget the lists and the adapters (a step without eager LoRA: nothing to keep alive for)."""
         self._adapters, self._key, self._lists = [], (), {}
 
-    def for_adapters(self, adapters: list[LoraAdapter]) -> dict[tuple[int, str], tuple[list, list, int]]:
+    def for_adapters(self, adapters: list[LoraAdapter]) -> dict[tuple[int, str], WeightList]:
         """The (possibly still empty) lists by (layer, projection) for this adapter order."""
         key = tuple((id(ad), len(ad.weights)) for ad in adapters)
         if key != self._key:

@@ -19,9 +19,10 @@ def _weight(dtype: torch.dtype) -> torch.Tensor:
 def test_float32_stays_a_plain_tensor():
     w = _weight(torch.float32)
     dense = DenseWeight(w)
-    assert not dense.packed and dense.weight is w
-    x = torch.randn(5, 96)
-    assert torch.equal(dense(x), F.linear(x, w))
+    assert not dense.packed and dense.weight is w and dense.small_batch_tokens == 0
+    for tokens in (5, 0):
+        x = torch.randn(tokens, 96)
+        assert torch.equal(dense(x), F.linear(x, w))
 
 
 @pytest.mark.parametrize("tokens", [1, 7, 64, 300])
@@ -82,14 +83,15 @@ def test_small_batch_linear_reads_strided_rows_and_empty_batches(kernel):
     w = torch.randn(64, 96, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     wide = torch.randn(9, 200, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     x = wide[:, 50:146]
-    assert torch.equal(kernel.small_batch_linear(x, vnni_blocks(w)), kernel.small_batch_linear(x.contiguous(), vnni_blocks(w)))
-    assert kernel.small_batch_linear(x[:0], vnni_blocks(w)).shape == (0, 64)
+    blocks = vnni_blocks(w, 32)
+    assert torch.equal(kernel.small_batch_linear(x, blocks), kernel.small_batch_linear(x.contiguous(), blocks))
+    assert kernel.small_batch_linear(x[:0], blocks).shape == (0, 64)
 
 
 def test_small_batch_linear_refuses_blocks_it_cannot_read(kernel):
     w = torch.randn(64, 96).to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="inputs per column"):  # blocks of another input count
-        kernel.small_batch_linear(torch.randn(2, 80).to(torch.bfloat16), vnni_blocks(w))
+        kernel.small_batch_linear(torch.randn(2, 80).to(torch.bfloat16), vnni_blocks(w, 32))
     with pytest.raises(RuntimeError, match="inputs per column"):  # a block width it has no kernel for
         kernel.small_batch_linear(torch.randn(2, 96).to(torch.bfloat16), vnni_blocks(w, 8))
 
