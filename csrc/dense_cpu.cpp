@@ -11,8 +11,9 @@
 // (docs/engine_performance.md rounds 5 and 11):
 // - AMX Xeon: 8 tokens 11.2 -> 8.7 ms with this op, 32 tokens 13.8 -> 11.4 ms; from 40 tokens up
 //   oneDNN is faster (12.8 vs 15.9 ms);
-// - AVX512-BF16 EPYC: 1 token 15.8 -> 9.6 ms, 16 tokens 21.8 -> 16.2 ms, 64 tokens 55.7 -> 44.5
-//   ms, 1,024 tokens 683 -> 673 ms; at 4,096 tokens oneDNN is faster (2.81 against 3.09 s).
+// - AVX512-BF16 EPYC: 1 token 15.5 -> 10.1 ms, 8 tokens 24.0 -> 14.8 ms, 64 tokens 59.0 -> 53.5
+//   ms, 128 tokens 94.8 -> 91.4 ms; from 512 tokens within a few percent either way, and at 4,096
+//   tokens oneDNN is faster (2.81 against 3.09 s).
 //
 // small_batch_linear splits x's rows into even groups of at most one GEMM call's rows (32 for an AMX
 // tile, kDotRows for the dot products) and deals the (block, group) items out to the threads, a

@@ -5,8 +5,8 @@ about 1.6× faster at decode batch sizes when the weight is reordered once into 
 layout, instead of on every call as ``F.linear`` does (``docs/engine_performance.md``).
 Smaller batches go to csrc/dense_cpu.cpp instead, which reads the same packed buffer: through
 torch's batch-reduce GEMM with AMX (up to AMX_SMALL_BATCH_TOKENS, 15-25 % faster there), else on
-the bf16 dot-product instruction (up to DOT_SMALL_BATCH_TOKENS; 1.6× faster at 1 token, 1.25× at
-64, 1.04× at 512). The buffer is
+the bf16 dot-product instruction (up to DOT_SMALL_BATCH_TOKENS; 1.5× faster at 1 token, 1.1× at
+64). The buffer is
 used only after it is checked to hold exactly :func:`vnni_blocks` of the weight, at one of the
 block widths oneDNN uses (BLOCK_WIDTHS). Elsewhere (CUDA, float32, CPUs without bf16 units) the
 weight stays a plain tensor.
@@ -26,10 +26,11 @@ PACKED_FOR_TOKENS = 64
 
 # Batches up to this many tokens run on the packed blocks in csrc/dense_cpu.cpp. With AMX, from 40
 # tokens up oneDNN's own matmul is faster (docs/engine_performance.md, round 5). On the dot
-# products (AVX512-BF16 without AMX) the kernel is faster up to 1,024 tokens and slower at 4,096
-# (round 11).
+# products (AVX512-BF16 without AMX) the kernel is 1.5x faster at 1 token and 1.04-1.1x at
+# 64-256; from 512 tokens the two are within a few percent either way, and at 4,096 oneDNN is
+# 10 % faster (round 11).
 AMX_SMALL_BATCH_TOKENS = 32
-DOT_SMALL_BATCH_TOKENS = 512
+DOT_SMALL_BATCH_TOKENS = 256
 BLOCK_WIDTHS = (64, 32, 16)  # output columns per packed block that the kernel reads (oneDNN: 32 on AMX, 64 without)
 
 
