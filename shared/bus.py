@@ -10,7 +10,8 @@
   run as tasks; a payload that fails validation, or a handler that raises ServiceError, gets a
   typed ErrorReply instead of an exception, and an unexpected handler error is logged and
   answered with ``internal_error``. Nothing a peer sends can stop a service.
-- :func:`run_service` runs a service on uvloop until SIGTERM/SIGINT sets an Event; cleanup goes
+- :func:`run_service` runs a service on uvloop until SIGTERM/SIGINT sets an Event (:func:`service_main`
+  is the services' ``python -m`` entry around it); cleanup goes
   through an AsyncExitStack (the Bus registers its own graceful :meth:`Bus.close`, which stops
   taking requests, lets handlers finish, then drains the connection).
 """
@@ -32,6 +33,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import NoServersError
 
+from shared.config import ConfigError
 from shared.nats_auth import Credentials
 from shared.schemas import ErrorReply, Message, SchemaError, ServiceError, decode_reply, error_info, schema_error_info
 from shared.schemas.errors import ErrorInfo
@@ -306,3 +308,17 @@ def run_service(start: Callable[[contextlib.AsyncExitStack], Awaitable[None]]) -
         await serve_until_stopped(start, stop)
 
     uvloop.run(main())
+
+
+def service_main(start_of: Callable[[], Callable[[contextlib.AsyncExitStack], Awaitable[None]]]) -> None:
+    """``python -m services.<name>``: build the service (``start_of`` returns its ``start``) and run
+    it with :func:`run_service`. A refused setting, or NATS unreachable past the connect deadline,
+    ends the process with one ``error:`` line on stderr and exit status 1 instead of a traceback."""
+    try:
+        start = start_of()
+    except ValueError as exc:  # ConfigError among them
+        raise SystemExit(f"error: {exc}") from None
+    try:
+        run_service(start)
+    except (ConnectionError, ConfigError) as exc:
+        raise SystemExit(f"error: {exc}") from None

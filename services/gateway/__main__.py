@@ -3,7 +3,7 @@
 import os
 
 from services.gateway.service import GatewayService
-from shared.bus import run_service
+from shared.bus import service_main
 
 if __name__ == "__main__":
-    run_service(GatewayService.from_environ(os.environ).start)
+    service_main(lambda: GatewayService.from_environ(os.environ).start)

@@ -3,7 +3,7 @@
 import os
 
 from services.gpu_worker.service import GpuWorkerService
-from shared.bus import run_service
+from shared.bus import service_main
 
 if __name__ == "__main__":
-    run_service(GpuWorkerService.from_environ(os.environ).start)
+    service_main(lambda: GpuWorkerService.from_environ(os.environ).start)

@@ -3,7 +3,7 @@
 import os
 
 from services.scheduler.service import SchedulerService
-from shared.bus import run_service
+from shared.bus import service_main
 
 if __name__ == "__main__":
-    run_service(SchedulerService.from_environ(os.environ).start)
+    service_main(lambda: SchedulerService.from_environ(os.environ).start)

@@ -16,7 +16,7 @@ from nats.errors import NoRespondersError
 from opentelemetry.sdk.trace import TracerProvider
 
 from shared import subjects
-from shared.bus import Bus, connect, serve_until_stopped
+from shared.bus import Bus, connect, serve_until_stopped, service_main
 from shared.nats_server import NatsServer, NatsServerConfig, NatsServerError, render_config
 from shared.schemas import (AdapterList, AdapterListRequest, AdapterUnload, ErrorReply, RemoteError, ServiceError,
                             WorkerState)
@@ -181,6 +181,30 @@ async def test_service_process_stops_cleanly_on_sigterm(nats_server, stack):
             proc.kill()
             proc.wait()
         proc.stderr.close()
+
+
+def test_a_service_started_with_a_refused_setting_says_so_in_one_line():
+    env = {**os.environ, "CARASERVE_POLICY": "nonsense", "OTEL_SDK_DISABLED": "true"}
+    done = subprocess.run([sys.executable, "-m", "services.scheduler"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ") and "nonsense" in done.stderr
+
+
+def test_service_main_turns_an_unreachable_nats_into_one_error_line():
+    async def start(stack: contextlib.AsyncExitStack) -> None:
+        raise ConnectionError("scheduler: cannot reach NATS at nats://127.0.0.1:1: refused")
+
+    with pytest.raises(SystemExit) as ended:
+        service_main(lambda: start)
+    assert ended.value.code == "error: scheduler: cannot reach NATS at nats://127.0.0.1:1: refused"
+
+    def unbuildable():
+        raise RuntimeError("a bug, not a setting")
+
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its traceback
+        service_main(unbuildable)
 
 
 def test_nats_server_config_and_limits(nats_server):
