@@ -45,9 +45,6 @@ namespace {
 constexpr int64_t kMaxWidth = 64;  // output columns per packed block, at most
 constexpr int64_t kTileRows = 32;  // rows of x per batch-reduce GEMM (AMX)
 
-// Whether the batch-reduce GEMM runs bf16 on this CPU (AMX).
-bool matrix_units() { return at::native::cpublas::could_pack(torch::kBFloat16); }
-
 // Whether small_batch_linear runs here: on the batch-reduce GEMM, or on bf16 dot products.
 bool available() {
 #if defined(__AVX512BF16__)

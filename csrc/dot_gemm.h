@@ -15,6 +15,9 @@
 
 namespace {
 
+// Whether torch's batch-reduce GEMM runs bf16 on this CPU (AMX): pair_gemm's ``units``.
+inline bool matrix_units() { return at::native::cpublas::could_pack(at::kBFloat16); }
+
 // Rows per dot_gemm block: 24 sums, 4 right-hand vectors and a broadcast fit the 32 vector registers.
 constexpr int64_t kDotRows = 6;
 
@@ -69,11 +72,11 @@ void dot_gemm(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t
 
 #endif
 
-// C = A @ B as above: torch's batch-reduce GEMM where it packs bf16 (``matrix_units``: AMX), else
-// dot_gemm (then N % 16 == 0 and K even; callers take this path only where AVX512-BF16 is built).
-void pair_gemm(bool matrix_units, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
+// C = A @ B as above: torch's batch-reduce GEMM where it packs bf16 (``units``: matrix_units(), AMX),
+// else dot_gemm (then N % 16 == 0 and K even; callers take this path only where AVX512-BF16 is built).
+void pair_gemm(bool units, int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc,
                const at::BFloat16* a, const at::BFloat16* b, float* c) {
-  if (matrix_units) {
+  if (units) {
     at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, false, a, b, c);
     return;
   }

@@ -497,9 +497,6 @@ int64_t max_rank(const std::vector<Item>& items, const std::vector<at::Tensor>& 
   return r;
 }
 
-// Whether torch's batch-reduce GEMM runs bf16 here (on AMX).
-bool matrix_units() { return at::native::cpublas::could_pack(at::kBFloat16); }
-
 // Whether long segments of this dtype, at ranks up to ``rank``, with ``in`` inputs and ``out`` outputs,
 // run on the pair GEMMs here (dot_gemm.h): the batch-reduce GEMM, or without AMX the bf16
 // dot-product GEMM, which also takes only ``out`` a multiple of 16. Both take A in pairs: ``in`` even.

@@ -561,7 +561,7 @@ void prefill_attention(torch::Tensor& out, const torch::Tensor& q, const torch::
   auto* op = out.data_ptr<at::BFloat16>();
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), lengths.size(0) * kvh);
   const auto share = balanced_shares(lengths, kvh, threads);
-  const bool matrix_units = at::native::cpublas::could_pack(torch::kBFloat16);
+  const bool units = matrix_units();
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     PrefillScratch w(longest, d);
     std::vector<int64_t> mine;
@@ -574,9 +574,9 @@ void prefill_attention(torch::Tensor& out, const torch::Tensor& q, const torch::
         const int64_t seen = (first + m + 15) / 16 * 16;  // keys the block's last token sees, in whole tiles
         for (int64_t g = 0; g < group; ++g) {
           const int64_t row0 = (sp[seq] + first) * stride + (h * group + g) * d;
-          pair_gemm(matrix_units, m, seen, d, stride, keys, seen, qp + row0, w.k_t.data(), w.s.data());
+          pair_gemm(units, m, seen, d, stride, keys, seen, qp + row0, w.k_t.data(), w.s.data());
           causal_softmax(w, m, seen, first, scale);
-          pair_gemm(matrix_units, m, d, seen, seen, d, d, w.p.data(), w.v.data(), w.o.data());
+          pair_gemm(units, m, d, seen, seen, d, d, w.p.data(), w.v.data(), w.o.data());
           for (int64_t i = 0; i < m; ++i) {
             const __m512 norm = _mm512_set1_ps(1.0f / w.sums[i]);
             for (int64_t e = 0; e < d; e += 16)
@@ -586,7 +586,7 @@ void prefill_attention(torch::Tensor& out, const torch::Tensor& q, const torch::
         }
       }
     }
-    if (matrix_units) at::native::cpublas::brgemm_release();
+    if (units) at::native::cpublas::brgemm_release();
   });
 }
 #endif
